@@ -1,0 +1,37 @@
+"""Step-by-step progress for long CLI work: a spinner while a step runs, a ✓ line with its time after."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+from rich.console import Console
+
+
+class Steps:
+    def __init__(self, enabled: bool = True, console: Console | None = None):
+        self.enabled = enabled
+        self.console = console or Console(stderr=True)
+        self.timings: dict[str, float] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @contextlib.contextmanager
+    def step(self, title: str):
+        start = time.perf_counter()
+        status = self.console.status(f"{title}…") if self.enabled and sys.stderr.isatty() else contextlib.nullcontext()
+        try:
+            with status:
+                yield
+        except BaseException:
+            if self.enabled:
+                self.console.print(f"[red]✗[/red] {title}")
+            raise
+        self.timings[title] = time.perf_counter() - start
+        if self.enabled:
+            self.console.print(f"[green]✓[/green] {title} [dim]({self.timings[title]:.1f}s)[/dim]")

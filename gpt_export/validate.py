@@ -1,0 +1,173 @@
+"""`gptx verify`: run the PyTorch reference and a backend on the same inputs and compare, step by step.
+
+Both sides are driven through the runtime's Backend interface with the same token sequences
+(teacher-forced on the reference's greedy continuation), so any difference is the engine's.
+Tolerances scale with the export's precision (llm.c / ORT habit): fp32 is held tight, fp16 loose,
+weight-only quantization is judged by top-1 agreement and perplexity instead of raw logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends import create_backend
+from runtime.backends.base import Backend
+from runtime.generation import left_pad
+from runtime.manifest import load_manifest
+from runtime.tokenizer import Tokenizer
+
+SAMPLE_TEXT = Path(__file__).parent / "data" / "tinyshakespeare.txt"
+PROMPTS = [
+    "The quick brown fox",
+    "In the beginning was the Word, and the Word",
+    "ROMEO:\nBut soft, what light",
+    "def fibonacci(n):\n    return",
+    "Numbers: 1, 2, 3, 5, 8, 13,",
+    "Hi",
+]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_abs_diff: float | None  # None: not judged on raw logits
+    min_top1: float
+    greedy_identical: bool
+    max_ppl_ratio: float | None = None
+
+
+def thresholds_for(manifest: dict) -> Thresholds:
+    quant = manifest.get("quantization")
+    if quant:
+        return Thresholds(None, 0.80 if quant.get("bits") == 4 else 0.90, False, 1.25)
+    if manifest["dtype"] == "float16":
+        return Thresholds(0.25, 0.95, False, 1.02)
+    return Thresholds(1e-3, 0.999, True, 1.0001)
+
+
+def reference_backend(directory: Path, manifest: dict, reference_model=None, device: str = "cpu") -> Backend:
+    """The fp32 PyTorch model the export came from."""
+    from runtime.backends.torch_backend import TorchBackend
+
+    return TorchBackend(manifest, directory, device, model=reference_model, half=False)
+
+
+def run_sequence(backend: Backend, prompts: list[list[int]], continuation: np.ndarray, pad_id: int) -> list[np.ndarray]:
+    """Prefill the prompts, then feed `continuation` (B, steps) one column at a time; logits per call."""
+    ids, mask = left_pad(prompts, pad_id)
+    cache = backend.new_cache(len(prompts), ids.shape[1] + continuation.shape[1])
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    out = [backend.step(ids, positions, mask, cache)]
+    next_pos = mask.sum(axis=1)
+    for col in range(continuation.shape[1]):
+        out.append(backend.step(continuation[:, col:col + 1].astype(np.int64), (next_pos + col)[:, None],
+                                np.ones((len(prompts), 1), np.int64), cache))
+    return out
+
+
+def greedy(backend: Backend, prompts: list[list[int]], steps: int, pad_id: int, vocab: int) -> np.ndarray:
+    ids, mask = left_pad(prompts, pad_id)
+    cache = backend.new_cache(len(prompts), ids.shape[1] + steps)
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    logits = backend.step(ids, positions, mask, cache)
+    next_pos = mask.sum(axis=1)
+    tokens = []
+    for col in range(steps):
+        tok = np.argmax(logits[:, :vocab], axis=-1)
+        tokens.append(tok)
+        if col + 1 < steps:
+            logits = backend.step(tok[:, None].astype(np.int64), (next_pos + col)[:, None],
+                                  np.ones((len(prompts), 1), np.int64), cache)
+    return np.stack(tokens, axis=1)
+
+
+def perplexity(backend: Backend, tokens: list[int], vocab: int) -> float:
+    """Teacher-forced perplexity of a token sequence, one token per step (the graph returns last-position logits)."""
+    seq = np.asarray(tokens, dtype=np.int64)[None, :]
+    outs = run_sequence(backend, [tokens[:1]], seq[:, 1:-1], pad_id=0)
+    nll = 0.0
+    for step, logits in enumerate(outs):
+        row = logits[0, :vocab].astype(np.float64)
+        row -= row.max()
+        nll -= row[seq[0, step + 1]] - math.log(np.exp(row).sum())
+    return float(math.exp(nll / len(outs)))
+
+
+def compare(directory: str | Path, backend: str = "onnxruntime", device: str = "cpu", reference_model=None,
+            batch_sizes=(1, 2, 3), decode_steps: int = 8, ppl_tokens: int = 128, candidate: Backend | None = None) -> dict:
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    tokenizer = Tokenizer(directory / manifest["tokenizer"]["file"])
+    vocab = manifest["tokenizer"]["vocab_size"]
+    pad = manifest["tokenizer"]["eot_token"]
+    ref = reference_backend(directory, manifest, reference_model)
+    cand = candidate or create_backend(backend, manifest, directory, device)
+    limits = thresholds_for(manifest)
+    room = manifest["config"]["block_size"] - decode_steps
+    cases = []
+    for b in batch_sizes:
+        prompts = [tokenizer.encode(PROMPTS[(i + b) % len(PROMPTS)])[:room] for i in range(b)]
+        expected = greedy(ref, prompts, decode_steps, pad, vocab)
+        ref_logits = run_sequence(ref, prompts, expected, pad)
+        cand_logits = run_sequence(cand, prompts, expected, pad)
+        diffs = [float(np.max(np.abs(r[:, :vocab] - c[:, :vocab]))) for r, c in zip(ref_logits, cand_logits)]
+        agree = [np.argmax(r[:, :vocab], -1) == np.argmax(c[:, :vocab], -1) for r, c in zip(ref_logits, cand_logits)]
+        got = greedy(cand, prompts, decode_steps, pad, vocab)
+        cases.append({
+            "batch": b,
+            "prompt_lengths": [len(p) for p in prompts],
+            "decode_steps": decode_steps,
+            "max_abs_diff": max(diffs),
+            "prefill_max_abs_diff": diffs[0],
+            "top1_agreement": float(np.mean(np.concatenate(agree))),
+            "greedy_identical": bool(np.array_equal(expected, got)),
+        })
+    report = {
+        "directory": str(directory),
+        "backend": cand.describe(),
+        "dtype": manifest["dtype"],
+        "quantization": manifest.get("quantization"),
+        "cases": cases,
+        "max_abs_diff": max(c["max_abs_diff"] for c in cases),
+        "top1_agreement": float(np.mean([c["top1_agreement"] for c in cases])),
+        "greedy_identical": all(c["greedy_identical"] for c in cases),
+        "thresholds": limits.__dict__,
+    }
+    if ppl_tokens:
+        text = SAMPLE_TEXT.read_text(encoding="utf-8")[:20000]
+        sample = tokenizer.encode(text)[: min(ppl_tokens, manifest["config"]["block_size"])]
+        report["perplexity"] = {"tokens": len(sample), "reference": perplexity(ref, sample, vocab),
+                                "candidate": perplexity(cand, sample, vocab)}
+        report["perplexity"]["ratio"] = report["perplexity"]["candidate"] / report["perplexity"]["reference"]
+    report["failures"] = judge(report, limits)
+    report["passed"] = not report["failures"]
+    return report
+
+
+def judge(report: dict, limits: Thresholds) -> list[str]:
+    fails = []
+    if limits.max_abs_diff is not None and report["max_abs_diff"] > limits.max_abs_diff:
+        fails.append(f"max |logits diff| {report['max_abs_diff']:.3g} > {limits.max_abs_diff:g}")
+    if report["top1_agreement"] < limits.min_top1:
+        fails.append(f"top-1 agreement {report['top1_agreement']:.3f} < {limits.min_top1:g}")
+    if limits.greedy_identical and not report["greedy_identical"]:
+        fails.append("greedy continuations differ from PyTorch")
+    ppl = report.get("perplexity")
+    if ppl and limits.max_ppl_ratio and ppl["ratio"] > limits.max_ppl_ratio:
+        fails.append(f"perplexity ratio {ppl['ratio']:.4f} > {limits.max_ppl_ratio:g}")
+    return fails
+
+
+def quick_validate(directory: Path, reference_model, manifest: dict) -> dict:
+    """The export's own smoke check: one batch, a few steps; raises if the graph is clearly wrong."""
+    from .export import ExportError
+
+    report = compare(directory, "onnxruntime", reference_model=reference_model, batch_sizes=(2,), decode_steps=3,
+                     ppl_tokens=0)
+    summary = {k: report[k] for k in ("max_abs_diff", "top1_agreement", "greedy_identical")}
+    if report["failures"]:
+        raise ExportError("the exported graph does not match PyTorch: " + "; ".join(report["failures"]))
+    return summary
