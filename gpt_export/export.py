@@ -68,7 +68,34 @@ def dynamic_axes(n_layer: int) -> dict:
     return axes
 
 
-def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET) -> None:
+def share_tied_embedding(proto, wte_name: str = "gpt.transformer.wte.weight") -> bool:
+    """Point the LM head at the token embedding instead of a transposed copy (saves vocab x n_embd weights).
+
+    The tracer folds `lm_head.weight.T` into a second initializer; Gemm(transB=1) reads wte directly.
+    Weight-only quantizers only handle MatMul, so quantized exports keep the MatMul form.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    if wte_name not in inits:
+        return False
+    wte = numpy_helper.to_array(inits[wte_name])
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        if list(weight.dims) != [wte.shape[1], wte.shape[0]] or not (numpy_helper.to_array(weight) == wte.T).all():
+            continue
+        gemm = helper.make_node("Gemm", [node.input[0], wte_name], list(node.output), name=node.name + "_tied", transB=1)
+        proto.graph.node.insert(list(proto.graph.node).index(node), gemm)
+        proto.graph.node.remove(node)
+        if not any(weight.name in n.input for n in proto.graph.node):
+            proto.graph.initializer.remove(weight)
+        return True
+    return False
+
+
+def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET, tie_lm_head: bool = True) -> None:
     """Trace the KV step and write ONNX with all weights in one external data file."""
     import onnx
 
@@ -86,6 +113,8 @@ def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAU
                 do_constant_folding=True, dynamo=False,
             )
         proto = onnx.load(str(raw))
+        if tie_lm_head:
+            share_tied_embedding(proto)
         onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=WEIGHTS_FILE, size_threshold=1024)
 
@@ -199,7 +228,7 @@ def export(model: str | GPT, out_dir: str | Path, dtype: str = "fp32", opset: in
                 )
             onnx_path = tmp_dir / MODEL_FILE
             with steps.step("trace and write ONNX"):
-                convert(gpt, onnx_path, dtype=dtype, opset=opset)
+                convert(gpt, onnx_path, dtype=dtype, opset=opset, tie_lm_head=not quantize)
             with steps.step("check graph"):
                 check(onnx_path)
             manifest = build_manifest(gpt, source, dtype, opset, tokenizer)
@@ -209,7 +238,7 @@ def export(model: str | GPT, out_dir: str | Path, dtype: str = "fp32", opset: in
                 from .optimize import optimize_export
 
                 with steps.step("optimize" + (f" + quantize {quantize}" if quantize else "")):
-                    manifest = optimize_export(tmp_dir, fuse=optimize, quantize=quantize)
+                    manifest = optimize_export(tmp_dir, fuse_graph=optimize, quantize=quantize)
             if validate:
                 from .validate import quick_validate
 

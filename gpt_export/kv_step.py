@@ -53,8 +53,9 @@ def cached_attention(q, k, v, past_k, past_v, allowed):
     """Softmax over [past | new] without concatenating the cache: two score blocks, two value products."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.cat([q @ past_k.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1) * scale
-    scores = scores.float().masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)  # accumulate in fp32 even for fp16 exports
+    if q.dtype != torch.float32:  # accumulate the softmax in fp32 even for fp16 exports
+        scores = scores.float()
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
     past_len = past_k.shape[2]
     return probs[..., :past_len] @ past_v + probs[..., past_len:] @ v
 
@@ -81,23 +82,31 @@ class KVStep(nn.Module):
     def n_layer(self) -> int:
         return self.gpt.config.n_layer
 
+    @property
+    def half(self) -> bool:
+        return self.compute_dtype == torch.float16
+
     def ln(self, layer_norm, x):
-        return layer_norm(x.float()).to(self.compute_dtype)
+        return layer_norm(x).to(self.compute_dtype) if self.half else layer_norm(x)
+
+    def to_fp32(self, x):
+        """Casts only in fp16 mode: in fp32 a no-op cast would still be traced and block ORT's fusions."""
+        return x.float() if self.half else x
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         tr = self.gpt.transformer
         past_len, new_len = past[0].shape[2], input_ids.shape[1]
         allowed = attention_allowed(attention_mask, past_len, new_len)
-        x = tr.wte(input_ids).float() + tr.wpe(position_ids).float()
+        x = self.to_fp32(tr.wte(input_ids)) + tr.wpe(position_ids)
         presents = []
         for i, block in enumerate(tr.h):
             q, k, v = block.attn.qkv(self.ln(block.ln_1, x))
             y = cached_attention(q, k, v, past[2 * i], past[2 * i + 1], allowed)
-            x = x + block.attn.merge_heads(y).float()
-            x = x + block.mlp(self.ln(block.ln_2, x)).float()
+            x = x + self.to_fp32(block.attn.merge_heads(y))
+            x = x + self.to_fp32(block.mlp(self.ln(block.ln_2, x)))
             presents += [k, v]
         last = self.ln(tr.ln_f, x[:, -1, :])
-        logits = F.linear(last, self.gpt.lm_head.weight).float()
+        logits = self.to_fp32(F.linear(last, self.gpt.lm_head.weight))
         return (logits, *presents)
 
     def example_inputs(self, batch: int = 2, new_len: int = 3, past_len: int = 4):

@@ -69,14 +69,12 @@ class CausalSelfAttention(nn.Module):
 
     def qkv(self, x):
         """Project to per-head (B, n_head, T, head_dim) query, key and value."""
-        B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        shape = (B, T, self.n_head, C // self.n_head)
-        return (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        # unflatten/flatten instead of view(B, T, ...): the ONNX graph then needs no shape arithmetic
+        return (t.unflatten(-1, (self.n_head, -1)).transpose(1, 2) for t in (q, k, v))
 
     def merge_heads(self, y):
-        B, H, T, D = y.shape
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, H * D)))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).flatten(2)))
 
     def forward(self, x):
         q, k, v = self.qkv(x)
@@ -115,9 +113,11 @@ def as_index_tensor(idx, device=None, name: str = "idx") -> torch.Tensor:
     """Accept a LongTensor (B,T) or (T,), a list of ints or a list of equal-length lists."""
     if not isinstance(idx, torch.Tensor):
         try:
-            idx = torch.tensor(idx, dtype=torch.long)
+            idx = torch.tensor(idx)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{name} must be token ids: a tensor, a list of ints or a list of equal-length lists ({e})") from None
+    if idx.numel() == 0:
+        idx = idx.long()
     if idx.dtype not in (torch.long, torch.int, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
     if idx.dim() == 1:

@@ -168,6 +168,10 @@ def quick_validate(directory: Path, reference_model, manifest: dict) -> dict:
     report = compare(directory, "onnxruntime", reference_model=reference_model, batch_sizes=(2,), decode_steps=3,
                      ppl_tokens=0)
     summary = {k: report[k] for k in ("max_abs_diff", "top1_agreement", "greedy_identical")}
-    if report["failures"]:
+    if not np.isfinite(report["max_abs_diff"]):
+        raise ExportError("the exported graph produces non-finite logits")
+    # A quantized graph is judged by `gptx verify` (top-1 and perplexity on a real sample): on a random
+    # model, near-uniform logits make a few prompts' top-1 flip and say nothing about quality.
+    if report["failures"] and not manifest.get("quantization"):
         raise ExportError("the exported graph does not match PyTorch: " + "; ".join(report["failures"]))
     return summary
