@@ -64,3 +64,13 @@ def engine(export_dir):
     import runtime
 
     return runtime.load(export_dir, backend="onnxruntime")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA (and their own importorskip for TensorRT); skip them with a reason elsewhere."""
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a CUDA machine with gptx[tensorrt])")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
