@@ -38,7 +38,9 @@ class Device(str, Enum):
 
 
 def fail(message: str, code: int = 1):
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -215,7 +217,7 @@ def build(
     timing_cache: Optional[Path] = typer.Option(None, help="Reusable timing cache file (read and updated)."),
     workspace: float = typer.Option(4.0, help="Workspace memory pool limit, GiB."),
 ):
-    """Build TensorRT engines (prefill + decode profiles) from an export. Needs a CUDA GPU and TensorRT."""
+    """Build a TensorRT engine (one engine, prefill + decode profiles) from an export. Needs a CUDA GPU and TensorRT."""
     from gpt_export.tensorrt_build import build_engine
 
     entry = build_engine(directory, precision=precision, max_batch=max_batch, max_seq=max_seq, opt_batch=opt_batch,

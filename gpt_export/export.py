@@ -99,6 +99,10 @@ def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAU
     """Trace the KV step and write ONNX with all weights in one external data file."""
     import onnx
 
+    if dtype == "fp16":  # KVStep converts in place: never touch the caller's fp32 model
+        import copy
+
+        model = copy.deepcopy(model)
     step = KVStep(model, half=dtype == "fp16").eval()
     n_layer = model.config.n_layer
     with tempfile.TemporaryDirectory(dir=onnx_path.parent) as scratch:
@@ -215,11 +219,7 @@ def export(model: str | GPT, out_dir: str | Path, dtype: str = "fp32", opset: in
                 gpt = model if isinstance(model, GPT) else load_any(model, seed=seed)
                 gpt = gpt.float().eval()
                 source = source or (model if isinstance(model, str) else "in-memory GPT")
-                reference = None
-                if validate:  # a pristine fp32 copy: the export may convert gpt to fp16 in place
-                    import copy
-
-                    reference = copy.deepcopy(gpt)
+                reference = gpt if validate else None
             tokenizer = Tokenizer()
             if gpt.config.vocab_size < tokenizer.vocab_size:
                 raise ExportError(
