@@ -36,6 +36,36 @@ def output_names(n_layer: int) -> list[str]:
     return names
 
 
+class KeepLeadingReshape(torch.autograd.Function):
+    """Reshape the trailing dims and keep (batch, seq): exported as Reshape(x, [0, 0, *tail]).
+
+    Written by hand because the tracer turns `view(B, T, H, D)` into Shape/Gather/Slice/Concat
+    arithmetic per reshape (~300 extra nodes for GPT-2), and on CPU each node costs dispatch time
+    at every decode step. Inference only (no backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, head_dim: int):
+        tail = (-1, head_dim) if head_dim else (-1,)
+        return x.reshape(x.shape[0], x.shape[1], *tail)
+
+    @staticmethod
+    def symbolic(g, x, head_dim: int):
+        tail = [-1, head_dim] if head_dim else [-1]
+        shape = g.op("Constant", value_t=torch.tensor([0, 0, *tail], dtype=torch.int64))
+        return g.op("Reshape", x, shape)
+
+
+def split_heads(x, head_dim: int):
+    """(B, T, C) -> (B, n_head, T, head_dim)."""
+    return KeepLeadingReshape.apply(x, head_dim).transpose(1, 2)
+
+
+def merge_heads(y):
+    """(B, n_head, T, head_dim) -> (B, T, C)."""
+    return KeepLeadingReshape.apply(y.transpose(1, 2), 0)
+
+
 def attention_allowed(attention_mask: torch.Tensor, past_len, new_len) -> torch.Tensor:
     """(B, 1, T, P+T) bool: slot j is visible to new token i if it is filled and not in its future.
 
@@ -100,9 +130,11 @@ class KVStep(nn.Module):
         x = self.to_fp32(tr.wte(input_ids)) + tr.wpe(position_ids)
         presents = []
         for i, block in enumerate(tr.h):
-            q, k, v = block.attn.qkv(self.ln(block.ln_1, x))
+            attn = block.attn
+            qkv = attn.c_attn(self.ln(block.ln_1, x)).split(attn.n_embd, dim=2)
+            q, k, v = (split_heads(t, attn.n_embd // attn.n_head) for t in qkv)
             y = cached_attention(q, k, v, past[2 * i], past[2 * i + 1], allowed)
-            x = x + self.to_fp32(block.attn.merge_heads(y))
+            x = x + self.to_fp32(attn.c_proj(merge_heads(y)))
             x = x + self.to_fp32(block.mlp(self.ln(block.ln_2, x)))
             presents += [k, v]
         last = self.ln(tr.ln_f, x[:, -1, :])
