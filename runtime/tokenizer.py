@@ -101,6 +101,50 @@ class Tokenizer:
         return path
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by vocab.json / merges.txt."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def save_hf_vocab(tokenizer: "Tokenizer", directory: str | Path) -> Path:
+    """Write vocab.json + merges.txt (the Hugging Face GPT-2 format) for the same vocabulary.
+
+    Each merge is recovered by running BPE on a token's bytes with only the older (lower-rank) merges:
+    what is left is the pair that this token merges.
+    """
+    ranks = tokenizer._enc._mergeable_ranks
+    to_text = bytes_to_unicode()
+    enc = lambda b: "".join(to_text[x] for x in b)  # noqa: E731
+    vocab = {enc(t): r for t, r in ranks.items()}
+    vocab[ENDOFTEXT] = tokenizer.eot_token
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            best_rank, i = min((ranks.get(parts[i] + parts[i + 1], 1 << 62), i) for i in range(len(parts) - 1))
+            if best_rank >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise GptxError(f"token rank {rank} cannot be expressed as one merge: not a BPE vocabulary")
+        merges.append(f"{enc(parts[0])} {enc(parts[1])}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return directory
+
+
 class StreamDecoder:
     """Turns a token stream into text pieces that never split a UTF-8 character."""
 

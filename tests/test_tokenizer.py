@@ -1,9 +1,7 @@
-import json
-
 import pytest
 
 from gpt_export import Tokenizer
-from runtime.tokenizer import StreamDecoder
+from runtime.tokenizer import StreamDecoder, save_hf_vocab
 
 CORPUS = [
     "Hello world",
@@ -22,45 +20,10 @@ CORPUS = [
 ]
 
 
-def bytes_to_unicode():
-    """GPT-2's reversible byte -> printable unicode map (as in the original encoder.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 @pytest.fixture(scope="module")
 def hf_vocab_dir(tmp_path_factory):
-    """vocab.json + merges.txt rebuilt from our shipped ranks, so transformers tokenizes with the same vocabulary."""
-    tok = Tokenizer()
-    ranks = tok._enc._mergeable_ranks
-    b2u = bytes_to_unicode()
-    enc = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
-    vocab = {enc(t): r for t, r in ranks.items()}
-    vocab["<|endoftext|>"] = tok.eot_token
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 2:  # BPE restricted to merges older than this token
-            best = min(((ranks.get(parts[i] + parts[i + 1], 1 << 30), i) for i in range(len(parts) - 1)))
-            if best[0] >= rank:
-                break
-            i = best[1]
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        assert len(parts) == 2, token
-        merges.append(f"{enc(parts[0])} {enc(parts[1])}")
-    d = tmp_path_factory.mktemp("vocab")
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return d
+    """vocab.json + merges.txt written from our shipped ranks, so transformers tokenizes with the same vocabulary."""
+    return save_hf_vocab(Tokenizer(), tmp_path_factory.mktemp("vocab"))
 
 
 @pytest.fixture(scope="module")
