@@ -136,3 +136,26 @@ def test_runtime_works_without_torch(export_dir):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "OK onnxruntime" in proc.stdout and "torch backend refused" in proc.stdout
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(export_dir):
+    import onnxruntime as ort
+
+    import runtime
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has onnxruntime-gpu")
+    with pytest.raises(runtime.GptxError, match="CUDA"):
+        runtime.load(export_dir, backend="onnxruntime", device="cuda")
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_io_binding_matches_pytorch(export_dir, gpt):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu (pip install 'gptx[cuda]')")
+    from gpt_export.validate import compare
+
+    report = compare(export_dir, backend="onnxruntime", device="cuda", reference_model=gpt, decode_steps=6)
+    assert report["passed"], report["failures"]

@@ -53,8 +53,11 @@ class OnnxRuntimeBackend(Backend):
         self.past_names, self.present_names = kv_names(manifest)
         self.kv_dtype = DTYPES[next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0])]
         self.output_names = ["logits", *self.present_names]
+        self.cuda = CudaBinding(self) if device == "cuda" else None
 
     def allocate(self, batch: int, capacity: int):
+        if self.cuda:
+            return self.cuda.allocate(batch, capacity)
         shape = (batch, self.n_head, capacity, self.head_dim)
         empty = (batch, self.n_head, 0, self.head_dim)
         return {
@@ -63,6 +66,8 @@ class OnnxRuntimeBackend(Backend):
         }
 
     def run(self, input_ids, attention_mask, position_ids, cache: KVCache):
+        if self.cuda:
+            return self.cuda.run(input_ids, attention_mask, position_ids, cache)
         storage = cache.storage
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if cache.length == 0:
@@ -74,3 +79,63 @@ class OnnxRuntimeBackend(Backend):
         for buf, new in zip(storage["buffers"], presents):
             buf[:, :, start:end] = new
         return logits
+
+
+class CudaBinding:
+    """CUDA execution provider with I/O binding: the cache lives on the GPU and never crosses to the host.
+
+    Buffers are PyTorch CUDA tensors (onnxruntime-gpu has no public slice-copy for OrtValues); the small
+    inputs go up each step, new keys/values land in device tensors and are copied into the cache slots on
+    the device; only the logits come back. Needs onnxruntime-gpu and a CUDA build of torch.
+    Not yet run on real hardware (no GPU where this was written): see docs/tensorrt.md.
+    """
+
+    def __init__(self, backend: OnnxRuntimeBackend):
+        try:
+            import torch
+        except ImportError:
+            raise GptxError("onnxruntime on CUDA keeps the cache in torch CUDA tensors: install a CUDA build of torch") from None
+        if not torch.cuda.is_available():
+            raise GptxError("device cuda requested but no CUDA GPU is visible")
+        self.torch = torch
+        self.backend = backend
+        self.dtype = torch.float16 if backend.kv_dtype == np.float16 else torch.float32
+
+    def allocate(self, batch: int, capacity: int):
+        b = self.backend
+        shape = (batch, b.n_head, capacity, b.head_dim)
+        return [self.torch.zeros(shape, dtype=self.dtype, device="cuda") for _ in b.past_names]
+
+    def bind(self, io, name: str, tensor, output: bool = False):
+        np_dtype = np.float16 if tensor.dtype == self.torch.float16 else np.float32
+        ptr = tensor.data_ptr()
+        if output:
+            io.bind_output(name, "cuda", 0, np_dtype, tuple(tensor.shape), ptr)
+        else:
+            io.bind_input(name, "cuda", 0, np_dtype, tuple(tensor.shape), ptr)
+
+    def run(self, input_ids, attention_mask, position_ids, cache: KVCache):
+        torch, b = self.torch, self.backend
+        io = b.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+        batch, new = input_ids.shape
+        if cache.length == 0:
+            empty = torch.zeros((batch, b.n_head, 1, b.head_dim), dtype=self.dtype, device="cuda")[:, :, :0]
+            for name in b.past_names:
+                self.bind(io, name, empty)
+        else:
+            for name, buf in zip(b.past_names, cache.storage):
+                self.bind(io, name, buf)
+        logits = torch.empty((batch, b.manifest["config"]["vocab_size"]), dtype=torch.float32, device="cuda")
+        presents = [torch.empty((batch, b.n_head, new, b.head_dim), dtype=self.dtype, device="cuda")
+                    for _ in b.present_names]
+        self.bind(io, "logits", logits, output=True)
+        for name, t in zip(b.present_names, presents):
+            self.bind(io, name, t, output=True)
+        b.session.run_with_iobinding(io)
+        start = cache.length
+        for buf, t in zip(cache.storage, presents):
+            buf[:, :, start:start + new].copy_(t)
+        return logits.cpu().numpy()
