@@ -1,0 +1,470 @@
+"""`gptx bench`: time to first token, prefill / decode throughput, per-token latency and peak memory.
+
+Measures the runtime's own generation loop (`Generator.generate_next`, greedy) on synthetic prompts, so the
+numbers are what an app embedding gptx sees. Torch-free at import: PyTorch is imported only to measure the
+torch backend (the backend does that) or CUDA memory (only when torch is already loaded).
+
+Per configuration: `warmup` untimed runs, then `runs` timed runs; scalars are the median over timed runs,
+latency percentiles pool every decode token of every timed run.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import GptxError
+
+PROMPT_SEED = 1234
+CLEAR_REFS = Path("/proc/self/clear_refs")
+STATUS = Path("/proc/self/status")
+DRIFT_WINDOW = 100  # first / last N decode tokens, reported when new_tokens >= 2 * DRIFT_WINDOW
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def reset_peak_rss() -> bool:
+    """Reset the kernel's VmHWM (peak RSS) to the current RSS; False where that is not possible."""
+    try:
+        CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib(reset_ok: bool) -> tuple[float, str]:
+    """(peak resident set size in MiB, how it was measured)."""
+    if reset_ok:
+        try:
+            for line in STATUS.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, "VmHWM since config start"
+        except OSError:
+            pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KiB on Linux
+    return peak * scale, "ru_maxrss since process start"
+
+
+def _cuda_torch(device: str):
+    """torch, when it is already loaded and the config runs on CUDA; never imports it."""
+    torch = sys.modules.get("torch")
+    if device != "cuda" or torch is None:
+        return None
+    try:
+        return torch if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def synthetic_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int = PROMPT_SEED) -> list[list[int]]:
+    """Fixed-seed prompt ids, all valid vocabulary ids (the last one, <|endoftext|>, left out)."""
+    rng = np.random.default_rng(seed)
+    high = max(1, min(vocab_size, 50257) - 1)
+    return rng.integers(0, high, size=(batch, prompt_len)).tolist()
+
+
+def _unpack(target):
+    """(backend, vocab_size, block_size) from an Engine or a Backend."""
+    backend = getattr(target, "backend", target)
+    manifest = getattr(target, "manifest", None) or backend.manifest
+    vocab = manifest.get("tokenizer", {}).get("vocab_size") or manifest["config"]["vocab_size"]
+    return backend, int(vocab), int(backend.block_size)
+
+
+def validate_args(batch_sizes: Sequence[int], prompt_lens: Sequence[int], new_tokens: int, runs: int,
+                  block_size: int, warmup: int = 0) -> None:
+    if int(new_tokens) != new_tokens or new_tokens < 1:
+        raise ValueError(f"new_tokens must be an integer >= 1, got {new_tokens}")
+    if int(runs) != runs or runs < 1:
+        raise ValueError(f"runs must be an integer >= 1, got {runs}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be integers >= 1, got {list(batch_sizes)}")
+    if not prompt_lens or min(prompt_lens) < 1:
+        raise ValueError(f"prompt lengths must be integers >= 1, got {list(prompt_lens)}")
+    longest = max(prompt_lens)
+    if longest + new_tokens > block_size:
+        raise ValueError(f"prompt length {longest} + new_tokens {new_tokens} = {longest + new_tokens} exceeds the "
+                         f"model's block size {block_size}")
+
+
+def _percentiles(values_ms: list[float]) -> dict:
+    if not values_ms:
+        return {"p50": None, "p90": None, "p99": None, "mean": None, "min": None, "max": None}
+    a = np.asarray(values_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()),
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return float(statistics.median(values)) if values else None
+
+
+# ---------------------------------------------------------------------------------------------- one config
+def one_run(backend, prompts, new_tokens: int, vocab: int) -> dict:
+    """One greedy generation through the runtime's Generator; every token timed."""
+    from .generation import Generator
+    from .sampler import SamplingParams
+
+    gen = Generator(backend, prompts, new_tokens, SamplingParams(temperature=0.0), None, vocab, pad_id=vocab - 1)
+    timing = {}
+    prefill = gen.prefill
+
+    def timed_prefill():
+        t = time.perf_counter()
+        out = prefill()
+        timing["prefill"] = time.perf_counter() - t
+        return out
+
+    gen.prefill = timed_prefill  # the loop calls self.prefill(); the instance attribute wins
+    clock = time.perf_counter
+    t0 = clock()
+    gen.generate_next()
+    ttft = clock() - t0
+    latencies = []
+    while not gen.is_done():
+        t = clock()
+        gen.generate_next()
+        latencies.append(clock() - t)
+    return {"ttft": ttft, "prefill": timing["prefill"], "decode": float(sum(latencies)), "latencies": latencies,
+            "tokens": [len(row) for row in gen.tokens]}
+
+
+def bench_config(backend, batch: int, prompt_len: int, new_tokens: int, runs: int, warmup: int = 1) -> dict:
+    """Benchmark one (batch, prompt_len) configuration; `backend` is an Engine or a runtime Backend."""
+    backend, vocab, block_size = _unpack(backend)
+    validate_args([batch], [prompt_len], new_tokens, runs, block_size, warmup)
+    prompts = synthetic_prompts(batch, prompt_len, vocab)
+    cuda = _cuda_torch(backend.device)
+    gc.collect()
+    reset_ok = reset_peak_rss()
+    if cuda is not None:
+        cuda.cuda.reset_peak_memory_stats()
+    load_before = os.getloadavg()
+    for _ in range(warmup):
+        one_run(backend, prompts, new_tokens, vocab)
+    measured = []
+    gc_was_enabled = gc.isenabled()
+    try:
+        for _ in range(runs):
+            gc.collect()
+            gc.disable()  # a collection in the middle of a token is noise, not the engine
+            try:
+                measured.append(one_run(backend, prompts, new_tokens, vocab))
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    peak, method = peak_rss_mib(reset_ok)
+    cuda_peak = cuda.cuda.max_memory_allocated() / 2**20 if cuda is not None else None
+    result = {"backend": backend.describe(), "backend_name": backend.name, "device": backend.device}
+    result.update(summarize_runs(measured, batch, prompt_len, new_tokens, warmup))
+    result.update(peak_rss_mib=peak, peak_rss_method=method, cuda_peak_mib=cuda_peak,
+                  loadavg_before=list(load_before), loadavg_after=list(os.getloadavg()))
+    return result
+
+
+def summarize_runs(measured: list[dict], batch: int, prompt_len: int, new_tokens: int, warmup: int = 0) -> dict:
+    """Medians, pooled latency percentiles and first/last-window latencies from raw runs.
+
+    Each raw run is {"ttft", "prefill", "decode" (seconds), "latencies" (seconds per decode token), "tokens"
+    (tokens generated per row)}, as `one_run` returns; other engines (benchmarks/compare_peers.py) produce the same.
+    """
+    decode_per_row = new_tokens - 1
+    per_run = []
+    for m in measured:
+        per_run.append({
+            "ttft_ms": m["ttft"] * 1e3,
+            "prefill_ms": m["prefill"] * 1e3,
+            "decode_ms": m["decode"] * 1e3,
+            "prefill_tokens_per_s": batch * prompt_len / m["prefill"] if m["prefill"] > 0 else None,
+            "decode_tokens_per_s": batch * decode_per_row / m["decode"] if decode_per_row and m["decode"] > 0 else None,
+            "total_ms": (m["ttft"] + m["decode"]) * 1e3,
+        })
+    runs = len(measured)
+    result = {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "warmup": warmup,
+        "tokens_generated_per_row": min(min(m["tokens"]) for m in measured),
+        "decode_tokens_per_row": decode_per_row,
+        "decode_tokens": batch * decode_per_row,
+        "prefill_tokens": batch * prompt_len,
+    }
+    for key in ("ttft_ms", "prefill_ms", "decode_ms", "total_ms", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        result[key] = _median([r[key] for r in per_run])
+    pooled = [lat * 1e3 for m in measured for lat in m["latencies"]]
+    result["latency_ms"] = _percentiles(pooled)
+    if decode_per_row >= 2 * DRIFT_WINDOW:
+        first = _median([float(np.mean(m["latencies"][:DRIFT_WINDOW])) * 1e3 for m in measured])
+        last = _median([float(np.mean(m["latencies"][-DRIFT_WINDOW:])) * 1e3 for m in measured])
+        result.update(first100_ms=first, last100_ms=last, last100_over_first100=last / first if first else None)
+    else:
+        result.update(first100_ms=None, last100_ms=None, last100_over_first100=None)
+    result["per_run"] = per_run
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def library_versions() -> dict:
+    """numpy and onnxruntime always (the runtime's own deps); torch/transformers/... only if already loaded."""
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    for name in ("torch", "transformers", "ctranslate2"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "?")
+    try:
+        from importlib.metadata import version
+
+        out["gptx"] = version("gptx")
+    except Exception:
+        pass
+    return out
+
+
+def machine_info() -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "logical_cpus": os.cpu_count(),
+        "ram_gib": ram_gib(),
+        "loadavg": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "versions": library_versions(),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        try:
+            if torch.cuda.is_available():
+                info["gpu"] = torch.cuda.get_device_name(0)
+        except Exception:
+            pass
+    return info
+
+
+def manifest_summary(manifest: dict) -> dict:
+    return {
+        "source": manifest.get("source"),
+        "config": manifest.get("config"),
+        "dtype": manifest.get("dtype"),
+        "quantization": manifest.get("quantization"),
+        "optimizations": manifest.get("optimizations", []),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- command
+def _default_compare(primary: str) -> str:
+    if primary != "torch" and importlib.util.find_spec("torch") is not None:
+        return "torch"
+    return "none"
+
+
+def run_bench_command(directory, backend: str = "auto", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
+                      prompt_lens: Sequence[int] = (32,), new_tokens: int = 128, runs: int = 3,
+                      compare: str | None = None, json_path: Path | None = None, plot_path: Path | None = None,
+                      console=None, warmup: int = 1) -> dict:
+    """Benchmark every (batch, prompt_len) on `backend` and, in the same process, on `compare`."""
+    from .backends import BACKENDS, resolve
+    from .engine import load
+    from .manifest import load_manifest
+
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    batch_sizes, prompt_lens = [int(b) for b in batch_sizes], [int(p) for p in prompt_lens]
+    validate_args(batch_sizes, prompt_lens, new_tokens, runs, int(manifest["config"]["block_size"]), warmup)
+    primary = resolve(backend, manifest, device)
+    explicit = compare is not None
+    compare_name = (compare or _default_compare(primary)).strip().lower()
+    if compare_name not in ("none", "auto", *BACKENDS):
+        raise ValueError(f"--compare must be none or one of {', '.join(BACKENDS)}, got {compare!r}")
+    compare_name = "none" if compare_name == "none" else resolve(compare_name, manifest, device)
+    if compare_name == primary:
+        compare_name = "none"
+    if plot_path is not None:
+        _require_matplotlib()
+
+    configs = [(b, p) for b in batch_sizes for p in prompt_lens]
+    results, notes = [], []
+    for name, required in ((primary, True), (compare_name, explicit)):
+        if name == "none":
+            continue
+        try:
+            engine = load(directory, name, device)
+        except GptxError as e:
+            if required:
+                raise
+            notes.append(f"compare backend {name} skipped: {e}")
+            continue
+        for batch, prompt_len in configs:
+            if console is not None:
+                console.print(f"[dim]{engine.backend.describe()}: batch {batch}, prompt {prompt_len}, "
+                              f"{new_tokens} new tokens x {runs} runs...[/dim]", highlight=False)
+            results.append(bench_config(engine, batch, prompt_len, new_tokens, runs, warmup))
+        del engine
+        gc.collect()
+
+    add_ratios(results)
+    report = {
+        "directory": str(directory),
+        "machine": machine_info(),
+        "manifest": manifest_summary(manifest),
+        "settings": {"backend": primary, "compare": compare_name, "device": device, "batch_sizes": batch_sizes,
+                     "prompt_lens": prompt_lens, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
+                     "prompt_seed": PROMPT_SEED, "sampling": "greedy"},
+        "results": results,
+        "notes": notes,
+    }
+    if console is not None:
+        console.print(results_table(results, report))
+        for note in notes:
+            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    if json_path is not None:
+        json_path = Path(json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        if console is not None:
+            console.print(f"wrote {json_path}", highlight=False)
+    if plot_path is not None:
+        write_plot(results, Path(plot_path), title=f"gptx decode throughput ({manifest.get('source')})")
+        if console is not None:
+            console.print(f"wrote {plot_path}", highlight=False)
+    return report
+
+
+def add_ratios(results: list[dict]) -> None:
+    """`vs_torch`: decode tok/s over the torch backend's for the same config (None without a torch row)."""
+    torch_rate = {(r["batch"], r["prompt_len"]): r["decode_tokens_per_s"]
+                  for r in results if r["backend_name"] == "torch"}
+    for r in results:
+        ref = torch_rate.get((r["batch"], r["prompt_len"]))
+        mine = r["decode_tokens_per_s"]
+        r["vs_torch"] = mine / ref if ref and mine else None
+
+
+def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def results_table(results: list[dict], report: dict | None = None):
+    from rich import box
+    from rich.table import Table
+
+    drift = any(r.get("last100_over_first100") is not None for r in results)
+    title = None  # noqa
+    if report is not None:
+        m = report["machine"]
+        quant = report["manifest"].get("quantization") or {}
+        st = report["settings"]
+        title = (f"{m['cpu']}, {m['cores']} cores, load {m['loadavg'][0]:.2f} · {st['device']} · "
+                 f"{report['manifest']['dtype']}" + (f" {quant.get('method', 'quantized')}" if quant else "")
+                 + f" · +{st['new_tokens']} tokens, median of {st['runs']}")
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    t.add_column("backend", no_wrap=True)
+    t.add_column("config", no_wrap=True)
+    # two-line headers keep the table inside 80 columns without truncating anything
+    for col in ("TTFT\nms", "prefill\ntok/s", "decode\ntok/s", "p50\nms", "p90\nms", "p99\nms", "peak\nMiB",
+                "× vs\ntorch"):
+        t.add_column(col, justify="right", no_wrap=True)
+    if drift:
+        t.add_column("last/first\n100 tok", justify="right", no_wrap=True)
+    for r in results:
+        lat = r["latency_ms"]
+        peak = r["cuda_peak_mib"] if r.get("cuda_peak_mib") is not None else r["peak_rss_mib"]
+        row = [r["backend_name"], f"b{r['batch']} p{r['prompt_len']}", _fmt(r["ttft_ms"]),
+               _fmt(r["prefill_tokens_per_s"], ".0f"), _fmt(r["decode_tokens_per_s"], ".1f"),
+               _fmt(lat["p50"], ".1f"), _fmt(lat["p90"], ".1f"), _fmt(lat["p99"], ".1f"),
+               _fmt(peak, ".0f"), _fmt(r.get("vs_torch"), ".2f", "×")]
+        if drift:
+            row.append(_fmt(r.get("last100_over_first100"), ".2f", "×"))
+        t.add_row(*row)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------- plot
+def _require_matplotlib():
+    if importlib.util.find_spec("matplotlib") is None:
+        raise GptxError("--plot needs matplotlib: pip install 'gptx[plot]' (or pip install matplotlib)")
+
+
+def write_plot(results: list[dict], path: Path, title: str = "decode throughput",
+               label_key: str = "backend") -> Path:
+    """Grouped bar chart: decode tok/s per configuration (x) and backend (bars)."""
+    _require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(f"b{r['batch']} p{r['prompt_len']} +{r['new_tokens']}" for r in results))
+    labels = list(dict.fromkeys(r[label_key] for r in results))
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(configs) * max(1, len(labels)) ** 0.5), 4.0))
+    x = np.arange(len(configs))
+    for i, label in enumerate(labels):
+        values = []
+        for c in configs:
+            match = [r for r in results
+                     if r[label_key] == label and f"b{r['batch']} p{r['prompt_len']} +{r['new_tokens']}" == c]
+            values.append(match[0]["decode_tokens_per_s"] or 0.0 if match else 0.0)
+        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, values, width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(x, configs)
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
