@@ -163,6 +163,16 @@ def generate(
 
 
 # ---------------------------------------------------------------------------------------------- verify
+def int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{name} must be positive integers, got {text!r}")
+    return values
+
+
 @app.command()
 @guarded
 def verify(
@@ -179,10 +189,8 @@ def verify(
 
     from gpt_export.validate import compare
 
-    sizes = tuple(int(s) for s in batch_sizes.split(",") if s.strip())
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"--batch-sizes must be positive integers, got {batch_sizes!r}")
-    report = compare(directory, backend=backend.value, device=device.value, batch_sizes=sizes,
+    report = compare(directory, backend=backend.value, device=device.value,
+                     batch_sizes=tuple(int_list(batch_sizes, "--batch-sizes")),
                      decode_steps=decode_steps, ppl_tokens=ppl_tokens)
     t = Table(title=f"verify {directory} ({report['backend']}, {report['dtype']})")
     for col in ("batch", "prompt lengths", "max |diff|", "top-1", "greedy identical"):
@@ -226,16 +234,6 @@ def build(
 
 
 # ---------------------------------------------------------------------------------------------- bench
-def int_list(text: str, name: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{name} must be positive integers, got {text!r}")
-    return values
-
-
 @app.command()
 @guarded
 def bench(

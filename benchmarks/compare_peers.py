@@ -18,7 +18,6 @@ Writes docs/benchmarks.md (everything in it comes from this run) and docs/benchm
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import gc
 import json
@@ -63,28 +62,14 @@ def rss_mib() -> float:
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (vocab.json spells tokens with it)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+def hf_vocab() -> dict[str, int]:
+    """GPT-2's vocab.json (token spelled with GPT-2's byte map -> id), from the bundled ranks."""
+    import tempfile
 
+    from runtime.tokenizer import Tokenizer, save_hf_vocab
 
-def gpt2_vocab() -> dict[str, int]:
-    """GPT-2's vocab.json rebuilt from the runtime's bundled tiktoken file (no download)."""
-    b2u = bytes_to_unicode()
-    vocab = {}
-    for line in (ROOT / "runtime" / "data" / "gpt2.tiktoken").read_text().splitlines():
-        if line.strip():
-            tok, rank = line.split()
-            vocab["".join(b2u[c] for c in base64.b64decode(tok))] = int(rank)
-    vocab["<|endoftext|>"] = 50256
-    return vocab
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads((save_hf_vocab(Tokenizer(), tmp) / "vocab.json").read_text())
 
 
 def build_shared_weights(hf_dir: Path, seed: int) -> dict:
@@ -107,13 +92,13 @@ def build_shared_weights(hf_dir: Path, seed: int) -> dict:
     hf_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(hf_dir)
     # a tokenizer beside the weights, for converters that read one (CTranslate2 takes its vocabulary from it)
-    vocab = gpt2_vocab()
-    (hf_dir / "vocab.json").write_text(json.dumps(vocab))
-    (hf_dir / "merges.txt").write_text("#version: 0.2\n")
+    from runtime.tokenizer import Tokenizer, save_hf_vocab
+
+    save_hf_vocab(Tokenizer(), hf_dir)
     with contextlib.suppress(Exception):
         from transformers import GPT2Tokenizer
 
-        GPT2Tokenizer(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt")).save_pretrained(hf_dir)
+        GPT2Tokenizer.from_pretrained(str(hf_dir)).save_pretrained(hf_dir)
     ids = torch.randint(0, 50000, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = float((hf(ids).logits[:, -1] - gpt(ids)[0][:, -1]).abs().max())
@@ -213,8 +198,7 @@ class CT2Runner(Runner):
 
         self.label = label
         self.generator = ctranslate2.Generator(ct2_dir, device="cpu", compute_type=compute_type, intra_threads=threads)
-        inv = {v: k for k, v in gpt2_vocab().items()}
-        self.inv = inv
+        self.inv = {v: k for k, v in hf_vocab().items()}
 
     def run(self, prompts, new_tokens):
         tokens = [[self.inv[t] for t in p] for p in prompts]
