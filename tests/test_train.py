@@ -17,7 +17,7 @@ from runtime.tokenizer import Tokenizer
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
 SHAKESPEARE_TXT = Path(__file__).resolve().parents[1] / "gpt_export" / "data" / "tinyshakespeare.txt"
 # measured on the shipped model (see docs/sample_model.md) + a margin; ln(50257) = 10.8 is a random model
-SAMPLE_VAL_LOSS_MAX = 5.29 + 0.3
+SAMPLE_VAL_LOSS_MAX = 5.00 + 0.3  # measured 4.995 on the shipped file (docs/sample_model.md)
 
 
 @pytest.fixture(autouse=True)
