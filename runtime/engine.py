@@ -86,20 +86,28 @@ class Engine:
             raise TypeError("stream takes one prompt (str); use generate for a batch")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         decoder = StreamDecoder(self.tokenizer)
-        emitted = ""
+        text, emitted = "", 0
         for tok in self.stream_ids(self._prompt_ids(prompt), max_new_tokens, **options):
             if tok == self.eos_token_id and options.get("stop_at_eos", True):
                 break
-            text = emitted + decoder.push(tok)
+            text += decoder.push(tok)
             cut = self._cut_at_stop(text, stops)
-            if len(cut) > len(emitted):
-                yield cut[len(emitted):]
-            emitted = cut
-            if len(cut) < len(text):  # a stop string appeared
+            if len(cut) < len(text):  # a stop string appeared: emit up to it and end
+                yield cut[emitted:]
                 return
-        rest = decoder.flush()
-        if rest:
-            yield self._cut_at_stop(emitted + rest, stops)[len(emitted):]
+            # hold back a tail that may be the start of a stop string still arriving
+            safe = len(text) - self._stop_prefix_len(text, stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        text = self._cut_at_stop(text + decoder.flush(), stops)
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    @staticmethod
+    def _stop_prefix_len(text: str, stops: list[str]) -> int:
+        """Length of the longest end of `text` that is a proper prefix of a stop string."""
+        return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
     def _text(self, tokens: list[int]) -> str:
         if tokens and tokens[-1] == self.eos_token_id:

@@ -27,8 +27,7 @@ def _load_ranks(vocab_file: Path) -> dict[bytes, int]:
         return load_tiktoken_bpe(str(vocab_file))
     if not (vocab_json.is_file() and merges.is_file()):
         raise GptxError(f"{vocab_file}: need vocab.json and merges.txt side by side")
-    ranks = data_gym_to_mergeable_bpe_ranks(str(merges), str(vocab_json))
-    return ranks
+    return data_gym_to_mergeable_bpe_ranks(str(merges), str(vocab_json))
 
 
 class Tokenizer:
@@ -42,7 +41,7 @@ class Tokenizer:
             ranks = _load_ranks(path)
         except GptxError:
             raise
-        except Exception as e:
+        except Exception as e:  # tiktoken raises assorted errors for files that are not BPE ranks
             raise GptxError(f"{path} is not a GPT-2 BPE vocabulary: {e}") from None
         self.vocab_file = path
         self.eot_token = len(ranks)  # GPT-2 puts <|endoftext|> right after the 50256 BPE ranks

@@ -159,3 +159,15 @@ def test_onnxruntime_cuda_io_binding_matches_pytorch(export_dir, gpt):
 
     report = compare(export_dir, backend="onnxruntime", device="cuda", reference_model=gpt, decode_steps=6)
     assert report["passed"], report["failures"]
+
+
+def test_stream_holds_back_a_stop_string_arriving_in_pieces(engine):
+    """A stop string spread over several tokens must not leak its first part into the stream."""
+    full = engine.generate("Hello", 30, temperature=0, stop_at_eos=False)
+    ids = engine.tokenizer.encode(full)
+    # a stop string that starts inside one token and ends in a later one
+    first = engine.tokenizer.decode(ids[:3])
+    stop = full[len(first) - 1: len(first) + 2]
+    expected = full[: full.find(stop)]
+    streamed = "".join(engine.stream("Hello", 30, temperature=0, stop=stop, stop_at_eos=False))
+    assert streamed == expected == engine.generate("Hello", 30, temperature=0, stop=stop, stop_at_eos=False)
