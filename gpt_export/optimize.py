@@ -7,6 +7,8 @@ chooses the settings and records what was done in the manifest so `gptx info` / 
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 from pathlib import Path
 
 from runtime.errors import GptxError
@@ -24,10 +26,13 @@ def fuse(proto, n_head: int, n_embd: int):
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    logging.disable(logging.WARNING)  # the optimizer logs every fusion at INFO/WARNING
+    # The optimizer logs every fusion, and prints a notice when its symbolic shape inference gives up
+    # (it does on our Reshape(x, [0, 0, -1, D]) targets; only the SkipLayerNormalization fusion needs it).
+    logging.disable(logging.WARNING)
     try:
-        optimized = optimize_model(proto, model_type="gpt2", num_heads=n_head, hidden_size=n_embd,
-                                   optimization_options=FusionOptions("gpt2"), opt_level=0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimized = optimize_model(proto, model_type="gpt2", num_heads=n_head, hidden_size=n_embd,
+                                       optimization_options=FusionOptions("gpt2"), opt_level=0)
         stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     finally:
         logging.disable(logging.NOTSET)
