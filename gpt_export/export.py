@@ -147,7 +147,7 @@ def versions() -> dict:
     return out
 
 
-def build_manifest(model: GPT, source: str, dtype: str, opset: int, tokenizer: Tokenizer) -> dict:
+def build_manifest(model: GPT, source: str, dtype: str, opset: int, tokenizer: Tokenizer, seed: int = 0) -> dict:
     inputs, outputs = io_spec(model, dtype)
     cfg = model.config
     return {
@@ -156,6 +156,7 @@ def build_manifest(model: GPT, source: str, dtype: str, opset: int, tokenizer: T
         "model_file": MODEL_FILE,
         "weights_file": WEIGHTS_FILE,
         "source": source,
+        "seed": seed,  # what `random:<size>` weights were drawn with, so the torch reference can redraw them
         "config": cfg.to_dict(),
         "dtype": DTYPES[dtype],
         "opset": opset,
@@ -231,7 +232,7 @@ def export(model: str | GPT, out_dir: str | Path, dtype: str = "fp32", opset: in
                 convert(gpt, onnx_path, dtype=dtype, opset=opset, tie_lm_head=not quantize)
             with steps.step("check graph"):
                 check(onnx_path)
-            manifest = build_manifest(gpt, source, dtype, opset, tokenizer)
+            manifest = build_manifest(gpt, source, dtype, opset, tokenizer, seed)
             shutil.copyfile(tokenizer.vocab_file, tmp_dir / TOKENIZER_FILE)
             save_manifest(manifest, tmp_dir)
             if optimize or quantize:

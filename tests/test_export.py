@@ -157,3 +157,22 @@ def test_corrupt_manifest_is_reported(tmp_path, export_dir):
         load_manifest(broken)
     with pytest.raises(ManifestError, match="not a directory"):
         load_manifest(tmp_path / "missing")
+
+
+def test_random_weights_seed_is_recorded_for_the_reference(tmp_path, monkeypatch):
+    """`random:<size>` exports record their seed, so the torch backend redraws the same weights."""
+    import gpt_export.weights as weights
+    from gpt_export import GPT, GPTConfig
+
+    def tiny_random(spec, seed=0):
+        torch.manual_seed(seed)
+        return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257)).eval()
+
+    monkeypatch.setattr(weights, "random_model", tiny_random)
+    out = tmp_path / "r"
+    manifest = export("random:gpt2", out, seed=5, progress=False, validate=False)
+    assert manifest["seed"] == 5 and manifest["source"] == "random:gpt2"
+    from gpt_export.validate import compare
+
+    report = compare(out, decode_steps=2, ppl_tokens=0, batch_sizes=(1,))
+    assert report["passed"] and report["max_abs_diff"] < 1e-4
