@@ -261,7 +261,7 @@ def reference_cases(directory: str, reference_model, decode_steps: int, batch_si
     cases = []
     for b in batch_sizes:
         prompts = [tok.encode(PROMPTS[(i + b) % len(PROMPTS)]) for i in range(b)]
-        expected = greedy(ref, prompts, decode_steps, pad, vocab)
+        expected = greedy(ref, prompts, decode_steps, pad)
         cases.append({"prompts": prompts, "expected": expected, "logits": run_sequence(ref, prompts, expected, pad),
                       "pad": pad, "vocab": vocab})
     return cases
@@ -282,7 +282,7 @@ def top1(directory: str, cases: list[dict]) -> dict:
             agree.append(np.argmax(r[:, :vocab], -1) == np.argmax(g[:, :vocab], -1))
             diffs.append(float(np.max(np.abs(r[:, :vocab] - g[:, :vocab]))))
         steps = c["expected"].shape[1]
-        identical &= bool(np.array_equal(c["expected"], greedy(cand, c["prompts"], steps, c["pad"], vocab)))
+        identical &= bool(np.array_equal(c["expected"], greedy(cand, c["prompts"], steps, c["pad"])))
     flat = np.concatenate(agree)
     return {"top1_agreement": float(flat.mean()), "max_abs_diff": max(diffs), "greedy_identical": identical,
             "positions": int(flat.size)}

@@ -16,8 +16,9 @@ import numpy as np
 
 from runtime.backends import create_backend
 from runtime.backends.base import Backend
-from runtime.generation import left_pad
+from runtime.generation import Generator
 from runtime.manifest import load_manifest
+from runtime.sampler import SamplingParams
 from runtime.tokenizer import Tokenizer
 
 SAMPLE_TEXT = Path(__file__).parent / "data" / "tinyshakespeare.txt"
@@ -55,33 +56,23 @@ def reference_backend(directory: Path, manifest: dict, reference_model=None, dev
     return TorchBackend(manifest, directory, device, model=reference_model, half=False)
 
 
+def _greedy_generator(backend: Backend, prompts: list[list[int]], steps: int, pad_id: int) -> Generator:
+    vocab = backend.manifest["tokenizer"]["vocab_size"]
+    return Generator(backend, prompts, steps, SamplingParams(temperature=0), None, vocab, pad_id)
+
+
 def run_sequence(backend: Backend, prompts: list[list[int]], continuation: np.ndarray, pad_id: int) -> list[np.ndarray]:
     """Prefill the prompts, then feed `continuation` (B, steps) one column at a time; logits per call."""
-    ids, mask = left_pad(prompts, pad_id)
-    cache = backend.new_cache(len(prompts), ids.shape[1] + continuation.shape[1])
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    out = [backend.step(ids, positions, mask, cache)]
-    next_pos = mask.sum(axis=1)
-    for col in range(continuation.shape[1]):
-        out.append(backend.step(continuation[:, col:col + 1].astype(np.int64), (next_pos + col)[:, None],
-                                np.ones((len(prompts), 1), np.int64), cache))
-    return out
+    gen = _greedy_generator(backend, prompts, continuation.shape[1] + 1, pad_id)
+    return [gen.prefill()] + [gen.decode_one_token(continuation[:, col]) for col in range(continuation.shape[1])]
 
 
-def greedy(backend: Backend, prompts: list[list[int]], steps: int, pad_id: int, vocab: int) -> np.ndarray:
-    ids, mask = left_pad(prompts, pad_id)
-    cache = backend.new_cache(len(prompts), ids.shape[1] + steps)
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    logits = backend.step(ids, positions, mask, cache)
-    next_pos = mask.sum(axis=1)
-    tokens = []
-    for col in range(steps):
-        tok = np.argmax(logits[:, :vocab], axis=-1)
-        tokens.append(tok)
-        if col + 1 < steps:
-            logits = backend.step(tok[:, None].astype(np.int64), (next_pos + col)[:, None],
-                                  np.ones((len(prompts), 1), np.int64), cache)
-    return np.stack(tokens, axis=1)
+def greedy(backend: Backend, prompts: list[list[int]], steps: int, pad_id: int) -> np.ndarray:
+    """(B, steps) greedy continuation through the runtime's own generation loop."""
+    gen = _greedy_generator(backend, prompts, steps, pad_id)
+    while not gen.is_done():
+        gen.generate_next()
+    return np.array(gen.tokens)
 
 
 def perplexity(backend: Backend, tokens: list[int], vocab: int) -> float:
@@ -110,12 +101,12 @@ def compare(directory: str | Path, backend: str = "onnxruntime", device: str = "
     cases = []
     for b in batch_sizes:
         prompts = [tokenizer.encode(PROMPTS[(i + b) % len(PROMPTS)])[:room] for i in range(b)]
-        expected = greedy(ref, prompts, decode_steps, pad, vocab)
+        expected = greedy(ref, prompts, decode_steps, pad)
         ref_logits = run_sequence(ref, prompts, expected, pad)
         cand_logits = run_sequence(cand, prompts, expected, pad)
         diffs = [float(np.max(np.abs(r[:, :vocab] - c[:, :vocab]))) for r, c in zip(ref_logits, cand_logits)]
         agree = [np.argmax(r[:, :vocab], -1) == np.argmax(c[:, :vocab], -1) for r, c in zip(ref_logits, cand_logits)]
-        got = greedy(cand, prompts, decode_steps, pad, vocab)
+        got = greedy(cand, prompts, decode_steps, pad)
         cases.append({
             "batch": b,
             "prompt_lengths": [len(p) for p in prompts],
