@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.errors import GptxError
+from runtime.errors import ExportError
 from runtime.manifest import FORMAT, FORMAT_VERSION, save_manifest
 from runtime.tokenizer import Tokenizer
 
@@ -30,10 +30,6 @@ DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.tiktoken"
-
-
-class ExportError(GptxError):
-    """Export could not complete; nothing was left in the output directory."""
 
 
 def io_spec(model: GPT, dtype: str) -> tuple[list[dict], list[dict]]:

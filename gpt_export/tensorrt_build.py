@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from runtime.backends.tensorrt_backend import check_engine_compat, normalize_cc  # noqa: F401 (re-exported)
-from runtime.errors import GptxError
+from runtime.errors import BuildError, GptxError
 from runtime.manifest import load_manifest, save_manifest
 
 ENGINE_FILE = "engine.plan"
@@ -35,10 +35,6 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 PREFILL, DECODE = "prefill", "decode"
 PROFILE_ORDER = (PREFILL, DECODE)  # optimization profile index = position here
 INSTALL_HINT = "pip install 'gptx[tensorrt]' on a machine with an NVIDIA CUDA GPU"
-
-
-class BuildError(GptxError):
-    """The engine could not be built; the export directory is left as it was."""
 
 
 # ------------------------------------------------------------------------------------------- profiles

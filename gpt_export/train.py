@@ -24,17 +24,13 @@ from pathlib import Path
 
 import torch
 
-from runtime.errors import GptxError
+from runtime.errors import TrainError
 
 from .model import GPT, GPTConfig
 from .weights import save_checkpoint
 
 CKPT_NAME = "ckpt.pt"
 PADDED_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64
-
-
-class TrainError(GptxError, ValueError):
-    """Bad training input (data file, out_dir, resume) with a one-line message for the CLI."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.errors import GptxError
+from runtime.errors import ModelLoadError
 
 from .model import GPT, GPTConfig
 
@@ -27,10 +27,6 @@ SAMPLE_MODELS = {"shakespeare": Path(__file__).parent / "data" / "shakespeare.pt
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 HUB_HOST = "huggingface.co"
-
-
-class ModelLoadError(GptxError):
-    """A model could not be found, fetched or understood."""
 
 
 ALTERNATIVES = (

@@ -9,16 +9,12 @@ import json
 import os
 from pathlib import Path
 
-from .errors import GptxError
+from .errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "gptx-onnx"
 FORMAT_VERSION = 1
 NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64"}
-
-
-class ManifestError(GptxError):
-    """The export directory is missing, incomplete or from an incompatible gptx."""
 
 
 def load_manifest(directory: str | Path) -> dict:
