@@ -446,6 +446,55 @@ def median_rate(runs: list[dict]) -> float | None:
     return float(statistics.median(rates)) if rates else None
 
 
+# ---------------------------------------------------------------------------------------------- profile
+def decode_feeds(manifest: dict, past_len: int) -> dict:
+    """Inputs of one batch-1 decode step of an export at `past_len` filled cache slots (values do not matter)."""
+    cfg = manifest["config"]
+    dtype = np.float16 if manifest["dtype"] == "float16" else np.float32
+    past = np.zeros((1, cfg["n_head"], past_len, cfg["n_embd"] // cfg["n_head"]), dtype)
+    feeds = {"input_ids": np.array([[464]], np.int64), "attention_mask": np.ones((1, past_len + 1), np.int64),
+             "position_ids": np.array([[past_len]], np.int64)}
+    feeds.update({i["name"]: past for i in manifest["inputs"] if i["name"].startswith("past_key_values.")})
+    return feeds
+
+
+def ort_op_profile(directory: Path, past_len: int, steps: int = 64, workdir: Path | None = None) -> dict:
+    """Per-op kernel time of one decode step, from a plain ONNX Runtime session with profiling on (the runtime's
+    own session options, our own session: nothing inside the runtime is touched)."""
+    import onnxruntime as ort
+
+    from runtime.backends.onnxruntime_backend import session_options
+    from runtime.manifest import load_manifest
+
+    manifest = load_manifest(directory)
+    opts = session_options()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str((workdir or Path(tempfile.gettempdir())) / f"ort_profile_{directory.name}")
+    session = ort.InferenceSession(str(directory / manifest["model_file"]), opts, providers=["CPUExecutionProvider"])
+    feeds = decode_feeds(manifest, past_len)
+    for _ in range(4):
+        session.run(None, feeds)
+    t = time.perf_counter()
+    for _ in range(steps):
+        session.run(None, feeds)
+    session_ms = (time.perf_counter() - t) / steps * 1e3
+    events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: dict[str, list] = {}
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    first_timed = runs[4]["ts"] if len(runs) > 4 else 0
+    for ev in events:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time") and ev["ts"] >= first_timed:
+            entry = by_op.setdefault(ev.get("args", {}).get("op_name", "?"), [0.0, set()])
+            entry[0] += ev["dur"]
+            entry[1].add(ev["name"])
+    total = sum(v[0] for v in by_op.values()) or 1.0
+    ops = sorted(by_op.items(), key=lambda kv: -kv[1][0])
+    return {"past_len": past_len, "steps": steps, "session_ms": session_ms,
+            "nodes": sum(len(v[1]) for v in by_op.values()),
+            "top_ops": [{"op": op, "share": us / total, "us_per_step": us / steps, "nodes": len(names)}
+                        for op, (us, names) in ops[:12]]}
+
+
 # ---------------------------------------------------------------------------------------------- probes
 def probe(spec: dict, timeout: float = 900) -> dict:
     """Load time and peak RSS of one engine in a fresh process (so engines never share a heap): load, one greedy

@@ -302,6 +302,15 @@ def optimize_export(directory: str | Path, fuse_graph: bool = True, quantize: st
         name, settings = chosen
         proto, manifest["quantization"] = quantize_weights(proto, settings, manifest)
         manifest["quantization"]["preset"] = name
+    save_graph(proto, directory, manifest)
+    return manifest
+
+
+def save_graph(proto, directory: Path, manifest: dict) -> None:
+    """Write the graph and its weights next to the old ones, then swap both into place, and the manifest."""
+    import onnx
+
+    model_path = directory / manifest["model_file"]
     data_file = directory / manifest["weights_file"]
     tmp_model = model_path.with_name(model_path.name + ".new")
     tmp_data = data_file.name + ".new"
@@ -317,4 +326,3 @@ def optimize_export(directory: str | Path, fuse_graph: bool = True, quantize: st
     onnx.save_model(proto, str(model_path))
     tmp_model.unlink()
     save_manifest(manifest, directory)
-    return manifest
