@@ -467,17 +467,22 @@ def ort_op_profile(directory: Path, past_len: int, steps: int = 64, workdir: Pat
     from runtime.manifest import load_manifest
 
     manifest = load_manifest(directory)
+    model = str(directory / manifest["model_file"])
+    feeds = decode_feeds(manifest, past_len)
+    plain = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+    for _ in range(4):
+        plain.run(None, feeds)
+    t = time.perf_counter()
+    for _ in range(steps):  # timed without profiling, which adds its own cost to every node
+        plain.run(None, feeds)
+    session_ms = (time.perf_counter() - t) / steps * 1e3
+    del plain
     opts = session_options()
     opts.enable_profiling = True
     opts.profile_file_prefix = str((workdir or Path(tempfile.gettempdir())) / f"ort_profile_{directory.name}")
-    session = ort.InferenceSession(str(directory / manifest["model_file"]), opts, providers=["CPUExecutionProvider"])
-    feeds = decode_feeds(manifest, past_len)
-    for _ in range(4):
+    session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    for _ in range(4 + steps):
         session.run(None, feeds)
-    t = time.perf_counter()
-    for _ in range(steps):
-        session.run(None, feeds)
-    session_ms = (time.perf_counter() - t) / steps * 1e3
     events = json.loads(Path(session.end_profiling()).read_text())
     by_op: dict[str, list] = {}
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
@@ -498,7 +503,8 @@ def ort_op_profile(directory: Path, past_len: int, steps: int = 64, workdir: Pat
 # ---------------------------------------------------------------------------------------------- probes
 def probe(spec: dict, timeout: float = 900) -> dict:
     """Load time and peak RSS of one engine in a fresh process (so engines never share a heap): load, one greedy
-    decode (prompt 32 + 128 new), one 512-token prefill. Returns the child's JSON, or {'error': ...}."""
+    decode (prompt 32 + 128 new: `peak_rss_mib`), then one 512-token prefill (`peak_rss_with_prefill_512_mib`).
+    Returns the child's JSON, or {'error': ...}."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "probe", json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     try:
@@ -535,11 +541,12 @@ def _probe_main(spec: dict) -> None:
         raise SystemExit(f"unknown probe kind {spec['kind']!r}")
     load_s = time.perf_counter() - t
     after_load = _vm("VmRSS")
-    prompts = B.synthetic_prompts(1, 32, VOCAB)
-    engine.run(prompts, 128)
+    engine.run(B.synthetic_prompts(1, 32, VOCAB), 128)
+    decode_peak = _vm("VmHWM")
     engine.prefill(B.synthetic_prompts(1, 512, VOCAB)[0])
     print(json.dumps({"load_s": load_s, "rss_before_load_mib": base, "rss_after_load_mib": after_load,
-                      "peak_rss_mib": _vm("VmHWM"), "rss_end_mib": _vm("VmRSS")}))
+                      "peak_rss_mib": decode_peak, "peak_rss_with_prefill_512_mib": _vm("VmHWM"),
+                      "rss_end_mib": _vm("VmRSS")}))
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ Q = QuantPreset
 CANDIDATES = {
     "before (b32 sym, no fusions, fp32 table)": (None, "int4 as exported before these presets"),
     "int8": (PRESETS["int8"], "the int8 default"),
-    "int4": (PRESETS["int4"], "the int4 default: b32 asym, embedding/LM head and layer 0 at 8 bits"),
+    "int4": (PRESETS["int4"], "the int4 default: b64 asym, embedding/LM head and layer 0 at 8 bits"),
     "int4-pure (b32 sym)": (PRESETS["int4-pure"], "every matrix 4-bit, embedding shared with the LM head"),
     "b16 sym": (Q(4, block_size=16), "smaller blocks"),
     "b64 sym": (Q(4, block_size=64), "larger blocks"),
@@ -66,7 +66,7 @@ def make_export(fp32_dir: Path, out: Path, recipe: QuantPreset | None) -> dict:
         return optimize_export(out, preset=recipe)
     manifest = load_manifest(out)
     proto = onnx.load(str(out / manifest["model_file"]))
-    proto, manifest["quantization"] = quantize_weights(proto, Q(4, share_embedding=False), manifest)
+    proto, manifest["quantization"] = quantize_weights(proto, Q(4, embedding="fp32"), manifest)
     save_graph(proto, out, manifest)
     return manifest
 

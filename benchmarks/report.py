@@ -79,7 +79,8 @@ def summary(res: dict) -> list[str]:
          "gptx ÷ llama.cpp is the median of per-round ratios against llama.cpp's faster configuration (flash "
          "attention on or off) in that mode.\n",
          "| mode | gptx decode tok/s | llama.cpp decode tok/s (best) | gptx ÷ llama.cpp | share of read bound "
-         "(gptx / llama.cpp) | prefill 512 tok/s (gptx / llama.cpp) | peak RSS MiB (gptx / llama.cpp) |",
+         f"(gptx / llama.cpp) | prefill {res['settings']['prefill_len']} tok/s (gptx / llama.cpp) | peak RSS MiB "
+         "(gptx / llama.cpp) |",
          "|---|---:|---:|---:|---:|---:|---:|"]
     dec, pre, eng = res.get("decode", {}), res.get("prefill", {}), res["engines"]
     for mode in MODES:
@@ -151,15 +152,18 @@ def memory_table(res: dict) -> list[str]:
     if not rows:
         return []
     L = ["## Memory and load time (each engine alone in a fresh process)\n",
-         "Load, one decode (prompt 32 + 128 new), one 512-token prefill; peak RSS is the kernel's VmHWM of that "
-         "process (Python, numpy and the engine's library included; llama.cpp's context sized for 640 tokens).\n",
-         "| engine | load s | RSS after load MiB | peak RSS MiB | weights on disk MB |", "|---|---:|---:|---:|---:|"]
+         "Load, one greedy decode (prompt 32 + 128 new: peak RSS), then one 512-token prefill (peak with prefill); "
+         "peak RSS is the kernel's VmHWM of that process (Python, numpy, the tokenizer and the engine's library "
+         "included; llama.cpp's context sized for 640 tokens, its compute buffers allocated at load).\n",
+         "| engine | load s | RSS after load MiB | peak RSS MiB | peak with prefill 512 MiB | weights on disk MB |",
+         "|---|---:|---:|---:|---:|---:|"]
     for label, e in rows:
         if "probe_error" in e:
-            L.append(f"| {label} | probe failed: {e['probe_error']} | | | |")
+            L.append(f"| {label} | probe failed: {e['probe_error']} | | | | |")
             continue
         L.append(f"| {label} | {fmt(e['load_s'], '.2f')} | {fmt(e['rss_after_load_mib'], '.0f')} | "
-                 f"{fmt(e['peak_rss_mib'], '.0f')} | {fmt(e.get('file_mb'), '.0f')} |")
+                 f"{fmt(e['peak_rss_mib'], '.0f')} | {fmt(e.get('peak_rss_with_prefill_512_mib'), '.0f')} | "
+                 f"{fmt(e.get('file_mb'), '.0f')} |")
     L.append("")
     return L
 
@@ -215,11 +219,13 @@ def profile_tables(res: dict) -> list[str]:
             L.append(f"- {label}: profiling failed: {p['error']}\n")
             continue
         L += [f"## Where {label}'s decode step goes (ONNX Runtime profile)\n",
-              f"A plain ONNX Runtime session with profiling on runs the export's decode step at past length "
-              f"{p['past_len']} ({p['steps']} steps): {p['nodes']} nodes, {fmt(p['session_ms'], '.2f')} ms per "
-              f"`session.run`. The runtime's own loop took {fmt(p['loop_ms'], '.2f')} ms per token in the decode "
-              f"rounds, so ≈ {fmt(p['outside_ms'], '.2f')} ms per token is spent outside the graph (Python, cache "
-              "writes, sampling).\n",
+              f"A plain ONNX Runtime session runs the export's decode step at past length {p['past_len']} (the "
+              f"whole cache a prompt {res['settings']['prompt_len']} + {res['settings']['new_tokens']} generation "
+              f"allocates) {p['steps']} times: {p['nodes']} nodes, {fmt(p['session_ms'], '.2f')} ms per "
+              f"`session.run` (timed without profiling; the op shares below come from a second, profiling "
+              f"session). The runtime's loop took a median {fmt(p['loop_ms'], '.2f')} ms per token in the decode "
+              f"rounds: ≈ {fmt(p['outside_ms'], '.2f')} ms per token outside the graph (Python, cache writes, "
+              "sampling), a difference of two separate measurements.\n",
               "| op | share of kernel time | µs per step | nodes |", "|---|---:|---:|---:|"]
         for op in p["top_ops"]:
             L.append(f"| {op['op']} | {pct(op['share'], '.1f')} | {fmt(op['us_per_step'], '.0f')} | {op['nodes']} |")

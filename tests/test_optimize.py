@@ -1,6 +1,7 @@
 import collections
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 from onnx import helper
@@ -49,16 +50,27 @@ def test_int4_default_keeps_the_sensitive_matrices_at_8_bits(hf_dir, tmp_path):
     assert load_manifest(tmp_path / "q4")["quantization"]["preset"] == "int4"
 
 
-def test_the_token_lookup_shares_the_lm_head_matrix(hf_dir, export_dir, tmp_path):
+def test_the_token_lookup_reads_the_lm_head_blocks(hf_dir, export_dir, tmp_path):
+    from onnx import numpy_helper
+
     out = tmp_path / "q8"
     export(str(hf_dir), out, quantize="int8", progress=False)
-    g = graph(out)
-    names = {t.name for t in g.initializer}
-    assert "gpt.transformer.wte.weight" not in names  # no fp32 token table left
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "gpt.transformer.wte.weight" not in inits  # no fp32 token table left
+    lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = [n for n in model.graph.node if n.op_type == "MatMulNBits"][-1]
+    # its own copy of the head's blocks (only looked-up rows become resident), byte for byte the same
+    assert lookup.input[0] != head.input[1]
+    assert np.array_equal(inits[lookup.input[0]], inits[head.input[1]])
+    assert (out / "model.onnx.data").stat().st_size < (export_dir / "model.onnx.data").stat().st_size * 0.6
+
+    shared = tmp_path / "shared"
+    shutil.copytree(export_dir, shared)
+    optimize_export(shared, preset=QuantPreset(8, embedding="shared"))
+    g = graph(shared)
     lookup = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
-    head = [n for n in g.node if n.op_type == "MatMulNBits"][-1]
-    assert lookup.input[0] == head.input[1]  # one initializer, read by both
-    assert (out / "model.onnx.data").stat().st_size < (export_dir / "model.onnx.data").stat().st_size * 0.5
+    assert lookup.input[0] == [n for n in g.node if n.op_type == "MatMulNBits"][-1].input[1]
 
 
 def test_quantized_exports_get_the_fusions_too(hf_dir, tmp_path):
