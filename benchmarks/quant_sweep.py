@@ -21,16 +21,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness as H  # noqa: E402
+import harness as H
 
-from gpt_export.optimize import PRESETS, QuantPreset  # noqa: E402
-from runtime import benchmark as B  # noqa: E402
-from runtime.bench_report import fmt  # noqa: E402
+from gpt_export.optimize import PRESETS, QuantPreset
+from runtime import benchmark as B
+from runtime.bench_report import fmt
 
 Q = QuantPreset
-# name -> (recipe, what it tries); None = today's pipeline before this sweep (no fusions, fp32 token table)
+# name -> (recipe, what it tries); BEFORE = int4 as exported before these presets (no fusions, fp32 token table);
+# FP16 = a 16-bit export (`--dtype fp16`), the candidate for a 16-bit CPU mode
+BEFORE, FP16 = "before", "fp16"
 CANDIDATES = {
-    "before (b32 sym, no fusions, fp32 table)": (None, "int4 as exported before these presets"),
+    "before (b32 sym, no fusions, fp32 table)": (BEFORE, "int4 as exported before these presets"),
+    "fp16 weights": (FP16, "--dtype fp16: the 16-bit CPU mode candidate"),
     "int8": (PRESETS["int8"], "the int8 default"),
     "int4": (PRESETS["int4"], "the int4 default: b64 asym, embedding/LM head and layer 0 at 8 bits"),
     "int4-pure (b32 sym)": (PRESETS["int4-pure"], "every matrix 4-bit, embedding shared with the LM head"),
@@ -53,16 +56,19 @@ CANDIDATES = {
 QUALITY_WINDOWS = (64, 128)
 
 
-def make_export(fp32_dir: Path, out: Path, recipe: QuantPreset | None) -> dict:
-    """A copy of the fp32 export, quantized with `recipe` (None: the pre-preset pipeline, kept for comparison)."""
+def make_export(fp32_dir: Path, out: Path, recipe, source: str) -> dict:
+    """A copy of the fp32 export quantized with `recipe`, the pre-preset int4 pipeline, or an fp16 export."""
     import onnx
 
+    from gpt_export.export import export
     from gpt_export.optimize import optimize_export, quantize_weights, save_graph
     from runtime.manifest import load_manifest
 
     shutil.rmtree(out, ignore_errors=True)
+    if recipe == FP16:
+        return export(source, out, dtype="fp16", force=True, progress=False, validate=False)
     shutil.copytree(fp32_dir, out)
-    if recipe is not None:
+    if recipe != BEFORE:
         return optimize_export(out, preset=recipe)
     manifest = load_manifest(out)
     proto = onnx.load(str(out / manifest["model_file"]))
@@ -84,7 +90,7 @@ def quality(work: Path, names, llama: H.LlamaCpp | None) -> dict:
     out = {}
     for name in names:
         d = work / f"shakespeare-{slug(name)}"
-        make_export(fp32, d, CANDIDATES[name][0])
+        make_export(fp32, d, CANDIDATES[name][0], "shakespeare")
         out[name] = text_agreement(ref, create_backend("onnxruntime", load_manifest(d), d), windows, H.VOCAB)
         H.log(f"quality {name}: top-1 {out[name]['top1_agreement']:.4f}, ppl ratio {out[name]['perplexity_ratio']:.4f}")
     if llama is not None:
@@ -108,7 +114,7 @@ def speed(work: Path, names, rounds: int) -> dict:
     engines = []
     for name in names:
         d = work / f"gpt2-{slug(name)}"
-        make_export(fp32, d, CANDIDATES[name][0])
+        make_export(fp32, d, CANDIDATES[name][0], "random:gpt2")
         engines.append(H.GptxEngine(name, d, "4-bit"))
     prompts = B.synthetic_prompts(1, 32, H.VOCAB)
     got = H.interleaved(engines, H.decode_task(prompts, 128), rounds, warmup=1)
@@ -148,8 +154,29 @@ def write_markdown(res: dict, path: Path) -> None:
         L.append(f"| {name} | {fmt(r['top1_agreement'] * 100, '.2f', '%')} | {fmt(r['perplexity_ratio'], '.4f')} | "
                  f"{fmt(sp.get('rate'))} | {fmt(sp.get('vs_int4'), '.2f', '×')} | {fmt(sp.get('mb_per_token'), '.0f')} | "
                  f"{fmt(sp.get('file_mb'), '.0f')} | {note} |")
-    L += ["", *[f"- {n}" for n in res.get("notes", [])]]
+    L += ["", "## Findings (computed from the table)\n", *[f"- {n}" for n in findings(res)]]
+    L += [*[f"- {n}" for n in res.get("notes", [])]]
     path.write_text("\n".join(L) + "\n")
+
+
+def findings(res: dict) -> list[str]:
+    q, s = res["quality"], res.get("speed", {}).get("results", {})
+    ok = [n for n, r in q.items() if n in CANDIDATES and CANDIDATES[n][0] != FP16
+          and r["top1_agreement"] >= 0.97 and r["perplexity_ratio"] <= 1.01]
+    out = [f"Recipes meeting top-1 >= 97% and perplexity ratio <= 1.01: {', '.join(ok) or 'none'}."]
+    timed = [n for n in ok if s.get(n, {}).get("vs_int4")]
+    if timed:
+        best = max(timed, key=lambda n: s[n]["vs_int4"])
+        out.append(f"Fastest of them: {best} ({s[best]['vs_int4']:.2f}x the default's decode rate).")
+    slow = [n for n, r in s.items() if r.get("vs_int4") and r["vs_int4"] < 0.5]
+    if slow:
+        out.append(f"Less than half the default's speed: {', '.join(slow)} (no fast MatMulNBits kernel for them on "
+                   "this CPU).")
+    llama = [n for n in q if n.startswith("llama.cpp q4_0")]
+    if llama and "int4" in q:
+        out.append(f"Same weights, same text: gptx int4 top-1 {q['int4']['top1_agreement']:.2%} vs "
+                   f"{llama[0]} {q[llama[0]]['top1_agreement']:.2%}.")
+    return out
 
 
 def main(argv=None) -> int:

@@ -13,12 +13,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gpt_export.export import export  # noqa: E402
-from gpt_export.model import GPT, GPTConfig  # noqa: E402
-from gpt_export.weights import save_checkpoint  # noqa: E402
-from runtime import benchmark  # noqa: E402
-from runtime.engine import load  # noqa: E402
-from runtime.errors import GptxError  # noqa: E402
+from gpt_export.export import export
+from gpt_export.model import GPT, GPTConfig
+from gpt_export.weights import save_checkpoint
+from runtime import benchmark
+from runtime.engine import load
+from runtime.errors import GptxError
 
 BLOCK = 128
 
@@ -260,11 +260,10 @@ def test_machine_probes_give_plausible_numbers():
 
 def test_onnx_weight_bytes_skips_tables_only_gathered(tiny_export, tmp_path):
     import harness
+    import onnx
 
     from gpt_export.optimize import optimize_export
     from runtime.manifest import load_manifest
-
-    import onnx
 
     fp32 = harness.onnx_weight_bytes(tiny_export, load_manifest(tiny_export))
     inits = onnx.load(str(tiny_export / "model.onnx"), load_external_data=False).graph.initializer
