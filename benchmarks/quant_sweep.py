@@ -169,9 +169,12 @@ def findings(res: dict) -> list[str]:
         best = max(timed, key=lambda n: s[n]["vs_int4"])
         out.append(f"Fastest of them: {best} ({s[best]['vs_int4']:.2f}x the default's decode rate).")
     slow = [n for n, r in s.items() if r.get("vs_int4") and r["vs_int4"] < 0.5]
+    causes = {"fp16": "an fp16 MatMul runs no faster than fp32 here, as this CPU has no AVX512-FP16",
+              "HQQ": "HQQ's float zero points leave MatMulNBits's int8 fast path"}
     if slow:
-        out.append(f"Less than half the default's speed: {', '.join(slow)} (no fast MatMulNBits kernel for them on "
-                   "this CPU).")
+        known = [text for key, text in causes.items() if any(key in n for n in slow)]
+        out.append(f"Less than half the default's speed: {', '.join(slow)}" + (f" ({'; '.join(known)})" if known else "")
+                   + ".")
     llama = [n for n in q if n.startswith("llama.cpp q4_0")]
     if llama and "int4" in q:
         out.append(f"Same weights, same text: gptx int4 top-1 {q['int4']['top1_agreement']:.2%} vs "
