@@ -36,7 +36,7 @@ CANDIDATES = {
     "fp16 weights": (FP16, "--dtype fp16: the 16-bit CPU mode candidate"),
     "int8": (PRESETS["int8"], "the int8 default"),
     "int4": (PRESETS["int4"], "the int4 default: b64 asym, embedding/LM head and layer 0 at 8 bits"),
-    "int4-pure (b32 sym)": (PRESETS["int4-pure"], "every matrix 4-bit, embedding shared with the LM head"),
+    "int4-pure (b32 sym)": (PRESETS["int4-pure"], "every matrix 4-bit, the lookup reads the 4-bit head blocks"),
     "b16 sym": (Q(4, block_size=16), "smaller blocks"),
     "b64 sym": (Q(4, block_size=64), "larger blocks"),
     "b32 sym, fp32 accumulate": (Q(4, accuracy_level=1), "accuracy_level 1: fp32 activations"),
@@ -143,8 +143,9 @@ def write_markdown(res: dict, path: Path) -> None:
          "- **Speed:** the same recipe on GPT-2-124M shapes (random weights), batch-1 greedy decode, prompt 32 + 128 "
          f"new, {res['rounds']} interleaved rounds; 'vs int4' is the median of per-round ratios to the default.",
          "- **Method names:** blockwise = onnxruntime's default MatMulNBits quantizer (per-block min/max, round to "
-         "nearest); sym = no zero points; head 8-bit = the tied embedding / LM head at 8 bits, shared by the "
-         "token lookup (GatherBlockQuantized); layer 0 8-bit = the first block's four matrices too.",
+         "nearest); sym = no zero points; head 8-bit = the tied embedding / LM head at 8 bits (the token lookup, a "
+         "GatherBlockQuantized, reads a copy of the head's blocks unless they have zero points, in which case the "
+         "fp32 table stays); layer 0 8-bit = the first block's four matrices too.",
          f"- **Reproduce:** `{res['command']}`\n",
          "| recipe | top-1 | perplexity ratio | decode tok/s | vs int4 | MB read / token | weights MB | note |",
          "|---|---:|---:|---:|---:|---:|---:|---|"]
