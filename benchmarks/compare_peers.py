@@ -113,25 +113,24 @@ def prepare(a, work: Path, res: dict) -> dict:
 
 
 def load_engines(a, files: dict, res: dict) -> list[H.Engine]:
-    """Every engine of the decode table, in its row order; failures become 'not available' rows."""
+    """Every engine of the decode table, in its row order, each in a worker process of its own (H.Remote);
+    an optional peer that fails to load becomes a 'not available' row, one of ours stops the run."""
     skip = [s.strip() for s in a.skip.split(",") if s.strip()]
     engines = []
 
-    def add(label, family, mode, factory):
+    def add(label, family, mode, cls, *args, **kwargs):
         res["engines"][label] = {"family": family, "mode": mode}
         if any(s in label for s in skip):
             res["engines"][label].update(status="skipped", note="--skip")
             return
         try:
-            engine = factory()
-        except Exception as e:  # noqa: BLE001  an optional peer that is missing or broken is a row, not a crash
+            engine = H.Remote(label, family, mode, (cls, (label, *args), kwargs), B.usable_cores())
+        except RuntimeError as e:
             if family.startswith("gptx"):
-                raise  # ours failing is a bug: keep the traceback
-            note = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-            res["engines"][label].update(status="not available", note=note)
-            H.log(f"  {label}: not available ({note})")
+                raise  # ours failing is a bug
+            res["engines"][label].update(status="not available", note=str(e)[:300])
+            H.log(f"  {label}: not available ({e})")
             return
-        engine.label, engine.family, engine.mode = label, family, mode
         res["engines"][label]["status"] = "ok"
         if engine.weight_bytes_per_token:  # weights read in full + the KV cache at the mean decode context
             res["engines"][label]["bytes_per_token"] = (engine.weight_bytes_per_token + engine.kv_bytes_per_slot
@@ -139,28 +138,28 @@ def load_engines(a, files: dict, res: dict) -> list[H.Engine]:
         engines.append(engine)
 
     hf = files["hf"]
-    add("transformers (sdpa)", "transformers", "fp32", lambda: H.HFEngine("", hf, "sdpa"))
-    add("transformers (eager attn)", "transformers", "fp32", lambda: H.HFEngine("", hf, "eager"))
-    add("gptx torch", "gptx torch", "fp32", lambda: H.GptxEngine("", files["exports"]["gptx ORT fp32"], "", "torch"))
+    add("transformers (sdpa)", "transformers", "fp32", "HFEngine", hf, "sdpa")
+    add("transformers (eager attn)", "transformers", "fp32", "HFEngine", hf, "eager")
+    add("gptx torch", "gptx torch", "fp32", "GptxEngine", files["exports"]["gptx ORT fp32"], "fp32", "torch")
     for label, (mode, _) in GPTX_MODES.items():
-        add(label, "gptx", mode, lambda d=files["exports"][label], m=mode: H.GptxEngine("", d, m))
+        add(label, "gptx", mode, "GptxEngine", files["exports"][label], mode)
     ct2_dir = files["hf"].parent / "ct2-fp32"
-
-    def ct2(compute_type, mode):
+    try:
         import ctranslate2.converters
 
         if not (ct2_dir / "model.bin").is_file():
             with contextlib.redirect_stdout(sys.stderr):
                 ctranslate2.converters.TransformersConverter(str(hf)).convert(str(ct2_dir), force=True)
-        return H.CT2Engine("", ct2_dir, compute_type, mode)
-
-    add("CTranslate2 fp32", "CTranslate2", "fp32", lambda: ct2("float32", "fp32"))
-    add("CTranslate2 int8", "CTranslate2", "8-bit", lambda: ct2("int8", "8-bit"))
+        add("CTranslate2 fp32", "CTranslate2", "fp32", "CT2Engine", ct2_dir, "float32", "fp32")
+        add("CTranslate2 int8", "CTranslate2", "8-bit", "CT2Engine", ct2_dir, "int8", "8-bit")
+    except ImportError:
+        for label, mode in (("CTranslate2 fp32", "fp32"), ("CTranslate2 int8", "8-bit")):
+            res["engines"][label] = {"family": "CTranslate2", "mode": mode, "status": "not available",
+                                     "note": "pip install ctranslate2"}
     for ftype, path in files["gguf"].items():
         for fa in (False, True):
             label = f"llama.cpp {ftype}" + (" +FA" if fa else "")
-            add(label, "llama.cpp", LLAMA_MODES[ftype],
-                lambda p=path, f=fa, m=LLAMA_MODES[ftype]: H.LlamaCppEngine("", p, m, files["llama"], f))
+            add(label, "llama.cpp", LLAMA_MODES[ftype], "LlamaCppEngine", path, LLAMA_MODES[ftype], files["llama"], fa)
     return engines
 
 

@@ -330,6 +330,79 @@ class LlamaCppEngine(Engine):
         self.llm.close()
 
 
+class Remote(Engine):
+    """An engine in a process of its own, driven over a pipe, so engines share no heap, no allocator and no
+    OpenMP / thread pool (a runtime's spinning threads would otherwise steal the cores from whichever engine runs
+    next; measured here: llama.cpp q4_0 lost up to half its speed in a process shared with the other engines).
+    Idle workers block on the pipe. `spec` = (Engine subclass name in this module, args, kwargs)."""
+
+    def __init__(self, label: str, family: str, mode: str, spec: tuple, threads: int, timeout: float = 900):
+        import multiprocessing as mp
+
+        self.label, self.family, self.mode, self.timeout = label, family, mode, timeout
+        self.conn, child = mp.get_context("spawn").Pipe()
+        self.proc = mp.get_context("spawn").Process(target=_serve, args=(child, spec, threads), daemon=True)
+        self.proc.start()
+        child.close()
+        attrs = self._reply()
+        self.weight_bytes_per_token = attrs["weight_bytes_per_token"]
+        self.kv_bytes_per_slot = attrs["kv_bytes_per_slot"]
+
+    def _reply(self):
+        if not self.conn.poll(self.timeout):
+            self.close()
+            raise TimeoutError(f"{self.label}: no answer from its worker in {self.timeout:.0f} s")
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+    def _call(self, method: str, *args):
+        self.conn.send((method, args))
+        return self._reply()
+
+    def run(self, prompts, new_tokens):
+        return self._call("run", prompts, new_tokens)
+
+    def prefill(self, prompt):
+        return self._call("prefill", prompt)
+
+    def greedy(self, prompt, new_tokens):
+        return self._call("greedy", prompt, new_tokens)
+
+    def close(self):
+        if self.proc.is_alive():
+            with contextlib.suppress(OSError, BrokenPipeError):
+                self.conn.send(("close", ()))
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+
+
+def _serve(conn, spec: tuple, threads: int) -> None:
+    """Worker loop of a Remote engine: build it, then answer (method, args) until 'close'."""
+    name, args, kwargs = spec
+    if "torch" in sys.modules or name in ("HFEngine", "GptxEngine"):
+        with contextlib.suppress(ImportError):
+            import torch
+
+            torch.set_num_threads(threads)
+    try:
+        engine = globals()[name](*args, **kwargs)
+    except Exception as e:  # noqa: BLE001  reported to the parent, which decides (optional peer or bug)
+        conn.send(("error", f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"))
+        return
+    conn.send(("ok", {"weight_bytes_per_token": engine.weight_bytes_per_token,
+                      "kv_bytes_per_slot": engine.kv_bytes_per_slot}))
+    while True:
+        method, args = conn.recv()
+        if method == "close":
+            engine.close()
+            return
+        conn.send(("ok", getattr(engine, method)(*args)))
+
+
 # ---------------------------------------------------------------------------------------------- machine
 class CpuMeter:
     """Share of the machine's CPU time used by *other* processes between start() and stop(): (all busy jiffies

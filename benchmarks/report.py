@@ -94,7 +94,8 @@ def summary(res: dict) -> list[str]:
 
         ratio = dec.get("pairs", {}).get(f"{g}/{lc}") if g and lc else None
         share = [dec.get("results", {}).get(k, {}).get("bound_share") if k else None for k in (g, lc)]
-        rss = [eng.get(k, {}).get("peak_rss_mib") if k else None for k in (g, lc)]
+        # memory is probed once per model file: llama.cpp's FA setting does not change its weights
+        rss = [eng.get(k.removesuffix(" +FA"), {}).get("peak_rss_mib") if k else None for k in (g, lc)]
         L.append(f"| {mode} | {fmt(rate(dec, g))} {f'({g})' if g else ''} | {fmt(rate(dec, lc))} "
                  f"{f'({lc})' if lc else ''} | {fmt(ratio, '.2f', '×')} | {pct(share[0])} / {pct(share[1])} | "
                  f"{fmt(rate(pre, gp), '.0f')} / {fmt(rate(pre, lp), '.0f')} | {fmt(rss[0], '.0f')} / "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -328,3 +329,27 @@ def test_grouped_bars_leave_gaps_for_missing_values(tmp_path):
 
     png = grouped_bars(["fp32", "4-bit"], {"a": [1.0, None], "b": [2.0, 3.0]}, tmp_path / "g.png", "t")
     assert png.stat().st_size > 1000
+
+
+def test_remote_engine_runs_in_its_own_process(tiny_export):
+    import harness
+
+    local = harness.GptxEngine("local", tiny_export, "fp32")
+    remote = harness.Remote("remote", "gptx", "fp32", ("GptxEngine", ("remote", tiny_export, "fp32"), {}), threads=1)
+    try:
+        assert remote.proc.pid != os.getpid() and remote.proc.is_alive()
+        assert remote.weight_bytes_per_token == local.weight_bytes_per_token
+        prompt = benchmark.synthetic_prompts(1, 5, 50257)[0]
+        assert remote.greedy(prompt, 6) == local.greedy(prompt, 6)
+        raw = remote.run([prompt], 4)
+        assert raw["tokens"] == [4] and len(raw["latencies"]) == 3
+    finally:
+        remote.close()
+    assert not remote.proc.is_alive()
+
+
+def test_remote_engine_that_fails_to_load_says_why(tmp_path):
+    import harness
+
+    with pytest.raises(RuntimeError, match="ManifestError|not found|manifest"):
+        harness.Remote("broken", "gptx", "fp32", ("GptxEngine", ("broken", tmp_path / "nope", "fp32"), {}), threads=1)
