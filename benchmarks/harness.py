@@ -406,10 +406,12 @@ def _serve(conn, spec: tuple, threads: int) -> None:
 # ---------------------------------------------------------------------------------------------- machine
 class CpuMeter:
     """Share of the machine's CPU time used by *other* processes between start() and stop(): (all busy jiffies
-    from /proc/stat - this process's own CPU time) / (wall time x cores). None where /proc is missing."""
+    from /proc/stat - the CPU time of this process and of `pids`, our engine workers) / (wall x cores).
+    None where /proc is missing."""
 
-    def __init__(self):
+    def __init__(self, pids=()):
         self.hz = os.sysconf("SC_CLK_TCK")
+        self.pids = list(pids)
 
     @staticmethod
     def _busy_jiffies() -> int | None:
@@ -419,15 +421,24 @@ class CpuMeter:
             return None
         return sum(fields) - fields[3] - fields[4]  # minus idle and iowait
 
+    def _ours(self) -> float:
+        """CPU seconds of this process and the worker processes."""
+        total = sum(os.times()[:2])
+        for pid in self.pids:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / self.hz  # utime, stime
+        return total
+
     def start(self):
-        self.t, self.busy, self.own = time.perf_counter(), self._busy_jiffies(), sum(os.times()[:2])
+        self.t, self.busy, self.own = time.perf_counter(), self._busy_jiffies(), self._ours()
 
     def stop(self) -> float | None:
         busy = self._busy_jiffies()
         if busy is None or self.busy is None:
             return None
         wall = time.perf_counter() - self.t
-        others = (busy - self.busy) / self.hz - (sum(os.times()[:2]) - self.own)
+        others = (busy - self.busy) / self.hz - (self._ours() - self.own)
         return max(0.0, others / (wall * (os.cpu_count() or 1)))
 
 
@@ -467,7 +478,7 @@ def interleaved(engines: list[Engine], task, rounds: int, warmup: int = 1, shuff
         for _ in range(warmup):
             task(e)
     rng = np.random.default_rng(shuffle_seed)
-    meter = CpuMeter()
+    meter = CpuMeter([e.proc.pid for e in engines if isinstance(e, Remote)])
     for i in range(rounds):
         meter.start()
         out.loadavg.append(os.getloadavg()[0])

@@ -111,18 +111,23 @@ def quality(work: Path, names, llama: H.LlamaCpp | None) -> dict:
 def speed(work: Path, names, rounds: int) -> dict:
     fp32 = work / "gpt2-fp32"
     H.export_variant("random:gpt2", fp32)
-    engines = []
+    engines, dirs = [], {}
     for name in names:
-        d = work / f"gpt2-{slug(name)}"
+        dirs[name] = d = work / f"gpt2-{slug(name)}"
         make_export(fp32, d, CANDIDATES[name][0], "random:gpt2")
-        engines.append(H.GptxEngine(name, d, "4-bit"))
+    for name, d in dirs.items():  # each in its own process, like compare_peers.py
+        engines.append(H.Remote(name, "gptx", "?", ("GptxEngine", (name, d, "?"), {}), B.usable_cores()))
     prompts = B.synthetic_prompts(1, 32, H.VOCAB)
-    got = H.interleaved(engines, H.decode_task(prompts, 128), rounds, warmup=1)
+    try:
+        got = H.interleaved(engines, H.decode_task(prompts, 128), rounds, warmup=1)
+    finally:
+        for e in engines:
+            e.close()
     base = got.raw["int4"]
     return {"others_cpu": got.others_cpu, "results": {
         e.label: {"rate": H.median_rate(got.raw[e.label]), "vs_int4": H.paired_ratio(got.raw[e.label], base),
                   "mb_per_token": e.weight_bytes_per_token / 1e6,
-                  "file_mb": sum(f.stat().st_size for f in e.directory.glob("*.onnx*")) / 1e6}
+                  "file_mb": sum(f.stat().st_size for f in dirs[e.label].glob("*.onnx*")) / 1e6}
         for e in engines}}
 
 
