@@ -100,7 +100,7 @@ def test_optimize_fuses_gelu_and_layernorm_and_records_it(hf_dir, gpt, tmp_path)
     assert any(o.startswith("FastGelu") for o in manifest["optimizations"])
     # the attention scale lives in the query weights, and one past length serves every layer
     assert ops["Mul"] == 0
-    assert {n.input[0] for n in graph(out).node if n.op_type == "Shape"} == {"past_key_values.0.key"}
+    assert {n.input[0] for n in graph(out).node if n.op_type == "Shape"} == {"past_key_values.0.key", "input_ids"}
     report = compare(out, reference_model=gpt, batch_sizes=(2,), decode_steps=4, ppl_tokens=0)
     assert report["passed"] and report["max_abs_diff"] < 1e-4
 
