@@ -439,25 +439,31 @@ class CpuMeter:
             return None
         wall = time.perf_counter() - self.t
         others = (busy - self.busy) / self.hz - (self._ours() - self.own)
-        return max(0.0, others / (wall * (os.cpu_count() or 1)))
+        return min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))  # clock ticks are coarse
 
 
 def read_bandwidth_gbs(threads: int | None = None, mib: int = 512, repeats: int = 7) -> dict:
-    """Measured memory-read bandwidth: `threads` threads each take the max of their share of a `mib` MiB array
-    (numpy reductions release the GIL and stream at the memory's speed); best of `repeats`, GB/s (1e9)."""
+    """Measured memory-read bandwidth, GB/s (1e9): `threads` threads each stream their share of a `mib` MiB float32
+    array through a reduction that costs less than the read (numpy's max; a matrix-vector product with BLAS),
+    best of `repeats` per method and best method. Numpy releases the GIL in both, so the threads run in parallel."""
     threads = threads or B.usable_cores()
     data = np.ones(mib * 2**20 // 4, dtype=np.float32)
-    parts = np.array_split(data, threads)
-    best = 0.0
-    for _ in range(repeats):
-        workers = [threading.Thread(target=np.max, args=(p,)) for p in parts]
-        t = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = max(best, data.nbytes / (time.perf_counter() - t) / 1e9)
-    return {"gb_per_s": best, "threads": threads, "array_mib": mib, "repeats": repeats, "method": "numpy max, best of"}
+    ones = np.ones(1024, dtype=np.float32)
+    methods = {"numpy max": (np.max, data), "BLAS matrix-vector": (lambda m: m @ ones, data.reshape(-1, 1024))}
+    best = {}
+    for name, (fn, view) in methods.items():
+        parts = np.array_split(view, threads)
+        for _ in range(repeats):
+            workers = [threading.Thread(target=fn, args=(part,)) for part in parts]
+            t = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            best[name] = max(best.get(name, 0.0), data.nbytes / (time.perf_counter() - t) / 1e9)
+    method = max(best, key=best.get)
+    return {"gb_per_s": best[method], "method": method, "by_method": best, "threads": threads, "array_mib": mib,
+            "repeats": repeats}
 
 
 # ---------------------------------------------------------------------------------------------- rounds
@@ -468,11 +474,14 @@ class Rounds:
     raw: dict[str, list[dict]] = field(default_factory=dict)
     others_cpu: list[float | None] = field(default_factory=list)
     loadavg: list[float] = field(default_factory=list)
+    probes: list = field(default_factory=list)  # what `probe()` returned at the start of each round
 
 
-def interleaved(engines: list[Engine], task, rounds: int, warmup: int = 1, shuffle_seed: int = 0) -> Rounds:
+def interleaved(engines: list[Engine], task, rounds: int, warmup: int = 1, shuffle_seed: int = 0,
+                probe=None) -> Rounds:
     """Warm every engine up, then `rounds` rounds of `task(engine) -> raw run`, each round running every engine
-    once in a fresh random order (so no engine always follows the same neighbour). Engines are paired by round."""
+    once in a fresh random order (so no engine always follows the same neighbour). Engines are paired by round.
+    `probe()`, if given, runs at the start of each round (e.g. a bandwidth measurement: it drifts too)."""
     out = Rounds(raw={e.label: [] for e in engines})
     for e in engines:
         for _ in range(warmup):
@@ -480,6 +489,8 @@ def interleaved(engines: list[Engine], task, rounds: int, warmup: int = 1, shuff
     rng = np.random.default_rng(shuffle_seed)
     meter = CpuMeter([e.proc.pid for e in engines if isinstance(e, Remote)])
     for i in range(rounds):
+        if probe is not None:
+            out.probes.append(probe())
         meter.start()
         out.loadavg.append(os.getloadavg()[0])
         for j in rng.permutation(len(engines)):

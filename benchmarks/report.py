@@ -57,7 +57,9 @@ def header(res: dict) -> list[str]:
           f"{s['new_tokens']} new tokens, tok/s = (new tokens − 1) / time from first to last token; prefill: one "
           f"{s['prefill_len']}-token prompt. Warm-up {s['warmup']}, then {s['rounds']} rounds.",
           f"- **Memory-read bound:** {fmt(bw.get('gb_per_s'), '.1f')} GB/s measured in this run ({bw.get('threads')} "
-          f"threads streaming a {bw.get('array_mib')} MiB array, best of {bw.get('repeats')}); bound tok/s = "
+          f"threads streaming a {bw.get('array_mib')} MiB array with {bw.get('method', 'numpy max')}, best of "
+          f"{bw.get('repeats')}; the highest of the readings at the start, the start of each decode round and the end, "
+          "listed under Notes: this virtual machine's bandwidth drifts too); bound tok/s = "
           "bandwidth / bytes read per token (the weights a step reads in full, plus the KV cache at the mean "
           "decode context).",
           f"- **Reproduce:** `{res['command']}`\n"]

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,9 +253,20 @@ def test_machine_probes_give_plausible_numbers():
 
     bw = harness.read_bandwidth_gbs(threads=1, mib=64, repeats=2)
     assert 0.5 < bw["gb_per_s"] < 2000
+    # a worker's CPU time counts as ours when its pid is given, so it never shows up as "other processes"
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\ntime.sleep(5)"])
+    try:
+        with_child, alone = harness.CpuMeter([child.pid]), harness.CpuMeter()
+        before = with_child._ours(), alone._ours()
+        time.sleep(1.0)  # the child burns 0.3 s of CPU, then sleeps
+        gained = with_child._ours() - before[0], alone._ours() - before[1]
+    finally:
+        child.kill()
+        child.wait()
+    assert gained[0] - gained[1] > 0.2
     meter = harness.CpuMeter()
     meter.start()
-    sum(range(200_000))  # some work of our own, which the meter must not count as the others'
     share = meter.stop()
     assert share is None or 0.0 <= share <= 1.0
 
