@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import GptxError
 from ..kv_cache import KVCache
-from ..manifest import kv_names
+from ..manifest import check_graph, kv_names
 from .base import Backend
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -50,6 +50,7 @@ class OnnxRuntimeBackend(Backend):
             self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers)
         except Exception as e:
             raise GptxError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
+        check_graph(manifest, self.session, str(model_path))
         self.past_names, self.present_names = kv_names(manifest)
         self.kv_dtype = DTYPES[next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0])]
         self.output_names = ["logits", *self.present_names]
