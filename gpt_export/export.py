@@ -255,6 +255,34 @@ def save_outputs(tmp_dir: Path, out_dir: Path) -> None:
     replace_dir(tmp_dir, out_dir)
 
 
+def write_export(gpt: GPT, tmp_dir: Path, steps, source: str, dtype: str, opset: int, seed: int, optimize: bool,
+                 quantize: str | None, validate: bool, tokenizer: Tokenizer) -> dict:
+    """Every file of the export, into `tmp_dir`; checksums last, after every pass that rewrites a file."""
+    onnx_path = tmp_dir / MODEL_FILE
+    with steps.step("trace and write ONNX"):
+        convert(gpt, onnx_path, dtype=dtype, opset=opset, tie_lm_head=not quantize)
+    with steps.step("check graph"):
+        check(onnx_path)
+    manifest = build_manifest(gpt, source, dtype, opset, tokenizer, seed)
+    shutil.copyfile(tokenizer.vocab_file, tmp_dir / TOKENIZER_FILE)
+    save_manifest(manifest, tmp_dir)
+    if optimize or quantize:
+        from .optimize import optimize_export
+
+        with steps.step("optimize" + (f" + quantize {quantize}" if quantize else "")):
+            manifest = optimize_export(tmp_dir, fuse_graph=optimize, quantize=quantize)
+    if validate:
+        from .validate import quick_validate
+
+        with steps.step("validate against PyTorch"):
+            manifest["validation"] = quick_validate(tmp_dir, gpt, manifest)
+    with steps.step("checksums"):
+        manifest["source_sha256"] = weights_sha256(gpt)
+        record_files(manifest, tmp_dir)
+        save_manifest(manifest, tmp_dir)
+    return manifest
+
+
 def export(model: str | GPT, out_dir: str | Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET, seed: int = 0,
            optimize: bool = False, quantize: str | None = None, force: bool = False, validate: bool = True,
            progress: bool = True, source: str | None = None) -> dict:
@@ -276,54 +304,32 @@ def export(model: str | GPT, out_dir: str | Path, dtype: str = "fp32", opset: in
         raise ExportError(f"--opset must be between 14 and 20, got {opset}")
     out_dir = Path(out_dir).expanduser().resolve()
     prepare_target(out_dir, force)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(out_dir)
-        tmp_dir = make_dir(debris_path(out_dir, PARTIAL))
-    except OSError as e:
-        raise ExportError(f"cannot write beside {out_dir}: {e.strerror or e}") from None
-    try:
-        with Steps(enabled=progress) as steps:
-            with steps.step("load model"):
-                gpt = model if isinstance(model, GPT) else load_any(model, seed=seed)
-                gpt = gpt.float().eval()
-                source = source or source_name(model)
-                reference = gpt if validate else None
-            tokenizer = Tokenizer()
-            if gpt.config.vocab_size < tokenizer.vocab_size:
-                raise ExportError(
-                    f"model vocab_size {gpt.config.vocab_size} is smaller than the GPT-2 tokenizer's "
-                    f"{tokenizer.vocab_size}: gptx exports GPT-2-vocabulary models"
-                )
-            onnx_path = tmp_dir / MODEL_FILE
-            with steps.step("trace and write ONNX"):
-                convert(gpt, onnx_path, dtype=dtype, opset=opset, tie_lm_head=not quantize)
-            with steps.step("check graph"):
-                check(onnx_path)
-            manifest = build_manifest(gpt, source, dtype, opset, tokenizer, seed)
-            shutil.copyfile(tokenizer.vocab_file, tmp_dir / TOKENIZER_FILE)
-            save_manifest(manifest, tmp_dir)
-            if optimize or quantize:
-                from .optimize import optimize_export
-
-                with steps.step("optimize" + (f" + quantize {quantize}" if quantize else "")):
-                    manifest = optimize_export(tmp_dir, fuse_graph=optimize, quantize=quantize)
-            if validate:
-                from .validate import quick_validate
-
-                with steps.step("validate against PyTorch"):
-                    manifest["validation"] = quick_validate(tmp_dir, reference, manifest)
-            with steps.step("checksums"):
-                manifest["source_sha256"] = weights_sha256(gpt)
-                record_files(manifest, tmp_dir)  # after every pass that rewrites a file
-                save_manifest(manifest, tmp_dir)
-        save_outputs(tmp_dir, out_dir)
-    except OSError as e:
-        remove_tree(tmp_dir)
-        if e.errno in DISK_ERRNOS:
-            raise ExportError(f"cannot write the export beside {out_dir}: {e.strerror}") from None
-        raise
-    except BaseException:
-        remove_tree(tmp_dir)
-        raise
+    with Steps(enabled=progress) as steps:
+        with steps.step("load model"):  # before anything touches the disk: a bad model leaves no trace
+            gpt = model if isinstance(model, GPT) else load_any(model, seed=seed)
+            gpt = gpt.float().eval()
+        tokenizer = Tokenizer()
+        if gpt.config.vocab_size < tokenizer.vocab_size:
+            raise ExportError(
+                f"model vocab_size {gpt.config.vocab_size} is smaller than the GPT-2 tokenizer's "
+                f"{tokenizer.vocab_size}: gptx exports GPT-2-vocabulary models"
+            )
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale(out_dir)
+            tmp_dir = make_dir(debris_path(out_dir, PARTIAL))
+        except OSError as e:
+            raise ExportError(f"cannot write beside {out_dir}: {e.strerror or e}") from None
+        try:
+            manifest = write_export(gpt, tmp_dir, steps, source or source_name(model), dtype, opset, seed, optimize,
+                                    quantize, validate, tokenizer)
+            save_outputs(tmp_dir, out_dir)
+        except OSError as e:
+            remove_tree(tmp_dir)
+            if e.errno in DISK_ERRNOS:
+                raise ExportError(f"cannot write the export beside {out_dir}: {e.strerror}") from None
+            raise
+        except BaseException:
+            remove_tree(tmp_dir)
+            raise
     return manifest
