@@ -372,3 +372,20 @@ def test_a_source_that_changed_since_export_is_refused_with_both_hashes(tmp_path
     assert "Traceback" not in result.output and "PASS" not in result.output
     gen = CliRunner().invoke(app, ["generate", str(tmp_path / "e"), "hi", "-n", "2", "--backend", "torch"])
     assert gen.exit_code == 1 and "the source changed since export" in gen.output
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_tmp(tmp_path):
+    """A file-size limit (like a full disk) makes the write fail: one GptxError, the old content intact."""
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "from runtime.errors import GptxError\nfrom runtime.fsutil import atomic_write\n"
+            "try:\n    atomic_write(sys.argv[1], 'x' * 100_000)\n"
+            "except GptxError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, env=child_env(),
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"cannot write {target}: "), proc.stdout + proc.stderr
+    assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["report.json"]
