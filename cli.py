@@ -16,7 +16,7 @@ import sys
 import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional  # Optional: the train command's signature
 
 import typer
 from rich.console import Console
@@ -58,7 +58,7 @@ class OneLineErrors(TyperGroup):
         except typer.Abort:
             err.print("[bold red]aborted[/bold red]")
             rv = 1
-        except Exception:
+        except Exception:  # noqa: BLE001 - the last resort: a bug, shown in full and reported
             traceback.print_exc()
             err.print(f"[bold red]error:[/bold red] {REPORT_BUG}", highlight=False, soft_wrap=True)
             rv = 1
@@ -88,7 +88,7 @@ ExportDir = Annotated[Path, typer.Argument(help="A `gptx export` output director
 BackendOpt = Annotated[Backend, typer.Option(help="Engine to run (auto: TensorRT engine on CUDA if built, else "
                                                   "ONNX Runtime, else PyTorch).")]
 DeviceOpt = Annotated[Device, typer.Option(help="cpu or cuda.")]
-JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the results here as JSON.",
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results here as JSON.",
                                                  show_default=False)]
 
 
@@ -129,14 +129,14 @@ def guarded(fn):
     return wrapper
 
 
-def writable(path: Optional[Path], option: str) -> Optional[Path]:
+def writable(path: Path | None, option: str) -> Path | None:
     """Check an output file option before the work starts (not a directory, not /dev/full, parent exists)."""
     from runtime.fsutil import check_writable_file
 
     return None if path is None else check_writable_file(path, option)
 
 
-def write_json(path: Optional[Path], data: dict) -> None:
+def write_json(path: Path | None, data: dict) -> None:
     from runtime.fsutil import atomic_write
 
     if path is not None:
@@ -181,7 +181,10 @@ def print_summary(directory: Path, manifest: dict) -> None:
     cfg = manifest["config"]
     size = sum(f.stat().st_size for f in Path(directory).iterdir() if f.is_file())
     t = Table(show_header=False, box=None, padding=(0, 2))
-    row = lambda key, value: t.add_row(key, Text(str(value)))  # noqa: E731 - values may hold any text
+
+    def row(key: str, value) -> None:
+        t.add_row(key, Text(str(value)))  # Text: values may hold any text, never markup
+
     row("directory", directory)
     row("source", manifest.get("source"))
     row("model", f"{cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
@@ -219,7 +222,7 @@ def export(
     seed: Annotated[int, typer.Option(min=0, help="Seed for random:<size> weights.")] = 0,
     optimize: Annotated[bool, typer.Option(
         "--optimize/--no-optimize", help="Apply ONNX Runtime graph fusions and save the optimized graph.")] = False,
-    quantize: Annotated[Optional[Quantize], typer.Option(
+    quantize: Annotated[Quantize | None, typer.Option(
         help="Weight-only quantization (MatMulNBits, LM head included).", show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace OUT if it holds an earlier gptx export (and nothing else).")] = False,
@@ -270,21 +273,21 @@ def info(directory: ExportDir,
 def generate(
     directory: ExportDir,
     prompt: Annotated[str, typer.Argument(help="Prompt text (empty: start from <|endoftext|>).")] = "",
-    max_new_tokens: Annotated[Optional[int], typer.Option(
+    max_new_tokens: Annotated[int | None, typer.Option(
         "--max-new-tokens", "-n", min=0, help="Tokens to generate (default 64).", show_default=False)] = None,
-    max_length: Annotated[Optional[int], typer.Option(
+    max_length: Annotated[int | None, typer.Option(
         min=1, help="Stop when prompt + generated tokens reach this length (instead of -n).",
         show_default=False)] = None,
     temperature: Annotated[float, typer.Option(min=0, help="0 = greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="Keep the k most likely tokens (0 = off).")] = 40,
-    top_p: Annotated[Optional[float], typer.Option(
+    top_p: Annotated[float | None, typer.Option(
         parser=above_zero(upper=1.0), metavar="FLOAT", help="Nucleus sampling mass in (0, 1].",
         show_default=False)] = None,
     repetition_penalty: Annotated[float, typer.Option(parser=above_zero(), metavar="FLOAT",
                                                       help="> 1 discourages repeats.")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(min=0, help="Seed for reproducible sampling.",
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed for reproducible sampling.",
                                                 show_default=False)] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(
+    stop: Annotated[list[str] | None, typer.Option(
         help="Stop when this text appears (repeatable). Escapes \\n, \\t, \\r and \\\\ are understood, "
              "so --stop '\\n' stops at the end of a line.", show_default=False)] = None,
     backend: BackendOpt = Backend.auto,
@@ -363,7 +366,7 @@ def build(
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch the engine serves.")] = 8,
     max_seq: Annotated[int, typer.Option(min=1, help="Largest prompt + generated length.")] = 1024,
     opt_batch: Annotated[int, typer.Option(min=1, help="Batch size TensorRT tunes kernels for.")] = 1,
-    timing_cache: Annotated[Optional[Path], typer.Option(
+    timing_cache: Annotated[Path | None, typer.Option(
         help="Reusable timing cache file (read and updated).", show_default=False)] = None,
     workspace: Annotated[float, typer.Option(parser=above_zero(), metavar="FLOAT",
                                              help="Workspace memory pool limit, GiB.")] = 4.0,
@@ -389,10 +392,10 @@ def bench(
     new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per run (greedy).")] = 128,
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per configuration (median reported), "
                                                   "after one warm-up.")] = 3,
-    compare: Annotated[Optional[str], typer.Option(
+    compare: Annotated[str | None, typer.Option(
         help="Also run this backend (default: torch when installed; 'none' to skip).", show_default=False)] = None,
     json_path: JsonOut = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG chart (needs matplotlib).",
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG chart (needs matplotlib).",
                                                  show_default=False)] = None,
 ):
     """Measure time to first token, prefill and decode tokens/s, per-token latency percentiles and peak memory."""

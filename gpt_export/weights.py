@@ -232,7 +232,8 @@ def weight_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise ModelLoadError(f"{index} is not a valid safetensors index (needs a 'weight_map' of file names)") from None
+            raise ModelLoadError(
+                f"{index} is not a valid safetensors index (needs a 'weight_map' of file names)") from None
         root = directory.resolve()
         files = []
         for shard in shards:
