@@ -58,6 +58,13 @@ def test_mlflow_store_must_be_local(tmp_path):
     result = runner.invoke(app, ["train", str(SHAKESPEARE_TXT), "--out", str(tmp_path / "o"), "--report-to", "mlflow",
                                  "--mlflow-uri", "https://example.com"])
     assert result.exit_code == 1 and "local store" in result.output and not (tmp_path / "o").exists()
+    not_a_db = tmp_path / "notes.db"
+    not_a_db.write_text("private notes\n")
+    result = runner.invoke(app, ["train", str(SHAKESPEARE_TXT), "--out", str(tmp_path / "o"), "--report-to", "mlflow",
+                                 "--mlflow-uri", f"sqlite:///{not_a_db}", "--max-iters", "1"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "cannot use the tracking store" in result.output and "private notes" not in result.output
+    assert not_a_db.read_text() == "private notes\n" and not (tmp_path / "o" / "ckpt.pt").exists()
 
 
 def wandb_records(run_dir: Path) -> list[dict]:
