@@ -249,7 +249,7 @@ def read_resume_checkpoint(path: Path) -> dict:
 
 def model_from_checkpoint(ckpt: dict, cfg: TrainConfig) -> GPT:
     """The checkpoint's model, after its config and weight shapes were checked on the meta device (no allocation)."""
-    where = f"cannot resume from {Path(cfg.out_dir) / CKPT_NAME}"
+    where = f"cannot resume from {Path(cfg.out_dir).expanduser() / CKPT_NAME}"
     args = {}
     for f in fields(GPTConfig):
         if f.name not in ckpt["model_args"]:
@@ -303,7 +303,7 @@ def check_finite(model: GPT, losses: dict[str, float], iter_num: int, ckpt_path:
     bad = [f"{k} loss {v}" for k, v in losses.items() if not math.isfinite(v)]
     bad += [f"weights of {n}" for n, p in model.named_parameters() if not torch.isfinite(p).all()][:1]
     if bad:
-        kept = f"{ckpt_path} is unchanged" if ckpt_path.exists() else "no checkpoint was written"
+        kept = f"{ckpt_path} was left as it was" if ckpt_path.exists() else "no checkpoint was written"
         raise TrainError(f"training diverged at iteration {iter_num} ({bad[0]} is not finite); stopped, {kept}. "
                          "Try a lower --learning-rate")
 

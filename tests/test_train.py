@@ -283,7 +283,7 @@ def test_diverged_run_stops_and_writes_no_checkpoint(text_file, tmp_path):
             "--learning-rate", "1e30", "--warmup-iters", "0", "--grad-clip", "0", "--report-to", "none"]
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
-    assert "training diverged at iteration" in result.output and "ckpt.pt is unchanged" in result.output
+    assert "training diverged at iteration" in result.output and "ckpt.pt was left as it was" in result.output
     assert sha256(out / "ckpt.pt") == before
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
