@@ -16,7 +16,7 @@ import sys
 import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional  # Optional: the train command's signature
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -411,23 +411,54 @@ def bench(
 
 
 # ---------------------------------------------------------------------------------------------- train
+def report_to_choices(value: str | None) -> str | None:
+    """Check --report-to's comma-separated choices at parse time (usage error, exit 2, before any work)."""
+    if value is None:
+        return None  # the default: tensorboard when installed
+    from gpt_export.monitoring import parse_report_to
+    from runtime.errors import InvalidInput
+
+    try:
+        return ",".join(parse_report_to(value)) or "none"
+    except InvalidInput as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @app.command()
 @guarded
 def train(
-    data: Path = typer.Argument(..., help="UTF-8 text file to train on (GPT-2 tokenizer)."),
-    out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Checkpoint directory (ckpt.pt, TensorBoard logs)."),
-    n_layer: int = typer.Option(4), n_head: int = typer.Option(4), n_embd: int = typer.Option(128),
-    block_size: int = typer.Option(128), dropout: float = typer.Option(0.0),
-    batch_size: int = typer.Option(16), max_iters: int = typer.Option(2000),
-    learning_rate: float = typer.Option(1e-3), min_lr: float = typer.Option(1e-4),
-    warmup_iters: int = typer.Option(100), weight_decay: float = typer.Option(0.1),
-    grad_clip: float = typer.Option(1.0),
-    eval_interval: int = typer.Option(200, help="Validate and checkpoint every N iterations."),
-    eval_iters: int = typer.Option(20, help="Batches per validation estimate."),
-    seed: int = typer.Option(1337),
-    resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/ckpt.pt."),
-    init_from: Optional[str] = typer.Option(None, help="Fine-tune from anything `export` accepts instead of scratch."),
-    half_checkpoint: bool = typer.Option(False, help="Store weights in fp16 (small shipped models)."),
+    data: Annotated[Path, typer.Argument(help="UTF-8 text file to train on (GPT-2 tokenizer).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory (ckpt.pt and monitoring logs).")]
+    = Path("out"),
+    n_layer: Annotated[int, typer.Option(help="Transformer blocks (new models only).")] = 4,
+    n_head: Annotated[int, typer.Option(help="Attention heads (new models only).")] = 4,
+    n_embd: Annotated[int, typer.Option(help="Embedding width (new models only).")] = 128,
+    block_size: Annotated[int, typer.Option(help="Context length of the training windows.")] = 128,
+    dropout: Annotated[float, typer.Option(help="Dropout probability in [0, 1).")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Windows per iteration.")] = 16,
+    max_iters: Annotated[int, typer.Option(help="Train until this iteration (counted from the start when resuming).")]
+    = 2000,
+    learning_rate: Annotated[float, typer.Option(help="Peak AdamW learning rate (after warmup).")] = 1e-3,
+    min_lr: Annotated[float, typer.Option(help="Learning rate at the end of the cosine decay.")] = 1e-4,
+    warmup_iters: Annotated[int, typer.Option(help="Linear warmup iterations.")] = 100,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices and embeddings.")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this (0 = off).")] = 1.0,
+    eval_interval: Annotated[int, typer.Option(help="Validate and checkpoint every N iterations.")] = 200,
+    eval_iters: Annotated[int, typer.Option(help="Batches per validation estimate.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, batches and dropout.")] = 1337,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from OUT/ckpt.pt.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over even though OUT/ckpt.pt exists (it is "
+                                                        "replaced at the first new checkpoint).")] = False,
+    init_from: Annotated[str | None, typer.Option(help="Fine-tune from anything `export` accepts instead of "
+                                                          "scratch.")] = None,
+    half_checkpoint: Annotated[bool, typer.Option(help="Store weights in fp16 (small shipped models).")] = False,
+    report_to: Annotated[str | None, typer.Option(
+        "--report-to", callback=report_to_choices, metavar="tensorboard,wandb,mlflow|none",
+        help="Where to log losses, learning rate, tokens/s and the config (comma-separated). Default: tensorboard "
+             "when installed. wandb runs offline in OUT/wandb; mlflow uses a local store. Needs gptx[monitor].")]
+    = None,
+    mlflow_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking store: a file: or sqlite: URI (default sqlite:///OUT/mlflow.db).")] = None,
 ):
     """Train (or fine-tune) a GPT on a text file with AdamW, warmup + cosine LR, clipping and validation."""
     from gpt_export.train import TrainConfig
@@ -437,11 +468,13 @@ def train(
                       block_size=block_size, dropout=dropout, batch_size=batch_size, max_iters=max_iters,
                       learning_rate=learning_rate, min_lr=min_lr, warmup_iters=warmup_iters,
                       weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval,
-                      eval_iters=eval_iters, seed=seed, resume=resume, init_from=init_from,
-                      half_checkpoint=half_checkpoint)
+                      eval_iters=eval_iters, seed=seed, resume=resume, force=force, init_from=init_from,
+                      half_checkpoint=half_checkpoint, report_to=report_to, mlflow_uri=mlflow_uri)
     result = run_train(cfg)
     out.print(f"[green]✓[/green] {result['iter']} iterations; train loss {result['train_loss']:.4f}, "
-              f"val loss {result['val_loss']:.4f}; checkpoint {result['checkpoint']}")
+              f"val loss {result['val_loss']:.4f}; checkpoint {result['checkpoint']}", highlight=False)
+    for name, location in result["reports"].items():
+        out.print(f"  {name}: {location}", highlight=False, soft_wrap=True)
 
 
 def main():
