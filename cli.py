@@ -389,9 +389,9 @@ def bench(
     device: DeviceOpt = Device.cpu,
     batch_size: Annotated[str, typer.Option("--batch-size", help="Comma-separated batch sizes.")] = "1",
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Comma-separated prompt lengths.")] = "32",
-    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per run (greedy).")] = 128,
-    runs: Annotated[int, typer.Option(min=1, help="Timed runs per configuration (median reported), "
-                                                  "after one warm-up.")] = 3,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run (greedy).")] = 128,
+    runs: Annotated[int, typer.Option(help="Timed runs per configuration (median reported), after one warm-up.")]
+    = 3,
     compare: Annotated[str | None, typer.Option(
         help="Also run this backend (default: torch when installed; 'none' to skip).", show_default=False)] = None,
     json_path: JsonOut = None,

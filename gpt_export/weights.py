@@ -204,8 +204,8 @@ def read_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except UNREADABLE:
         # torch's own message may quote the file and suggests weights_only=False: say neither
-        raise ModelLoadError(f"{path} is not a PyTorch checkpoint gptx can read (corrupt, truncated, or it holds "
-                             "Python objects besides tensors; gptx only loads weights)") from None
+        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated, or it holds Python "
+                             "objects besides tensors; gptx only loads weights)") from None
     if not isinstance(ckpt, dict):
         raise ModelLoadError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt

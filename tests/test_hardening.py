@@ -242,10 +242,10 @@ def _onnx_copy(export_dir):
 
 CHECKPOINT_CASES = {
     "empty": (_bytes(b""), "is empty"),
-    "garbage": (_bytes(os.urandom(4096)), "not a PyTorch checkpoint gptx can read"),
-    "text-with-secret": (_bytes(f"{SECRET}\n".encode() * 50), "not a PyTorch checkpoint gptx can read"),
-    "truncated": (_truncated, "not a PyTorch checkpoint gptx can read"),
-    "malicious-pickle": (_evil, "not a PyTorch checkpoint gptx can read"),
+    "garbage": (_bytes(os.urandom(4096)), "not a readable PyTorch checkpoint"),
+    "text-with-secret": (_bytes(f"{SECRET}\n".encode() * 50), "not a readable PyTorch checkpoint"),
+    "truncated": (_truncated, "not a readable PyTorch checkpoint"),
+    "malicious-pickle": (_evil, "not a readable PyTorch checkpoint"),
     "a-list": (_ckpt([1, 2, 3]), "holds a list"),
     "no-model-args": (_ckpt({"model": {}}), "nanoGPT-style"),
     "model-args-list": (_ckpt({"model_args": [1, 2], "model": {}}), "not a mapping"),
