@@ -79,6 +79,7 @@ err = Console(stderr=True, emoji=False)
 
 # Choices come from the tables the library checks against, so the parser rejects a typo before any work.
 Backend = Enum("Backend", {name: name for name in ("auto", *BACKENDS)}, type=str)
+Compare = Enum("Compare", {name: name for name in ("none", "auto", *BACKENDS)}, type=str)
 Device = Enum("Device", {"cpu": "cpu", "cuda": "cuda"}, type=str)
 DType = Enum("DType", {name: name for name in EXPORT_DTYPES}, type=str)
 Quantize = Enum("Quantize", {name: name for name in QUANT_SCHEMES}, type=str)
@@ -392,8 +393,8 @@ def bench(
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per run (greedy).")] = 128,
     runs: Annotated[int, typer.Option(help="Timed runs per configuration (median reported), after one warm-up.")]
     = 3,
-    compare: Annotated[str | None, typer.Option(
-        help="Also run this backend (default: torch when installed; 'none' to skip).", show_default=False)] = None,
+    compare: Annotated[Compare | None, typer.Option(
+        help="Also run this backend (default: torch when installed; none to skip).", show_default=False)] = None,
     json_path: JsonOut = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG chart (needs matplotlib).",
                                                  show_default=False)] = None,
@@ -406,7 +407,7 @@ def bench(
     report = run_bench_command(directory, backend=backend.value, device=device.value,
                                batch_sizes=int_list(batch_size, "--batch-size"),
                                prompt_lens=int_list(prompt_len, "--prompt-len"), new_tokens=new_tokens, runs=runs,
-                               compare=compare, plot_path=plot, console=out)
+                               compare=compare.value if compare else None, plot_path=plot, console=out)
     write_json(json_path, report)
 
 
