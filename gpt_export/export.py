@@ -25,6 +25,7 @@ from runtime.fsutil import (
     PARTIAL,
     clean_stale,
     debris_path,
+    debris_target,
     follow_umask,
     make_dir,
     remove_tree,
@@ -234,7 +235,8 @@ def prepare_target(out_dir: Path, force: bool) -> None:
     if not is_export:
         raise ExportError(f"--out {out_dir} is a non-empty directory that is not a gptx export; "
                           "--force replaces only gptx exports or empty directories")
-    foreign = [name for name in entries if name not in export_files(manifest)]
+    ours = export_files(manifest)
+    foreign = [name for name in entries if name not in ours and debris_target(name) not in ours]
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ExportError(f"--out {out_dir} is a gptx export but also holds files gptx did not write ({shown}); "

@@ -79,6 +79,12 @@ def debris_path(target: Path, kind: str) -> Path:
     return target.with_name(f".{target.name}.{kind}-{suffix}")
 
 
+def debris_target(name: str) -> str | None:
+    """The name of the file a piece of debris (`.NAME.tmp-PID`...) belongs to, or None if `name` is not debris."""
+    m = _DEBRIS.match(name)
+    return m["name"] if m else None
+
+
 def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True  # another thread of this process may be writing it

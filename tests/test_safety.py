@@ -123,6 +123,14 @@ def test_force_refuses_an_export_holding_foreign_files(tmp_path):
     assert (target / "my-notes.md").read_text() == "keep me"
 
 
+def test_force_replaces_an_export_with_its_own_leftovers(tmp_path, dead_pid):
+    target = tmp_path / "e"
+    export(tiny_model(), target, progress=False, validate=False)
+    (target / f".manifest.json.tmp-{dead_pid}").write_text("{")  # a manifest write killed midway
+    export(tiny_model(), target, force=True, progress=False, validate=False)
+    assert sorted(os.listdir(target)) == ["manifest.json", "model.onnx", "model.onnx.data", "tokenizer.tiktoken"]
+
+
 def test_force_onto_a_file_is_refused_and_leaves_no_old_sibling(tmp_path):
     target = tmp_path / "model.bin"
     target.write_bytes(b"precious")
