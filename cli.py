@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - older typer on top of click
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from runtime.backends import BACKENDS
-from runtime.errors import GptxError, InvalidInput, MissingDependency
+from runtime.errors import GptxError, InvalidInput
 from runtime.manifest import ENGINE_PRECISIONS, EXPORT_DTYPES, QUANT_SCHEMES
 
 REPORT_BUG = ("this is a bug in gptx, not in your input: please report it (issue tracker of the gptx repository) "
@@ -90,7 +90,7 @@ BackendOpt = Annotated[Backend, typer.Option(help="Engine to run (auto: TensorRT
                                                   "ONNX Runtime, else PyTorch).")]
 DeviceOpt = Annotated[Device, typer.Option(help="cpu or cuda.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results here as JSON.",
-                                                 show_default=False)]
+                                              show_default=False)]
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -120,8 +120,7 @@ def guarded(fn):
             root = (e.name or "").split(".")[0]
             if root not in EXTRAS:
                 raise
-            fail(str(MissingDependency(f"`gptx {fn.__name__}` needs {root}, which is not installed: "
-                                       f"pip install 'gptx[{EXTRAS[root]}]'")))
+            fail(f"`gptx {fn.__name__}` needs {root}, which is not installed: pip install 'gptx[{EXTRAS[root]}]'")
         except Terminated:
             fail("terminated", 143)
         except KeyboardInterrupt:
@@ -191,15 +190,16 @@ def print_summary(directory: Path, manifest: dict) -> None:
     row("model", f"{cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
                  f"context {cfg['block_size']}, vocab {cfg['vocab_size']}")
     row("dtype / opset", f"{manifest['dtype']} / {manifest.get('opset')}")
-    if manifest.get("optimizations"):
+    # the free-form keys below are shown only when they have the shape gptx writes (the manifest is untrusted)
+    if isinstance(manifest.get("optimizations"), list) and manifest["optimizations"]:
         row("optimizations", ", ".join(map(str, manifest["optimizations"])))
     if isinstance(manifest.get("quantization"), dict):
         q = manifest["quantization"]
         row("quantization", f"{q.get('method')} ({q.get('bits')}-bit weights)")
     v = manifest.get("validation")
-    if isinstance(v, dict) and {"max_abs_diff", "top1_agreement", "greedy_identical"} <= set(v):
-        row("validation", f"max |diff| {float(v['max_abs_diff']):.2e}, top-1 {float(v['top1_agreement']):.3f}, "
-                          f"greedy identical: {v['greedy_identical']}")
+    if isinstance(v, dict) and all(isinstance(v.get(k), (int, float)) for k in ("max_abs_diff", "top1_agreement")):
+        row("validation", f"max |diff| {v['max_abs_diff']:.2e}, top-1 {v['top1_agreement']:.3f}, "
+                          f"greedy identical: {v.get('greedy_identical')}")
     for engine in manifest.get("engines", []):
         row("engine", f"{engine.get('file')} ({engine.get('precision')}, TensorRT {engine.get('tensorrt_version')}, "
                       f"{engine.get('gpu_name')})")
@@ -256,8 +256,8 @@ def info(directory: ExportDir,
         say(json.dumps(manifest, indent=2))
         return
     print_summary(directory, manifest)
-    say(f"exported {manifest.get('exported_at')} with " +
-        ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items()))
+    versions = manifest.get("versions") if isinstance(manifest.get("versions"), dict) else {}
+    say(f"exported {manifest.get('exported_at')} with " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     for key, specs, shown in (("inputs: ", manifest["inputs"], 4), ("outputs:", manifest["outputs"], 3)):
         say(f"{key} " + ", ".join(f"{s['name']}{list(s['shape'])}:{s['dtype']}" for s in specs[:shown]) +
             (f", … ({len(specs)} in all)" if len(specs) > shown else ""))

@@ -104,7 +104,8 @@ def share_tied_embedding(proto, wte_name: str = "gpt.transformer.wte.weight") ->
         weight = inits[node.input[1]]
         if list(weight.dims) != [wte.shape[1], wte.shape[0]] or not (numpy_helper.to_array(weight) == wte.T).all():
             continue
-        gemm = helper.make_node("Gemm", [node.input[0], wte_name], list(node.output), name=node.name + "_tied", transB=1)
+        gemm = helper.make_node("Gemm", [node.input[0], wte_name], list(node.output), name=node.name + "_tied",
+                                transB=1)
         proto.graph.node.insert(list(proto.graph.node).index(node), gemm)
         proto.graph.node.remove(node)
         if not any(weight.name in n.input for n in proto.graph.node):
@@ -113,7 +114,8 @@ def share_tied_embedding(proto, wte_name: str = "gpt.transformer.wte.weight") ->
     return False
 
 
-def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET, tie_lm_head: bool = True) -> None:
+def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
+            tie_lm_head: bool = True) -> None:
     """Trace the KV step and write ONNX with all weights in one external data file."""
     import onnx
 
