@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from runtime.errors import InvalidInput, ModelLoadError
-from runtime.fsutil import atomic_path
+from runtime.fsutil import atomic_path, resolve_inside
 
 from .model import GPT, GPTConfig
 
@@ -234,14 +234,15 @@ def weight_files(directory: Path) -> list[Path]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise ModelLoadError(
                 f"{index} is not a valid safetensors index (needs a 'weight_map' of file names)") from None
-        root = directory.resolve()
         files = []
         for shard in shards:
-            if not isinstance(shard, str) or not (directory / shard).resolve().is_relative_to(root):
-                raise ModelLoadError(f"{index}: a shard in 'weight_map' lies outside {directory}; refusing it")
-            if not (directory / shard).is_file():
+            path = resolve_inside(directory, shard)
+            if path is None:
+                raise ModelLoadError(f"{index}: a shard in 'weight_map' lies outside {directory} or is not a usable "
+                                     "path; refusing it")
+            if not path.is_file():
                 raise ModelLoadError(f"{index} names a shard that is missing from {directory}")
-            files.append(directory / shard)
+            files.append(path)
         return files
     bin_file = directory / "pytorch_model.bin"
     if bin_file.is_file():

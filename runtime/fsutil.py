@@ -129,6 +129,21 @@ def clean_stale(target: Path, announce: Callable[[str], None] = notice) -> list[
     return removed
 
 
+# ------------------------------------------------------------------------------------------- untrusted paths
+def resolve_inside(root: Path, rel) -> Path | None:
+    """`root/rel` with symlinks resolved, or None when it is not a usable path strictly inside `root`
+    (absolute, `..` or a symlink out, NUL bytes, symlink loops, names too long). For paths read from files."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel):
+        return None
+    try:
+        base = Path(root).resolve()
+        path = (Path(root) / rel).resolve()
+        path.exists()  # raises for names the OS refuses (too long...)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (pathlib, Python < 3.13)
+        return None
+    return path if path != base and path.is_relative_to(base) else None
+
+
 # ------------------------------------------------------------------------------------------- writes
 def fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem/OS lets a directory be fsync'd

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ManifestError
-from .fsutil import atomic_write, sha256_file
+from .fsutil import atomic_write, resolve_inside, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "gptx-onnx"
@@ -198,10 +198,10 @@ def check_consistency(m: Manifest, where: str) -> None:
 
 def inside(directory: Path, rel: str, key: str, where: str) -> Path:
     """`directory/rel` if it resolves (symlinks followed) inside `directory`; refuse otherwise, naming the key."""
-    root = directory.resolve()
-    path = (directory / rel).resolve()
-    if os.path.isabs(rel) or path == root or not path.is_relative_to(root):
-        raise ManifestError(f"{where}: '{key}' points outside the export directory; refusing to read it")
+    path = resolve_inside(directory, rel)
+    if path is None:
+        raise ManifestError(f"{where}: '{key}' points outside the export directory or is not a usable path; "
+                            "refusing to read it")
     return path
 
 
@@ -211,12 +211,10 @@ def check_paths(m: Manifest, directory: Path, where: str) -> None:
     named = {**required, "weights_file": m.weights_file,
              **{f"engines[{i}].file": e.file for i, e in enumerate(m.engines)},
              **{f"files.{name}": name for name in m.files}}
-    for key, rel in named.items():
-        if rel is not None:
-            inside(directory, rel, key, where)
-    for key, rel in (*required.items(), ("weights_file", m.weights_file)):
-        if rel is not None and not (directory / rel).is_file():
-            raise ManifestError(f"{directory} is incomplete: {rel} is missing ('{key}')")
+    resolved = {key: inside(directory, rel, key, where) for key, rel in named.items() if rel is not None}
+    for key in (*required, "weights_file"):
+        if key in resolved and not resolved[key].is_file():
+            raise ManifestError(f"{directory} is incomplete: {named[key]} is missing ('{key}')")
 
 
 def file_record(path: Path) -> dict:

@@ -109,6 +109,8 @@ MANIFEST_CASES = {
     "tokenizer-dotdot": (_set("tokenizer.file", "../../../etc/passwd"), "'tokenizer.file' points outside"),
     "tokenizer-proc-environ": (_set("tokenizer.file", "/proc/self/environ"), "'tokenizer.file' points outside"),
     "tokenizer-sandbox-secret": (_set("tokenizer.file", "../secret.txt"), "'tokenizer.file' points outside"),
+    "tokenizer-nul-byte": (_set("tokenizer.file", "tokenizer\x00.tiktoken"), "'tokenizer.file' points outside"),
+    "tokenizer-name-too-long": (_set("tokenizer.file", "t" * 5000), "'tokenizer.file' points outside"),
     "model-file-absolute": (_set("model_file", "/etc/passwd"), "'model_file' points outside"),
     "model-file-missing": (_set("model_file", "gone.onnx"), "gone.onnx is missing"),
     "weights-file-escape": (_set("weights_file", "../secret.txt"), "'weights_file' points outside"),
@@ -156,6 +158,17 @@ def test_a_symlink_out_of_the_export_is_refused(bad_export, sandbox):
     (bad_export / "tokenizer.tiktoken").symlink_to(sandbox / "secret.txt")
     before = snapshot(sandbox)
     assert_one_line_error(runner.invoke(app, ["generate", str(bad_export), "hi"]), "'tokenizer.file' points outside")
+    assert snapshot(sandbox) == before
+
+
+def test_a_symlink_loop_is_refused(bad_export, sandbox):
+    (bad_export / "loop-a").symlink_to("loop-b")
+    (bad_export / "loop-b").symlink_to("loop-a")
+    manifest = json.loads((bad_export / "manifest.json").read_text())
+    manifest["tokenizer"]["file"] = "loop-a"
+    (bad_export / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(sandbox)
+    assert_one_line_error(runner.invoke(app, ["info", str(bad_export)]), "'tokenizer.file' points outside")
     assert snapshot(sandbox) == before
 
 
