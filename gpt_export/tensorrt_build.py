@@ -132,6 +132,25 @@ def engine_entry(file: str, tensorrt_version: str, gpu_name: str, compute_capabi
     }
 
 
+def save_engine(directory: Path, plan, entry: dict) -> dict:
+    """Write the engine file and record it in the manifest (its entry, and its checksum when the export has them).
+
+    A rebuilt engine replaces the old one: the old checksum is dropped from the manifest first, so a crash
+    in between leaves an engine without a record (loads, unverified), never one that fails its own check.
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)  # re-read: keep whatever else changed meanwhile
+    checksums = manifest.get("files")
+    if checksums and checksums.pop(entry["file"], None) is not None:
+        save_manifest(manifest, directory)
+    atomic_write(directory / entry["file"], plan)
+    manifest = add_engine_entry(manifest, entry)
+    if checksums:
+        record_files(manifest, directory, [entry["file"]])
+    save_manifest(manifest, directory)
+    return manifest
+
+
 def add_engine_entry(manifest: dict, entry: dict) -> dict:
     """Append `entry` to manifest['engines'], replacing an older entry for the same file."""
     engines = [e for e in manifest.get("engines") or [] if e.get("file") != entry["file"]]
@@ -349,7 +368,6 @@ def build_engine(directory: str | Path, precision: str = "fp16", max_batch: int 
             raise BuildError("TensorRT failed to build the engine (see the TensorRT messages above)")
         seconds = time.perf_counter() - start
         with steps.step(f"write {ENGINE_FILE}"):
-            atomic_write(directory / ENGINE_FILE, memoryview(plan))
             if timing_path is not None:
                 serialized = config.get_timing_cache().serialize()
                 timing_path.parent.mkdir(parents=True, exist_ok=True)
@@ -359,9 +377,6 @@ def build_engine(directory: str | Path, precision: str = "fp16", max_batch: int 
                 opt_batch=opt_batch, workspace_gib=workspace_gib, engine_bytes=memoryview(plan).nbytes,
                 model_file=manifest["model_file"], strongly_typed=strongly_typed,
             )
-            manifest = add_engine_entry(load_manifest(directory), entry)  # re-read: keep what changed meanwhile
-            if manifest.get("files"):  # exports with checksums get the engine's too
-                record_files(manifest, directory, [ENGINE_FILE])
-            save_manifest(manifest, directory)
+            save_engine(directory, memoryview(plan), entry)
     del cache, parser  # the parser must outlive the network until the build is done
     return entry

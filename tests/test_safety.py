@@ -397,3 +397,14 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_tmp(tmp_pa
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith(f"cannot write {target}: "), proc.stdout + proc.stderr
     assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["report.json"]
+
+
+def test_an_engine_and_its_rebuild_are_recorded_with_checksums(tiny_export):
+    """`gptx build` writes engine.plan through save_engine: a rebuild replaces the old checksum, info stays OK."""
+    from gpt_export.tensorrt_build import save_engine
+
+    for plan in (b"first engine bytes", b"a rebuilt, longer engine"):
+        save_engine(tiny_export, memoryview(plan), {"file": "engine.plan", "precision": "fp32"})
+        manifest = load_manifest(tiny_export, verify_hashes=True)
+        assert [e["file"] for e in manifest["engines"]] == ["engine.plan"]
+        assert manifest["files"]["engine.plan"]["size"] == len(plan) and check_files(manifest, tiny_export, True) == []
