@@ -75,6 +75,9 @@ class GPTOutput(tuple):
         out.pooler_output = pooler_output
         return out
 
+    def __getnewargs__(self):  # copy / pickle rebuild it through __new__
+        return (*self, self.last_hidden_state, self.pooler_output)
+
     @property
     def logits(self):
         return self[0]

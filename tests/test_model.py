@@ -1,3 +1,4 @@
+import pickle
 import time
 
 import pytest
@@ -55,6 +56,8 @@ def test_result_unpacks_indexes_and_has_hf_attributes():
     assert out.logits is logits and out.loss is loss
     assert out.last_hidden_state.shape == (2, 5, 16) and out.pooler_output.shape == (2, 16)
     torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, -1])
+    again = pickle.loads(pickle.dumps(out))
+    assert len(again) == 2 and torch.equal(again.pooler_output, out.pooler_output)
     same = model(input_ids=idx, targets=idx)
     torch.testing.assert_close(same.logits, logits)
     with pytest.raises(InvalidInput, match="once"):
