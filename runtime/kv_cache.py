@@ -39,12 +39,9 @@ class KVCache:
     """rows x window slots per layer; row r holds lengths[r] tokens at [0, lengths[r]); rows [0, active) in use."""
 
     def __init__(self, backend: Backend, rows: int, window: int = WINDOW_STEP, pad_id: int = 0):
-        caps = backend.capabilities
-        if caps.max_batch is not None and rows > caps.max_batch:
-            raise GptxError(f"{rows} rows exceed the backend's max batch of {caps.max_batch}")
         self.backend = backend
         self.rows = rows
-        self.max_seq = caps.max_seq
+        self.max_seq = backend.capabilities.max_seq
         self.pad_id = pad_id
         self.lengths = np.zeros(rows, dtype=np.int64)
         self.active = 0

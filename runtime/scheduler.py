@@ -93,6 +93,9 @@ class Scheduler:
                             ("max_prefill_tokens", max_prefill_tokens)):
             if not _is_int(value) or value < 1:
                 raise InvalidInput(f"{name} must be an integer >= 1, got {value!r}")
+        limit = backend.capabilities.max_batch
+        if limit is not None and max_batch > limit:
+            raise InvalidInput(f"max_batch {max_batch} exceeds what the {backend.name} backend takes ({limit})")
         self.backend = backend
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
