@@ -123,3 +123,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class PoisonedBackend:
+    """A real backend whose graph calls misbehave for marked rows: NaN logits where the row's input token is
+    `nan_token`, an exception for a call holding `boom_token`. For failure-isolation tests of the scheduler."""
+
+    def __init__(self, backend, nan_token: int = 50000, boom_token: int = 50001):
+        self.inner, self.nan_token, self.boom_token = backend, nan_token, boom_token
+        self.name, self.capabilities, self.manifest = backend.name, backend.capabilities, backend.manifest
+
+    def allocate(self, rows, window):
+        return self.inner.allocate(rows, window)
+
+    def run(self, input_ids, attention_mask, position_ids, past):
+        if (input_ids[:, -1] == self.boom_token).any():
+            raise RuntimeError("the device fell over")
+        logits, presents = self.inner.run(input_ids, attention_mask, position_ids, past)
+        logits[input_ids[:, -1] == self.nan_token] = np.nan
+        return logits, presents
+
+
+def shakespeare_prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts of different lengths (1 to ~40 tokens) cut from the bundled text."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "gpt_export" / "data" / "tinyshakespeare.txt").read_text()[:20000]
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(text) - 400, n)
+    lengths = rng.integers(1, 160, n)
+    return [text[s:s + n_chars] for s, n_chars in zip(starts, lengths)]
