@@ -450,3 +450,37 @@ def test_verify_rejects_decode_steps_that_do_not_fit(export_dir):
     for steps in (500, 63, 0, 2.0):
         with pytest.raises(InvalidInput, match="decode_steps must be an integer from 1 to 62"):
             compare(export_dir, decode_steps=steps)
+
+
+# ------------------------------------------------------------------------------------------ bench arguments
+def test_bench_refuses_a_batch_that_cannot_fit_in_memory(shakespeare_dir):
+    from runtime import benchmark
+    from runtime.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=r"needs about [\d.]+ GiB .* use a smaller --batch-size"):
+        benchmark.run_bench_command(shakespeare_dir, backend="onnxruntime", batch_sizes=[1000000], prompt_lens=[4],
+                                    new_tokens=4, runs=1, compare="none")
+    # a sane batch is estimated far below what is free
+    assert benchmark.estimate_bytes(runtime_manifest(shakespeare_dir), 8, 32, 96) < 64 * 2**20
+
+
+def runtime_manifest(directory):
+    from runtime.manifest import load_manifest
+
+    return load_manifest(directory)
+
+
+def test_bench_defaults_fit_a_short_context(shakespeare_dir):
+    """prompt 32 + the default 128 new tokens do not fit a 128-token model: the default is clamped, with a note;
+    an explicit --new-tokens that does not fit says what to pass."""
+    from runtime import benchmark
+    from runtime.errors import InvalidInput
+
+    report = benchmark.run_bench_command(shakespeare_dir, backend="onnxruntime", prompt_lens=[32], runs=1, warmup=0,
+                                         compare="none")
+    assert report["settings"]["new_tokens"] == 96 and report["results"][0]["tokens_generated_per_row"] == 96
+    assert any("new_tokens set to 96" in note for note in report["notes"])
+    with pytest.raises(InvalidInput, match="pass --new-tokens 96 or less"):
+        benchmark.run_bench_command(shakespeare_dir, prompt_lens=[32], new_tokens=128, runs=1, compare="none")
+    with pytest.raises(InvalidInput, match="pass --prompt-len 127 or less"):
+        benchmark.run_bench_command(shakespeare_dir, prompt_lens=[128], runs=1, compare="none")
