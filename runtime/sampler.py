@@ -199,9 +199,15 @@ class Sampler:
         rows = len(logits)
         while len(self.rngs) < rows:
             self.rngs.append(self.params.rng())
+        logits = np.asarray(logits)[:, : self.vocab_size]
         if seen is not None:
             seen = seen[:, : self.vocab_size]
-        ids = sample(np.asarray(logits)[:, : self.vocab_size], [self.params] * rows, self.rngs, seen)
+        if self.params.greedy and (seen is None or self.params.repetition_penalty == 1.0):  # the hot path: argmax
+            ids = np.argmax(logits, axis=-1)
+            if not np.isfinite(logits[np.arange(rows), ids]).all():  # argmax picks any NaN / inf there is
+                raise non_finite_error()
+            return ids
+        ids = sample(logits, [self.params] * rows, self.rngs, seen)
         if (ids < 0).any():
             raise non_finite_error()
         return ids
