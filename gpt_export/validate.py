@@ -97,7 +97,8 @@ def check_decode_steps(decode_steps, block_size: int) -> None:
 
 
 def compare(directory: str | Path, backend: str = "onnxruntime", device: str = "cpu", reference_model=None,
-            batch_sizes=(1, 2, 3), decode_steps: int = 8, ppl_tokens: int = 128, candidate: Backend | None = None) -> dict:
+            batch_sizes=(1, 2, 3), decode_steps: int = 8, ppl_tokens: int = 128,
+            candidate: Backend | None = None) -> dict:
     directory = Path(directory)
     manifest = load_manifest(directory)
     check_decode_steps(decode_steps, manifest["config"]["block_size"])

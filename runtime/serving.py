@@ -92,7 +92,8 @@ PoolStats = SchedulerStats  # waiting, active, max_batch, max_queue, steps
 
 class Pool:
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64,
-                 max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS, on_step: Callable[[str, float, int], None] | None = None):
+                 max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+                 on_step: Callable[[str, float, int], None] | None = None):
         """on_step(kind, seconds, batch) runs in the worker thread after each graph call ("prefill" | "decode")."""
         self.engine = engine
         self.scheduler = Scheduler(engine.backend, engine.tokenizer, eos_token_id=engine.eos_token_id,

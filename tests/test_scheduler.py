@@ -3,7 +3,6 @@ cancellation frees rows at the next step, queues are bounded, failures stay with
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from conftest import PoisonedBackend, shakespeare_prompts
 

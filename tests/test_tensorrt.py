@@ -1,7 +1,7 @@
 """TensorRT path: what can be checked on CPU (op support of real exports, profiles, manifest entries,
 compatibility messages, the CLI's error without TensorRT, the masked-dummy-past trick on ONNX Runtime, the
-backend's binding and cache logic against a fake TensorRT), plus `-m gpu` tests that build a real engine and compare it with
-PyTorch (skipped without TensorRT + CUDA)."""
+backend's binding and cache logic against a fake TensorRT), plus `-m gpu` tests that build a real engine and
+compare it with PyTorch (skipped without TensorRT + CUDA)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def test_float64_control_flow_and_contrib_ops_are_flagged():
     branch = lambda v: helper.make_graph(  # noqa: E731
         [helper.make_node("Constant", [], ["o" + v], value=helper.make_tensor("t" + v, TensorProto.FLOAT, [1], [1.0]))],
         "b" + v, [], [helper.make_tensor_value_info("o" + v, TensorProto.FLOAT, [1])])
-    model = _graph([helper.make_node("If", ["c"], ["o"], then_branch=branch("a"), else_branch=branch("b"))], [cond], [out])
+    model = _graph([helper.make_node("If", ["c"], ["o"], then_branch=branch("a"), else_branch=branch("b"))],
+                   [cond], [out])
     assert any("control flow If" in p for p in check_graph(model))
 
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 4])

@@ -85,7 +85,8 @@ class CudaBinding:
         try:
             import torch
         except ImportError:
-            raise GptxError("onnxruntime on CUDA keeps the cache in torch CUDA tensors: install a CUDA build of torch") from None
+            raise GptxError("onnxruntime on CUDA keeps the cache in torch CUDA tensors: "
+                            "install a CUDA build of torch") from None
         if not torch.cuda.is_available():
             raise GptxError("device cuda requested but no CUDA GPU is visible")
         self.torch = torch

@@ -48,7 +48,8 @@ def normalize_cc(cc) -> str:
         return str(cc)
 
 
-def check_engine_compat(entry: dict, trt_version: str, gpu_name: str, cc, directory: str | Path | None = None) -> str | None:
+def check_engine_compat(entry: dict, trt_version: str, gpu_name: str, cc,
+                        directory: str | Path | None = None) -> str | None:
     """None when the engine can run here; otherwise one plain line saying what differs and what to rebuild.
 
     TensorRT engines are tied to the TensorRT version that built them and to the GPU (compute capability
@@ -70,7 +71,8 @@ def check_engine_compat(entry: dict, trt_version: str, gpu_name: str, cc, direct
     for option, key in (("--precision", "precision"), ("--max-batch", "max_batch"), ("--max-seq", "max_seq")):
         if entry.get(key) is not None:
             command += f" {option} {entry[key]}"
-    return f"TensorRT engine {file} was built for " + ", ".join(diffs) + f": rebuild it on this machine with `{command}`"
+    return (f"TensorRT engine {file} was built for " + ", ".join(diffs)
+            + f": rebuild it on this machine with `{command}`")
 
 
 def select_engine(manifest: dict, directory, engine: str | None = None) -> dict:
@@ -120,7 +122,8 @@ class TensorRTBackend(Backend):
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise GptxError(f"TensorRT could not load {path} (see its messages above): run `gptx build {directory}` again")
+            raise GptxError(f"TensorRT could not load {path} (see its messages above): "
+                            f"run `gptx build {directory}` again")
 
         self.past_names, self.present_names = kv_names(manifest)
         io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]

@@ -17,7 +17,8 @@ from .base import Backend, Capabilities
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, manifest: dict, directory: Path | None, device: str = "cpu", model=None, half: bool | None = None):
+    def __init__(self, manifest: dict, directory: Path | None, device: str = "cpu", model=None,
+                 half: bool | None = None):
         super().__init__(manifest, directory, device)
         try:
             import torch
