@@ -19,6 +19,7 @@ and positions) and the sampler draws from the row's own RNG.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import uuid
@@ -107,10 +108,12 @@ class Scheduler:
         self.cache = KVCache(backend, max_batch, pad_id=eos_token_id)
         self.steps = 0
         self._rows: list[_Row] = []          # aligned with the cache's rows [0, active)
-        self._lock = threading.Lock()        # guards the three below (add/remove come from other threads)
+        self._lock = threading.Lock()        # guards the two below (add_request comes from other threads)
         self._waiting: deque[Request] = deque()
-        self._cancelled: set[str] = set()
         self._known: set[str] = set()        # ids waiting or active
+        # cancelled ids: SimpleQueue.put takes no lock a thread could already hold, so remove_request is safe
+        # from any thread and from __del__ (which the garbage collector may run in the stepping thread)
+        self._cancelled: queue.SimpleQueue[str] = queue.SimpleQueue()
 
     @property
     def max_batch(self) -> int:
@@ -147,13 +150,11 @@ class Scheduler:
 
     def remove_request(self, request_id: str) -> None:
         """Cancel a request; its row is freed at the start of the next step (unknown ids are ignored)."""
-        with self._lock:
-            if request_id in self._known:
-                self._cancelled.add(request_id)
+        self._cancelled.put(request_id)
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._waiting or self._cancelled or self._rows)
+            return bool(self._waiting or self._rows) or not self._cancelled.empty()
 
     def stats(self) -> SchedulerStats:
         with self._lock:
@@ -173,10 +174,12 @@ class Scheduler:
         return outputs
 
     def _cancel(self, outputs: list[StepOutput]) -> None:
+        cancelled = set()
+        while not self._cancelled.empty():
+            cancelled.add(self._cancelled.get())
+        if not cancelled:
+            return
         with self._lock:
-            if not self._cancelled:
-                return
-            cancelled, self._cancelled = self._cancelled, set()
             for request in [r for r in self._waiting if r.id in cancelled]:
                 self._waiting.remove(request)
                 self._known.discard(request.id)

@@ -84,7 +84,8 @@ class RequestStream:
 
     def __del__(self):  # a caller that just drops the iterator still frees its row
         if self.finish_reason is None:
-            self.pool._cancel(self.id)
+            # no wake-up here (it takes a lock the GC's thread may hold): a live request keeps the worker stepping
+            self.pool.scheduler.remove_request(self.id)
 
 
 PoolStats = SchedulerStats  # waiting, active, max_batch, max_queue, steps
