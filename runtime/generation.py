@@ -74,8 +74,8 @@ class Generator:
         self.on_step = on_step
         self.sampler = Sampler(params, vocab_size)
         self.batch = len(prompts)
-        # the window starts at what this batch will use (never more than the context)
-        self.cache = KVCache(backend, self.batch, max(longest + max_new_tokens - 1, 1), pad_id=pad_id)
+        # the window starts at the bucket holding the prompts and grows as tokens come (attention covers ~filled slots)
+        self.cache = KVCache(backend, self.batch, longest + 1, pad_id=pad_id)
         self.rows = [self.cache.claim() for _ in prompts]
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.steps = 0

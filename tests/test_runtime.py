@@ -161,9 +161,9 @@ def test_generator_api_lets_caller_own_the_loop(engine):
     assert gen.cache.lengths[0] == 2 + 4  # the last sampled token is never fed back
 
 
-def test_generator_cache_window_fits_the_request(engine):
-    """A fixed batch sizes its window once (prompt + new tokens, in 64-slot buckets, within the context) and
-    keeps writing into the same buffers."""
+def test_generator_cache_is_written_in_place_and_grows_in_buckets(engine, shakespeare):
+    """A fixed batch writes into the same buffers while its window holds the sequence (64 slots here), and a
+    longer generation grows the window to the next 64-slot bucket, with the same tokens as one big window."""
     gen = engine.generator([[464, 2068, 7586]], 8, temperature=0, stop_at_eos=False)
     buffers = list(gen.cache.buffers)
     assert len(buffers) == 2 * 2 and buffers[0].shape == (1, 2, 64, 16)
@@ -171,6 +171,22 @@ def test_generator_cache_window_fits_the_request(engine):
         gen.generate_next()
     assert all(a is b for a, b in zip(gen.cache.buffers, buffers))
     assert gen.cache.lengths.tolist() == [3 + 7]
+
+    long = shakespeare.generator([[464, 2068, 7586]], 100, temperature=0, stop_at_eos=False)
+    windows = set()
+    while not long.is_done():
+        long.generate_next()
+        windows.add(long.cache.window)
+    assert windows == {64, 128}
+    # the same tokens as the old fixed layout would give: a row alone in a cache sized up front
+    from runtime.kv_cache import KVCache
+
+    cache = KVCache(shakespeare.backend, 1, 128)
+    cache.claim()
+    tokens = [int(np.argmax(cache.prefill([0], [[464, 2068, 7586]])[0]))]
+    for _ in range(99):
+        tokens.append(int(np.argmax(cache.decode(np.array(tokens[-1:]))[0])))
+    assert long.tokens[0] == tokens
 
 
 def test_runtime_works_without_torch(export_dir):
