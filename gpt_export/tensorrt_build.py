@@ -98,9 +98,11 @@ def profiles_from_manifest(manifest: dict, max_batch: int, max_seq: int, opt_bat
     batch = {"min": 1, "opt": opt_batch, "max": max_batch}
     ranges = {
         # T new tokens, P past slots (1: the masked dummy slot; TensorRT has no 0-length profile dims)
-        PREFILL: {"sequence": {"min": 1, "opt": opt_seq, "max": max_seq}, "past_sequence": {"min": 1, "opt": 1, "max": 1}},
+        PREFILL: {"sequence": {"min": 1, "opt": opt_seq, "max": max_seq},
+                  "past_sequence": {"min": 1, "opt": 1, "max": 1}},
         # one new token over the whole preallocated cache (capacity 1..max_seq)
-        DECODE: {"sequence": {"min": 1, "opt": 1, "max": 1}, "past_sequence": {"min": 1, "opt": opt_seq, "max": max_seq}},
+        DECODE: {"sequence": {"min": 1, "opt": 1, "max": 1},
+                 "past_sequence": {"min": 1, "opt": opt_seq, "max": max_seq}},
     }
     profiles = []
     for index, name in enumerate(PROFILE_ORDER):
