@@ -136,9 +136,11 @@ class Engine:
         return Pool(self, max_batch=max_batch, max_queue=max_queue, **options)
 
 
-def load(directory: str | Path, backend: str = "auto", device: str = "cpu", **backend_options) -> Engine:
-    """Open a `gptx export` directory. backend: auto | onnxruntime | torch | tensorrt; device: cpu | cuda."""
+def load(directory: str | Path, backend: str = "auto", device: str = "cpu", verify_weights: bool = False,
+         **backend_options) -> Engine:
+    """Open a `gptx export` directory. backend: auto | onnxruntime | torch | tensorrt; device: cpu | cuda.
+    File sizes are always checked against the manifest; `verify_weights=True` also checks their sha256."""
     directory = Path(directory)
-    manifest = load_manifest(directory)
+    manifest = load_manifest(directory, verify_hashes=verify_weights)
     tokenizer = Tokenizer(directory / manifest["tokenizer"]["file"])
     return Engine(create_backend(backend, manifest, directory, device, **backend_options), tokenizer, manifest)

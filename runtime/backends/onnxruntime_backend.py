@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GptxError, InvalidInput
-from ..manifest import kv_names
+from ..manifest import check_graph, kv_names
 from .base import Backend, Capabilities
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -51,6 +51,7 @@ class OnnxRuntimeBackend(Backend):
             self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers)
         except Exception as e:  # ORT raises its own assorted types for unreadable graphs
             raise GptxError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
+        check_graph(manifest, self.session, str(model_path))
         self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, devices=("cpu", "cuda"))
         self.past_names, self.present_names = kv_names(manifest)
         self.kv_dtype = DTYPES[next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0])]

@@ -25,14 +25,11 @@ class TorchBackend(Backend):
         except ImportError:
             raise GptxError("the torch backend needs PyTorch: pip install torch") from None
         from gpt_export.kv_step import KVStep
-        from gpt_export.weights import load_any
+        from gpt_export.weights import load_export_source
 
         self.torch = torch
         if model is None:
-            source = manifest.get("source")
-            if not source or source == "in-memory GPT":
-                raise GptxError("this export came from an in-memory model: the torch backend cannot reload it")
-            model = load_any(source, seed=manifest.get("seed", 0))
+            model = load_export_source(manifest)  # refuses a source whose weights changed since export
         if half is None:
             half = manifest["dtype"] == "float16"
         self.step_module = KVStep(model.to(device).float(), half=half).eval()
