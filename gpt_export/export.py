@@ -41,9 +41,11 @@ from runtime.manifest import (
     record_files,
     save_manifest,
 )
+from runtime.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, input_names, output_names,
+                              past_names, present_names)
 from runtime.tokenizer import Tokenizer
 
-from .kv_step import KVStep, input_names, output_names
+from .kv_step import KVStep
 from .model import GPT
 from .weights import load_any, source_name, weights_sha256
 
@@ -59,29 +61,29 @@ def io_spec(model: GPT, dtype: str) -> tuple[list[dict], list[dict]]:
     cfg = model.config
     kv_shape = ["batch", cfg.n_head, "past_sequence", cfg.head_dim]
     inputs = [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past_sequence + sequence"]},
-        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": INPUT_IDS, "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": ATTENTION_MASK, "dtype": "int64", "shape": ["batch", "past_sequence + sequence"]},
+        {"name": POSITION_IDS, "dtype": "int64", "shape": ["batch", "sequence"]},
     ]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", cfg.vocab_size]}]
+    outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", cfg.vocab_size]}]
     kv_dtype = DTYPES[dtype]
-    for name in input_names(cfg.n_layer)[3:]:
+    for name in past_names(cfg.n_layer):
         inputs.append({"name": name, "dtype": kv_dtype, "shape": kv_shape})
-    for name in output_names(cfg.n_layer)[1:]:
+    for name in present_names(cfg.n_layer):
         outputs.append({"name": name, "dtype": kv_dtype, "shape": ["batch", cfg.n_head, "sequence", cfg.head_dim]})
     return inputs, outputs
 
 
 def dynamic_axes(n_layer: int) -> dict:
     axes = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch"},
+        INPUT_IDS: {0: "batch", 1: "sequence"},
+        ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
+        POSITION_IDS: {0: "batch", 1: "sequence"},
+        LOGITS: {0: "batch"},
     }
-    for name in input_names(n_layer)[3:]:
+    for name in past_names(n_layer):
         axes[name] = {0: "batch", 2: "past_sequence"}
-    for name in output_names(n_layer)[1:]:
+    for name in present_names(n_layer):
         axes[name] = {0: "batch", 2: "sequence"}
     return axes
 

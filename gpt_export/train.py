@@ -24,21 +24,19 @@ Monitoring (`report_to`): TensorBoard, W&B (offline) and MLflow (local store) th
 from __future__ import annotations
 
 import math
-import pickle
 import time
-import zipfile
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from runtime.errors import TrainError
+from runtime.errors import ModelLoadError, TrainError
 
 from .model import GPT, GPTConfig
 from .monitoring import check_mlflow_uri, open_reporters, parse_report_to, require_installed
-from .weights import save_checkpoint
+from .weights import model_from_checkpoint, read_checkpoint, save_checkpoint
 
 CKPT_NAME = "ckpt.pt"
 PADDED_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64
@@ -196,7 +194,7 @@ def estimate_loss(model: GPT, splits: dict[str, torch.Tensor], cfg: TrainConfig,
 
 def build_model(cfg: TrainConfig, ckpt: dict | None) -> GPT:
     if ckpt is not None:
-        return model_from_checkpoint(ckpt, cfg)
+        return resume_model(ckpt, cfg)
     if cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from, override_args={"dropout": cfg.dropout})
         if cfg.block_size < model.config.block_size:
@@ -215,17 +213,12 @@ RESUME_KEYS = {"model_args": dict, "model": dict, "optimizer": dict, "iter_num":
 
 
 def read_resume_checkpoint(path: Path) -> dict:
+    """`weights.read_checkpoint` (the one untrusted-checkpoint reader), plus what resuming needs on top."""
     where = f"cannot resume from {path}"
-    if path.stat().st_size == 0:
-        raise TrainError(f"{where}: the file is empty")
-    if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive; a truncated one has no directory
-        raise TrainError(f"{where}: not a PyTorch checkpoint (truncated, or another kind of file)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
-        raise TrainError(f"{where}: damaged, or not a checkpoint written by gptx train") from None
-    if not isinstance(ckpt, dict):
-        raise TrainError(f"{where}: it holds a {type(ckpt).__name__}, not a training checkpoint")
+        ckpt = read_checkpoint(path)
+    except ModelLoadError as e:
+        raise TrainError(f"{where}: {e}") from None
     if "optimizer" not in ckpt or "iter_num" not in ckpt:
         raise TrainError(f"{where}: it holds no optimizer state (an exported model?)")
     for key, kind in RESUME_KEYS.items():
@@ -236,8 +229,6 @@ def read_resume_checkpoint(path: Path) -> dict:
             raise TrainError(f"{where}: '{key}' is {found}, expected {kind.__name__}")
     if ckpt["iter_num"] < 0:
         raise TrainError(f"{where}: 'iter_num' is negative")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
-        raise TrainError(f"{where}: 'model' must map parameter names to tensors")
     rng = ckpt["rng"]
     reference = {"torch": torch.get_rng_state(), "batch": torch.Generator().get_state()}
     for key, like in reference.items():
@@ -247,38 +238,18 @@ def read_resume_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, cfg: TrainConfig) -> GPT:
-    """The checkpoint's model, after its config and weight shapes were checked on the meta device (no allocation)."""
-    where = f"cannot resume from {Path(cfg.out_dir).expanduser() / CKPT_NAME}"
-    args = {}
-    for f in fields(GPTConfig):
-        if f.name not in ckpt["model_args"]:
-            continue
-        value, default = ckpt["model_args"][f.name], f.default
-        kind = (int, float) if isinstance(default, float) else type(default)
-        if not isinstance(value, kind) or (isinstance(value, bool) and not isinstance(default, bool)):
-            raise TrainError(f"{where}: model_args '{f.name}' is a {type(value).__name__}, expected "
-                             f"{type(default).__name__}")
-        if isinstance(default, int) and not isinstance(default, bool) and value <= 0:
-            raise TrainError(f"{where}: model_args '{f.name}' must be positive")
-        args[f.name] = value
-    state = dict(ckpt["model"])
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
-    if args.get("n_layer", GPTConfig.n_layer) > len(state):  # a 1 KB file claiming 2000 layers: no need to build
-        raise TrainError(f"{where}: its weights do not fit its model_args")
-    config = GPTConfig.from_dict(args)
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
-    misfit = sorted(expected.keys() ^ state.keys()) + [k for k, shape in expected.items()
-                                                       if k in state and state[k].shape != shape]
-    if misfit:
-        raise TrainError(f"{where}: its weights do not fit its model_args ({misfit[0]})")
-    not_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+def resume_model(ckpt: dict, cfg: TrainConfig) -> GPT:
+    """The checkpoint's model (built by `weights.model_from_checkpoint`, which checks before it allocates), in
+    fp32 and without NaN or inf: a diverged checkpoint must not be trained on."""
+    path = Path(cfg.out_dir).expanduser() / CKPT_NAME
+    try:
+        model = model_from_checkpoint(ckpt, path)
+    except ModelLoadError as e:
+        raise TrainError(f"cannot resume from {path}: {e}") from None
+    not_finite = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
     if not_finite:
-        raise TrainError(f"{where}: its weights hold NaN or inf ({not_finite[0]})")
-    model = GPT(config)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model
+        raise TrainError(f"cannot resume from {path}: its weights hold NaN or inf ({not_finite[0]})")
+    return model.float()
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, where: str) -> None:

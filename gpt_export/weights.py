@@ -309,7 +309,12 @@ def load_hf_dir(directory: Path, override_args: dict | None = None) -> GPT:
 def load_checkpoint(path: Path, override_args: dict | None = None) -> GPT:
     """A nanoGPT-style checkpoint: {'model_args': {...}, 'model': state_dict, ...} (ours adds optimizer etc.)."""
     path = Path(path)
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, override_args)
+
+
+def model_from_checkpoint(ckpt: dict, path: Path, override_args: dict | None = None) -> GPT:
+    """The GPT a checkpoint dict (read from `path` by `read_checkpoint`) describes: its model_args are checked for
+    types and ranges, and against the file's size, before anything is allocated; then every weight's shape."""
     if "model" not in ckpt or "model_args" not in ckpt:
         raise ModelLoadError(f"{path} is not a nanoGPT-style checkpoint (needs 'model_args' and 'model' keys)")
     args = ckpt["model_args"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .errors import ManifestError
 from .fsutil import atomic_write, resolve_inside, sha256_file
+from .io_names import input_names, output_names, past_names, present_names
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "gptx-onnx"
@@ -141,9 +142,7 @@ def parse(cls, value, key: str, where: str):
 def kv_names(manifest: dict) -> tuple[list[str], list[str]]:
     """Past input names and present output names, layer by layer, key before value."""
     n_layer = manifest["config"]["n_layer"]
-    past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    return past, present
+    return past_names(n_layer), present_names(n_layer)
 
 
 def _names_summary(names: list[str]) -> str:
@@ -173,8 +172,7 @@ def check_consistency(m: Manifest, where: str) -> None:
         for i, spec in enumerate(specs):
             if spec.dtype not in NUMPY_DTYPES:
                 raise ManifestError(f"{where}: '{key}[{i}].dtype' must be one of {', '.join(NUMPY_DTYPES)}")
-    past, present = kv_names({"config": {"n_layer": cfg.n_layer}})
-    expected = {"inputs": ["input_ids", "attention_mask", "position_ids", *past], "outputs": ["logits", *present]}
+    expected = {"inputs": input_names(cfg.n_layer), "outputs": output_names(cfg.n_layer)}
     for key, specs in (("inputs", m.inputs), ("outputs", m.outputs)):
         names = [s.name for s in specs]
         if names != expected[key]:
@@ -329,8 +327,8 @@ def check_graph(manifest: dict, session, where: str = "model.onnx") -> None:
     for kind, declared, actual in (("inputs", manifest["inputs"], session.get_inputs()),
                                    ("outputs", manifest["outputs"], session.get_outputs())):
         graph = {a.name: a for a in actual}
-        prefix = "past_key_values." if kind == "inputs" else "present."
-        graph_layers = sum(1 for n in graph if n.startswith(prefix)) // 2
+        kv = set(past_names(len(graph)) if kind == "inputs" else present_names(len(graph)))
+        graph_layers = len(kv & set(graph)) // 2
         if graph_layers != cfg["n_layer"]:
             problems.append(f"n_layer: the manifest says {cfg['n_layer']}, the graph's {kind} have {graph_layers}")
             continue

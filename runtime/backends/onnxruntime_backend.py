@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GptxError, InvalidInput
+from ..io_names import LOGITS
 from ..manifest import check_graph, kv_names
 from .base import Backend, Capabilities
 
@@ -55,7 +56,7 @@ class OnnxRuntimeBackend(Backend):
         self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, devices=("cpu", "cuda"))
         self.past_names, self.present_names = kv_names(manifest)
         self.kv_dtype = DTYPES[next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0])]
-        self.output_names = ["logits", *self.present_names]
+        self.output_names = [LOGITS, *self.present_names]
         self.cuda = CudaBinding(self) if device == "cuda" else None
 
     def allocate(self, rows: int, window: int):
@@ -122,7 +123,7 @@ class CudaBinding:
         logits = torch.empty((batch, b.manifest["config"]["vocab_size"]), dtype=torch.float32, device="cuda")
         presents = [torch.empty((batch, b.n_head, new, b.head_dim), dtype=self.dtype, device="cuda")
                     for _ in b.present_names]
-        self.bind(io, "logits", logits, output=True)
+        self.bind(io, LOGITS, logits, output=True)
         for name, t in zip(b.present_names, presents):
             self.bind(io, name, t, output=True)
         b.session.run_with_iobinding(io)

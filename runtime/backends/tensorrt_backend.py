@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GptxError
+from ..io_names import LOGITS, input_names, output_names
 from ..manifest import kv_names
 from .base import Backend, Capabilities
 
@@ -129,8 +130,8 @@ class TensorRTBackend(Backend):
         io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in io if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in io if n not in inputs]
-        want_in = ["input_ids", "attention_mask", "position_ids", *self.past_names]
-        want_out = ["logits", *self.present_names]
+        want_in = input_names(self.n_layer)
+        want_out = output_names(self.n_layer)
         if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
             raise GptxError(f"{path} does not have this export's inputs/outputs: run `gptx build {directory}` again")
         self.dtypes = {n: self._torch_dtype(self.engine.get_tensor_dtype(n)) for n in io}
@@ -193,8 +194,8 @@ class TensorRTBackend(Backend):
                 raise GptxError(f"input {name} of shape {tuple(tensor.shape)} is outside the engine's "
                                 f"{profile} profile (batch <= {self.max_batch}, sequence <= {self.max_seq})")
             ctx.set_tensor_address(name, tensor.data_ptr())
-        logits = torch.empty(tuple(ctx.get_tensor_shape("logits")), dtype=self.dtypes["logits"], device="cuda")
-        ctx.set_tensor_address("logits", logits.data_ptr())
+        logits = torch.empty(tuple(ctx.get_tensor_shape(LOGITS)), dtype=self.dtypes[LOGITS], device="cuda")
+        ctx.set_tensor_address(LOGITS, logits.data_ptr())
         presents = [torch.empty((batch, self.n_head, new_len, self.head_dim), dtype=self.dtypes[n], device="cuda")
                     for n in self.present_names]
         for name, tensor in zip(self.present_names, presents):
