@@ -332,10 +332,6 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, return_model: b
 
     tokens = load_tokens(cfg.data)
     train_data, val_data = split_tokens(tokens, cfg)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainError(f"cannot create out_dir {out_dir}: {e.strerror}") from None
 
     torch.manual_seed(cfg.seed)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
@@ -357,7 +353,17 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, return_model: b
         del ckpt
     splits = {"train": train_data, "val": val_data} if len(val_data) > block_size else {"train": train_data}
 
-    reporters = open_reporters(report_to, out_dir, mlflow_uri=cfg.mlflow_uri)
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"cannot create out_dir {out_dir}: {e.strerror}") from None
+    try:
+        reporters = open_reporters(report_to, out_dir, mlflow_uri=cfg.mlflow_uri)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):  # a failed start leaves no empty directory of ours behind
+            out_dir.rmdir()
+        raise
     reporters.log_config({**asdict(cfg), "report_to": ",".join(report_to), "model": model.config.to_dict(),
                           "n_params": model.get_num_params(non_embedding=False), "tokens": len(tokens)})
     bar, task = make_progress(progress, cfg.max_iters, iter_num)

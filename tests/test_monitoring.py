@@ -64,7 +64,7 @@ def test_mlflow_store_must_be_local(tmp_path):
                                  "--mlflow-uri", f"sqlite:///{not_a_db}", "--max-iters", "1"])
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert "cannot use the tracking store" in result.output and "private notes" not in result.output
-    assert not_a_db.read_text() == "private notes\n" and not (tmp_path / "o" / "ckpt.pt").exists()
+    assert not_a_db.read_text() == "private notes\n" and not (tmp_path / "o").exists()  # no empty OUT left
 
 
 def wandb_records(run_dir: Path) -> list[dict]:
