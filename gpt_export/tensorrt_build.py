@@ -25,7 +25,7 @@ import re
 import time
 from pathlib import Path
 
-from runtime.backends.tensorrt_backend import check_engine_compat, normalize_cc  # noqa: F401 (re-exported)
+from runtime.backends.tensorrt_backend import INSTALL_HINT, check_engine_compat, normalize_cc  # noqa: F401
 from runtime.errors import BuildError, GptxError, InvalidInput
 from runtime.fsutil import atomic_write
 from runtime.manifest import ENGINE_PRECISIONS, load_manifest, record_files, save_manifest
@@ -34,7 +34,6 @@ ENGINE_FILE = "engine.plan"
 PRECISIONS = ENGINE_PRECISIONS
 PREFILL, DECODE = "prefill", "decode"
 PROFILE_ORDER = (PREFILL, DECODE)  # optimization profile index = position here
-INSTALL_HINT = "pip install 'gptx[tensorrt]' on a machine with an NVIDIA CUDA GPU"
 
 
 # ------------------------------------------------------------------------------------------- profiles

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import GptxError
 from .base import Backend, Capabilities
+from .tensorrt_backend import INSTALL_HINT as TENSORRT_HINT  # imports neither tensorrt nor torch
 
 # name -> (module, class, the package it needs). The one list of backend names; the CLI derives its choices from it.
 REGISTRY = {
@@ -16,6 +17,8 @@ REGISTRY = {
     "tensorrt": (".tensorrt_backend", "TensorRTBackend", "tensorrt"),
 }
 BACKENDS = tuple(REGISTRY)
+INSTALL_HINTS = {"onnxruntime": "pip install onnxruntime", "torch": "pip install 'gptx[torch]'",
+                 "tensorrt": TENSORRT_HINT}
 
 __all__ = ["BACKENDS", "REGISTRY", "Backend", "Capabilities", "available", "backend_class", "create_backend",
            "resolve"]
@@ -48,6 +51,5 @@ def backend_class(name: str) -> type[Backend]:
 def create_backend(name: str, manifest: dict, directory: Path, device: str = "cpu", **kwargs) -> Backend:
     name = resolve(name, manifest, device)
     if not available(name):
-        hint = {"tensorrt": "pip install 'gptx[tensorrt]' on a CUDA machine"}.get(name, f"pip install {name}")
-        raise GptxError(f"backend {name!r} is not installed: {hint}")
+        raise GptxError(f"backend {name!r} is not installed: {INSTALL_HINTS[name]}")
     return backend_class(name)(manifest, directory, device, **kwargs)

@@ -23,7 +23,7 @@ class TorchBackend(Backend):
         try:
             import torch
         except ImportError:
-            raise GptxError("the torch backend needs PyTorch: pip install torch") from None
+            raise GptxError("the torch backend needs PyTorch: pip install 'gptx[torch]'") from None
         from gpt_export.kv_step import KVStep
         from gpt_export.weights import load_export_source
 
