@@ -324,6 +324,12 @@ def train(
         out.print(f"  {name}: {location}", highlight=False, soft_wrap=True)
 
 
+# ---------------------------------------------------------------------------------------------- serve
+from runtime.server.command import serve  # noqa: E402  (the command lives with the server)
+
+app.command()(serve)
+
+
 def main():
     app()
 
