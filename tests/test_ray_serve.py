@@ -95,3 +95,20 @@ def test_replicas_share_the_load_and_a_killed_replica_is_replaced(ray_server, mo
     assert len(failed) <= MAX_FAILED
     assert after and {s for s, _ in after} == {200}
     assert {r for s, r in after} <= (replicas - {victim}) | new
+
+
+def test_application_builder_for_serve_run_and_kuberay(shakespeare_dir):
+    """`serve run runtime.server.ray_app:build directory=DIR ...` (and a RayService's import_path): the arguments
+    arrive as strings and are checked before anything is deployed."""
+    from ray.serve import Application
+
+    from runtime.errors import InvalidInput
+    from runtime.server.ray_app import build
+
+    assert isinstance(build({"directory": str(shakespeare_dir), "max_batch": "4", "threads": "1"}), Application)
+    with pytest.raises(InvalidInput, match="directory"):
+        build({"max_batch": "4"})
+    with pytest.raises(InvalidInput, match="unknown: colour"):
+        build({"directory": str(shakespeare_dir), "colour": "red"})
+    with pytest.raises(InvalidInput, match="max_batch must be an integer"):
+        build({"directory": str(shakespeare_dir), "max_batch": "many"})

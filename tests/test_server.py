@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 
 import httpx
@@ -33,14 +34,15 @@ def server(shakespeare_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def long_dir(tmp_path_factory):
-    """A tiny random GPT with a 1024-token context: requests long enough to act on one mid-generation."""
+    """A small random GPT with a 1024-token context, ~3 ms a token here: a long request runs for seconds, so a test
+    can act on it mid-generation with a wide margin."""
     import torch
 
     from gpt_export.export import export
     from gpt_export.model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=1024, vocab_size=50257)).eval()
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=1024, vocab_size=50257)).eval()
     out = tmp_path_factory.mktemp("exports") / "long"
     export(model, out, validate=False, progress=False)
     return out
@@ -67,12 +69,12 @@ def bounded(coro):
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
 
 
-def until(condition, what: str, timeout: float = TIMEOUT):
+def until(condition, what: str, timeout: float = TIMEOUT, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.05)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -140,6 +142,7 @@ def test_errors_are_the_clients_exception_types(server):
         client(server, key="wrong").completions.create(model="bard", prompt="x", max_tokens=2)
     bad_requests = [
         dict(prompt="x", temperature=5),                                 # out of OpenAI's range
+        dict(prompt="x", extra_body={"max_tokens": "5"}),                # a string for a number
         dict(prompt="x", max_tokens=127),                                # over --max-tokens-limit
         dict(prompt="x " * 200, max_tokens=5),                           # cannot fit the context (128)
         dict(prompt="x", max_tokens=100, extra_body={"top_k": -1}),
@@ -167,13 +170,18 @@ def test_errors_are_the_clients_exception_types(server):
     assert "JSON" in broken.json()["error"]["message"]
     unknown = httpx.post(url, json={"prompt": "x", "colour": "red"}, headers=headers, timeout=TIMEOUT)
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "colour"
+    not_an_object = httpx.post(url, json=["x"], headers=headers, timeout=TIMEOUT)
+    assert not_an_object.status_code == 400 and "JSON object" in not_an_object.json()["error"]["message"]
+    across = httpx.post(url, json={"prompt": "x", "stream_options": {"include_usage": True}}, headers=headers,
+                        timeout=TIMEOUT)
+    assert across.status_code == 400 and across.json()["error"]["message"].startswith("stream_options")
     huge = httpx.post(url, content=json.dumps({"prompt": "x" * 30000}).encode(), headers=headers, timeout=TIMEOUT)
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
     # open without a key: readiness and metrics; every response names its replica
     health = httpx.get(f"{server.url}/health", timeout=TIMEOUT)
     assert health.status_code == 200 and health.headers["x-gptx-replica"]
     samples = server.metrics()
-    assert samples['gptx_http_requests_total{endpoint="/v1/completions",status="400"}'] >= len(bad_requests) + 2
+    assert samples['gptx_http_requests_total{endpoint="/v1/completions",status="400"}'] >= len(bad_requests) + 4
     assert samples['gptx_http_requests_total{endpoint="/v1/completions",status="401"}'] >= 2
     assert samples['gptx_http_requests_total{endpoint="/v1/completions",status="413"}'] >= 1
 
@@ -243,6 +251,23 @@ def test_closing_a_stream_frees_its_row(busy_server):
     assert busy_server.metrics()["gptx_completion_tokens_total"] < 1000
 
 
+def test_a_client_that_gives_up_on_a_whole_completion_frees_its_row(busy_server):
+    before = busy_server.metrics().get('gptx_completions_total{finish_reason="cancelled"}', 0.0)
+    body = json.dumps({"prompt": "Once", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", busy_server.port), timeout=TIMEOUT) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        until(lambda: busy_server.metrics()["gptx_active_rows"] == 1, "the request to run", interval=0.01)
+    # the connection is closed while the (non-streaming) completion runs
+
+    def freed():
+        samples = busy_server.metrics()
+        return (samples["gptx_active_rows"] == 0 and
+                samples.get('gptx_completions_total{finish_reason="cancelled"}', 0.0) == before + 1)
+
+    until(freed, "the abandoned request's row to be freed")
+
+
 def test_flood_past_the_queue_gets_429_and_the_rest_succeeds(busy_server):
     async def one(api, i):
         try:
@@ -282,6 +307,26 @@ def test_sigterm_mid_stream_finishes_in_flight_work_and_exits_0(long_dir, tmp_pa
     log = proc.output()
     assert "Waiting for connections to close" in log  # the stream was still in flight when SIGTERM came
     assert log.index("Waiting for connections to close") < log.index("Application shutdown complete")
+
+
+def test_sigterm_cancels_what_outlives_the_deadline_and_exits_0(long_dir, tmp_path):
+    proc = ServerProcess([long_dir, "--shutdown-timeout", "0.5"], tmp_path / "serve.log")
+    lines, started = [], time.monotonic()
+    try:
+        body = {"prompt": "Once", "max_tokens": 1000, "temperature": 0, "stream": True, "ignore_eos": True}
+        with pytest.raises(httpx.RemoteProtocolError):  # the stream is cut: no finish_reason, no [DONE]
+            with httpx.stream("POST", f"{proc.url}/v1/completions", json=body, timeout=TIMEOUT) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if len(lines) == 4:
+                        started = time.monotonic()
+                        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(30) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        proc.stop()
+    assert "data: [DONE]" not in lines and len(lines) < 2 * 1000
+    assert "timeout graceful shutdown exceeded" in proc.output()
 
 
 # ---------------------------------------------------------------------------------------------- failures

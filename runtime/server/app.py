@@ -132,9 +132,10 @@ class Frontdoor:
             self.metrics.http_requests.labels(endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(seconds)
             if endpoint != "/metrics" and endpoint != "/health":
+                path = endpoint if endpoint != "other" else ascii(scope["path"][:200])  # never a raw newline
                 ttft = f" ttft={record.ttft:.3f}s" if record.ttft is not None else ""
                 log.info("%s %s %s %d prompt_tokens=%d completion_tokens=%d%s%s %.3fs", record.id,
-                         scope["method"], scope["path"], status, record.prompt_tokens, record.completion_tokens,
+                         ascii(scope["method"])[1:-1], path, status, record.prompt_tokens, record.completion_tokens,
                          f" finish={record.finish}" if record.finish else "", ttft, seconds)
 
     def refusal(self, scope) -> APIError | None:
@@ -499,6 +500,7 @@ async def unless_disconnected(request: Request, work) -> None:
         watch.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.wait({task})  # let it unwind: its streams cancel their rows
     if task.cancelled():
         raise APIError(499, "the client closed the request")  # nobody reads it; logged as 499
     task.result()
@@ -515,8 +517,10 @@ def describe_validation_error(errors) -> tuple[str, str | None]:
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first["type"] == "json_invalid":
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})", None
-    if not loc:
-        return f"the body must be a JSON object ({first['msg']})", None
+    if not loc:  # the body as a whole: not an object, or a rule across fields
+        if first["type"] in ("model_type", "model_attributes_type"):
+            return "the body must be a JSON object", None
+        return first["msg"].removeprefix("Value error, "), None
     path = []  # the field's path, up to the union member pydantic tried (tags such as "str" or "list[str]")
     for part in loc:
         if "[" in part or part in ("str", "int", "float", "bool"):
