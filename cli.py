@@ -325,7 +325,7 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------- serve
-from runtime.server.command import serve  # noqa: E402  (the command lives with the server)
+from runtime.server.command import serve  # noqa: E402  (the command lives with the server, runtime/server/)
 
 app.command()(serve)
 

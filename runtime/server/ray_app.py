@@ -77,6 +77,7 @@ def run_on_ray(directory: Path, load_options: dict, config: ServerConfig, *, hos
     if local:
         # logical CPUs: enough for every replica, at least this machine's cores
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(most * replica_cpus)), include_dashboard=False)
+        print(f"gptx serve: started a local Ray (GCS at {ray.get_runtime_context().gcs_address})", flush=True)
     else:
         ray.init(address=address)
     if "threads" not in load_options and load_options.get("backend") in ("auto", "onnxruntime"):
@@ -93,8 +94,6 @@ def run_on_ray(directory: Path, load_options: dict, config: ServerConfig, *, hos
         scale = f"{autoscale[0]}-{autoscale[1]} replicas" if autoscale else f"{replicas} replica(s)"
         where = f"Ray Serve, {scale}, {replica_cpus:g} CPU each, {'local Ray' if local else address}"
         announce(f"http://{host}:{port}", config, where)
-        if local:
-            print(f"  Ray GCS at {ray.get_runtime_context().gcs_address}", flush=True)
         stop.wait()
     finally:
         if local:
