@@ -47,7 +47,7 @@ def test_replicas_share_the_load_and_a_killed_replica_is_replaced(ray_server, mo
     replicas = {replica for _, replica in first}
     assert len(replicas) == 2, first
 
-    gcs = re.search(r"started a local Ray \(GCS at ([^)\s]+)\)", ray_server.output()).group(1)  # printed before deploying
+    gcs = re.search(r"started a local Ray \(GCS at ([^)\s]+)\)", ray_server.output()).group(1)  # before deploying
     # the command's local Ray uses token auth (its token is in ~/.ray); Ray reads the mode when first imported
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     import ray
