@@ -478,6 +478,53 @@ def train(
         out.print(f"  {name}: {location}", highlight=False, soft_wrap=True)
 
 
+# ---------------------------------------------------------------------------------------------- serve
+@app.command()
+@guarded
+def serve(
+    directory: ExportDir,
+    host: Annotated[str, typer.Option(help="Address to bind. 0.0.0.0 exposes the server to your network: "
+                                           "set --api-key then.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Rows decoded together (continuous batching).")] = 8,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait for a row; more get 429.")] = 64,
+    max_tokens_limit: Annotated[int | None, typer.Option(
+        min=1, help="Largest max_tokens a request may ask for (default: up to the model's context).")] = None,
+    backend: BackendOpt = Backend.auto,
+    device: DeviceOpt = Device.cpu,
+    threads: Annotated[int | None, typer.Option(
+        min=0, help="ONNX Runtime intra-op threads (default: onnxruntime's choice; per replica with --ray).")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="GPTX_API_KEY", show_default=False, show_envvar=True,
+        help="Require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open).")] = None,
+    model_name: Annotated[str | None, typer.Option(
+        help="The model id clients send and /v1/models lists (default: the directory's name).")] = None,
+    chat_template: Annotated[Path | None, typer.Option(
+        help="JSON file overriding the chat transcript template (keys: system, user, assistant, "
+             "generation_prompt, stop; see docs/serving.md).")] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Larger request bodies get 413.")] = 1 << 20,
+    shutdown_timeout: Annotated[float, typer.Option(
+        min=0, help="On SIGTERM, seconds in-flight requests may take to finish before they are cancelled.")] = 10.0,
+    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve: a local Ray, or --ray-address. "
+                                                    "Needs gptx\\[ray].")] = False,
+    replicas: Annotated[int, typer.Option(min=1, help="Ray: replicas, each with its own engine and pool.")] = 1,
+    autoscale: Annotated[str | None, typer.Option(
+        metavar="MIN:MAX", help="Ray: autoscale between MIN and MAX replicas (instead of --replicas), aiming at "
+                                "max-batch requests per replica.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray: an existing cluster ('auto': the one running here, or ray://HOST:10001) instead of a local Ray.")]
+    = None,
+    replica_cpus: Annotated[float | None, typer.Option(
+        min=0.01, help="Ray: CPUs reserved per replica (default: this machine's cores / replicas on a local Ray, "
+                       "1 on a cluster).")] = None,
+):
+    """Serve an export over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
+    options = {**locals(), "backend": backend.value, "device": device.value}
+    from runtime.server.command import run_serve
+
+    run_serve(**options)
+
+
 def main():
     app(prog_name="gptx")
 
