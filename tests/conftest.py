@@ -153,3 +153,12 @@ def shakespeare_prompts(n: int, seed: int = 0) -> list[str]:
     starts = rng.integers(0, len(text) - 400, n)
     lengths = rng.integers(1, 160, n)
     return [text[s:s + n_chars] for s, n_chars in zip(starts, lengths)]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train faster (and deterministically) on one thread on a busy 2-core box; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,14 +23,7 @@ TINY_ARGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size"
              "--eval-iters", "2", "--warmup-iters", "2", "--max-iters", "6", "--eval-interval", "3"]
 LINE = re.compile(r"iter (\d+): train loss ([\d.]+), val loss ([\d.]+), lr ([\d.e+-]+)")
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_report_to_choices():

@@ -24,15 +24,7 @@ SHAKESPEARE_TXT = Path(__file__).resolve().parents[1] / "gpt_export" / "data" / 
 # measured on the shipped model (see docs/sample_model.md) + a margin; ln(50257) = 10.8 is a random model
 SAMPLE_VAL_LOSS_MAX = 5.00 + 0.3  # measured 4.995 on the shipped file (docs/sample_model.md)
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster (and deterministic) on a busy 2-core box; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
