@@ -13,13 +13,14 @@ row is taken as unpadded. Sequences may be given as lists of token lists of diff
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .model import GPT, as_index_tensor
+from runtime.errors import InvalidInput
+
+from .model import GPT, as_index_tensor, with_padding_mask
 
 
 class GPTClassifier(nn.Module):
@@ -28,9 +29,9 @@ class GPTClassifier(nn.Module):
         if not isinstance(gpt, GPT):
             raise TypeError(f"GPTClassifier expects a GPT trunk, got {type(gpt).__name__}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+            raise InvalidInput(f"num_classes must be an int >= 2, got {num_classes!r}")
         if pad_token_id is not None and not 0 <= pad_token_id < gpt.config.vocab_size:
-            raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {gpt.config.vocab_size})")
+            raise InvalidInput(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {gpt.config.vocab_size})")
         self.gpt = gpt
         self.num_classes = num_classes
         self.pad_token_id = pad_token_id
@@ -43,75 +44,38 @@ class GPTClassifier(nn.Module):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T, n_embd) after the final LayerNorm; the LM head is never run."""
-        t = self.gpt.transformer
-        pos = torch.arange(idx.shape[1], dtype=torch.long, device=idx.device)
-        x = t.drop(t.wte(idx) + t.wpe(pos))
-        for block in t.h:
-            x = block(x)
-        return t.ln_f(x)
-
-    def last_positions(self, idx: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Index of the last non-padding token in each row (right padding)."""
-        B, T = idx.shape
-        if attention_mask is None and self.pad_token_id is not None:
-            attention_mask = (idx != self.pad_token_id).long()
-        if attention_mask is None:
-            return torch.full((B,), T - 1, dtype=torch.long, device=idx.device)
-        mask = as_index_tensor(attention_mask, idx.device, name="attention_mask")
-        if mask.shape != idx.shape:
-            raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from idx shape {tuple(idx.shape)}")
-        lengths = (mask != 0).long().sum(dim=1)
-        if int(lengths.min()) == 0:
-            raise ValueError("a row has no real tokens (attention_mask all 0 / all padding)")
-        return lengths - 1
-
     def forward(self, idx, attention_mask=None, labels=None):
-        if isinstance(idx, (list, tuple)) and idx and isinstance(idx[0], (list, tuple)):
-            if attention_mask is None:
-                idx, attention_mask = pad_batch(idx, self.pad_token_id or 0)
-        idx = as_index_tensor(idx, self.device)
-        self.gpt.check_tokens(idx)
-        h = self.hidden_states(idx)
-        last = self.last_positions(idx, attention_mask)
-        pooled = h[torch.arange(idx.shape[0], device=idx.device), last]
+        """(logits (B, num_classes), loss or None). idx: a (B, T) batch padded on the right, or token lists of
+        any lengths; padding is found from attention_mask, else from pad_token_id."""
+        idx, mask = batch_and_mask(idx, attention_mask, self.pad_token_id)
+        # the trunk's own forward pools each row's last real token; the LM head is never run
+        pooled = self.gpt(idx, attention_mask=mask, return_logits=False).pooler_output
         logits = self.head(self.dropout(pooled))
         loss = None
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long, device=logits.device).view(-1)
             if labels.shape[0] != logits.shape[0]:
-                raise ValueError(f"got {labels.shape[0]} labels for a batch of {logits.shape[0]}")
+                raise InvalidInput(f"got {labels.shape[0]} labels for a batch of {logits.shape[0]}")
             if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-                raise ValueError(f"labels must be in [0, {self.num_classes}), got {labels.min().item()}..{labels.max().item()}")
+                raise InvalidInput(f"labels must be in [0, {self.num_classes}), got "
+                                   f"{labels.min().item()}..{labels.max().item()}")
             loss = F.cross_entropy(logits, labels)
         return logits, loss
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists to (B, T_max); returns (idx, attention_mask)."""
-    if not seqs:
-        raise ValueError("no sequences given")
-    lengths = [len(s) for s in seqs]
-    if min(lengths) == 0:
-        raise ValueError("empty sequence: every example needs at least one token")
-    idx = torch.full((len(seqs), max(lengths)), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(idx)
-    for i, s in enumerate(seqs):
-        idx[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
+def batch_and_mask(ids, attention_mask=None, pad_token_id: int | None = None):
+    """(B, T) ids and the mask of real tokens (or None: no padding). Token lists of different lengths are
+    right-padded here; otherwise padding is what attention_mask says, else where the ids equal pad_token_id."""
+    idx, mask = with_padding_mask(ids, attention_mask, "idx", pad_id=pad_token_id or 0)
+    if mask is None and pad_token_id is not None:
+        mask = (idx != pad_token_id).long()
     return idx, mask
 
 
 def _as_batch(ids, attention_mask, pad_token_id):
-    if isinstance(ids, torch.Tensor):
-        idx = as_index_tensor(ids)
-        if attention_mask is None:
-            mask = (idx != pad_token_id).long() if pad_token_id is not None else torch.ones_like(idx)
-        else:
-            mask = as_index_tensor(attention_mask, name="attention_mask")
-        return idx, mask
-    return pad_batch(ids, pad_token_id or 0)
+    """Whole-dataset tensors, so that minibatches are row slices."""
+    idx, mask = batch_and_mask(ids, attention_mask, pad_token_id)
+    return idx, torch.ones_like(idx) if mask is None else as_index_tensor(mask, name="attention_mask")
 
 
 def finetune_classifier(model: GPTClassifier, train_ids, train_labels, *, val_ids=None, val_labels=None,
@@ -121,9 +85,9 @@ def finetune_classifier(model: GPTClassifier, train_ids, train_labels, *, val_id
     idx, mask = _as_batch(train_ids, attention_mask, model.pad_token_id)
     labels = torch.as_tensor(train_labels, dtype=torch.long)
     if labels.shape[0] != idx.shape[0]:
-        raise ValueError(f"{idx.shape[0]} examples but {labels.shape[0]} labels")
+        raise InvalidInput(f"{idx.shape[0]} examples but {labels.shape[0]} labels")
     if epochs <= 0 or batch_size <= 0 or lr <= 0:
-        raise ValueError("epochs, batch_size and lr must be positive")
+        raise InvalidInput("epochs, batch_size and lr must be positive")
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     history = []
@@ -159,7 +123,8 @@ def predict(model: GPTClassifier, ids, attention_mask=None, batch_size: int = 64
     model.eval()
     out = []
     for start in range(0, idx.shape[0], batch_size):
-        logits, _ = model(idx[start: start + batch_size].to(model.device), mask[start: start + batch_size].to(model.device))
+        rows = slice(start, start + batch_size)
+        logits, _ = model(idx[rows].to(model.device), mask[rows].to(model.device))
         out.append(logits.float().softmax(-1).cpu())
     model.train(was_training)
     probs = torch.cat(out)

@@ -9,23 +9,47 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
+import os
 import shutil
+import stat
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from runtime.errors import ExportError
-from runtime.manifest import FORMAT, FORMAT_VERSION, save_manifest
+from runtime.fsutil import (
+    DISK_ERRNOS,
+    PARTIAL,
+    clean_stale,
+    debris_path,
+    debris_target,
+    follow_umask,
+    make_dir,
+    remove_tree,
+    replace_dir,
+)
+from runtime.manifest import (
+    EXPORT_DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_METADATA_KEYS,
+    MANIFEST_NAME,
+    QUANT_SCHEMES,
+    record_files,
+    save_manifest,
+)
+from runtime.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, input_names, output_names,
+                              past_names, present_names)
 from runtime.tokenizer import Tokenizer
 
-from .kv_step import KVStep, input_names, output_names
+from .kv_step import KVStep
 from .model import GPT
-from .weights import load_any
+from .weights import load_any, source_name, weights_sha256
 
-DTYPES = {"fp32": "float32", "fp16": "float16"}
+DTYPES = EXPORT_DTYPES
 DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
@@ -37,29 +61,29 @@ def io_spec(model: GPT, dtype: str) -> tuple[list[dict], list[dict]]:
     cfg = model.config
     kv_shape = ["batch", cfg.n_head, "past_sequence", cfg.head_dim]
     inputs = [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past_sequence + sequence"]},
-        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": INPUT_IDS, "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": ATTENTION_MASK, "dtype": "int64", "shape": ["batch", "past_sequence + sequence"]},
+        {"name": POSITION_IDS, "dtype": "int64", "shape": ["batch", "sequence"]},
     ]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", cfg.vocab_size]}]
+    outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", cfg.vocab_size]}]
     kv_dtype = DTYPES[dtype]
-    for name in input_names(cfg.n_layer)[3:]:
+    for name in past_names(cfg.n_layer):
         inputs.append({"name": name, "dtype": kv_dtype, "shape": kv_shape})
-    for name in output_names(cfg.n_layer)[1:]:
+    for name in present_names(cfg.n_layer):
         outputs.append({"name": name, "dtype": kv_dtype, "shape": ["batch", cfg.n_head, "sequence", cfg.head_dim]})
     return inputs, outputs
 
 
 def dynamic_axes(n_layer: int) -> dict:
     axes = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch"},
+        INPUT_IDS: {0: "batch", 1: "sequence"},
+        ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
+        POSITION_IDS: {0: "batch", 1: "sequence"},
+        LOGITS: {0: "batch"},
     }
-    for name in input_names(n_layer)[3:]:
+    for name in past_names(n_layer):
         axes[name] = {0: "batch", 2: "past_sequence"}
-    for name in output_names(n_layer)[1:]:
+    for name in present_names(n_layer):
         axes[name] = {0: "batch", 2: "sequence"}
     return axes
 
@@ -82,7 +106,8 @@ def share_tied_embedding(proto, wte_name: str = "gpt.transformer.wte.weight") ->
         weight = inits[node.input[1]]
         if list(weight.dims) != [wte.shape[1], wte.shape[0]] or not (numpy_helper.to_array(weight) == wte.T).all():
             continue
-        gemm = helper.make_node("Gemm", [node.input[0], wte_name], list(node.output), name=node.name + "_tied", transB=1)
+        gemm = helper.make_node("Gemm", [node.input[0], wte_name], list(node.output), name=node.name + "_tied",
+                                transB=1)
         proto.graph.node.insert(list(proto.graph.node).index(node), gemm)
         proto.graph.node.remove(node)
         if not any(weight.name in n.input for n in proto.graph.node):
@@ -91,7 +116,8 @@ def share_tied_embedding(proto, wte_name: str = "gpt.transformer.wte.weight") ->
     return False
 
 
-def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET, tie_lm_head: bool = True) -> None:
+def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
+            tie_lm_head: bool = True) -> None:
     """Trace the KV step and write ONNX with all weights in one external data file."""
     import onnx
 
@@ -115,6 +141,9 @@ def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAU
         proto = onnx.load(str(raw))
         if tie_lm_head:
             share_tied_embedding(proto)
+        # the config, inside the graph: the runtime checks the manifest against it (runtime.manifest.check_graph)
+        cfg = model.config.to_dict()
+        onnx.helper.set_model_props(proto, {key: str(cfg[key]) for key in GRAPH_METADATA_KEYS})
         onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=WEIGHTS_FILE, size_threshold=1024)
 
@@ -177,73 +206,136 @@ def build_manifest(model: GPT, source: str, dtype: str, opset: int, tokenizer: T
     }
 
 
+def export_files(manifest: dict) -> set[str]:
+    """The files a gptx export is made of, per its manifest (anything else in the directory is not ours)."""
+    names = {MANIFEST_NAME, manifest.get("model_file"), manifest.get("weights_file"),
+             (manifest.get("tokenizer") or {}).get("file"), *(manifest.get("files") or {})}
+    names.update(e.get("file") for e in manifest.get("engines") or [] if isinstance(e, dict))
+    return {n for n in names if isinstance(n, str)}
+
+
 def prepare_target(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not force:
-            raise ExportError(f"{out_dir} already exists and is not empty; pass --force to replace it")
+    """Refuse any target whose replacement could destroy something gptx did not write.
+
+    A new or empty directory is fine. An existing export may be replaced with `force`, and only when the
+    directory holds nothing but the export's own files. Never the working directory or one of its parents.
+    """
+    cwd = Path.cwd().resolve()
+    if out_dir == cwd or out_dir in cwd.parents:
+        raise ExportError(f"--out {out_dir} is the current directory or one of its parents; "
+                          "export into a new directory instead")
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir} exists and is not a directory; gptx replaces only its own exports")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    try:
+        manifest = json.loads((out_dir / MANIFEST_NAME).read_bytes().decode("utf-8"))
+        is_export = isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        is_export = False
+    if not is_export:
+        raise ExportError(f"--out {out_dir} is a non-empty directory that is not a gptx export; "
+                          "--force replaces only gptx exports or empty directories")
+    ours = export_files(manifest)
+    foreign = [name for name in entries if name not in ours and debris_target(name) not in ours]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ExportError(f"--out {out_dir} is a gptx export but also holds files gptx did not write ({shown}); "
+                          "move them out or choose another directory")
+    if not force:
+        raise ExportError(f"{out_dir} already holds a gptx export; pass --force to replace it")
 
 
-def swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    """Replace out_dir by tmp_dir with renames only, so a reader sees the old or the new export, never a mix."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{int(time.time() * 1000)}")
-        out_dir.rename(old)
-    tmp_dir.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def save_outputs(tmp_dir: Path, out_dir: Path) -> None:
+    """Final touches on the finished temporary directory, then swap it into place.
+
+    Modes follow the umask (onnx writes its data file 0600), except that a replaced directory keeps its own
+    permissions.
+    """
+    follow_umask(tmp_dir)
+    if out_dir.is_dir():
+        os.chmod(tmp_dir, stat.S_IMODE(out_dir.stat().st_mode))
+    replace_dir(tmp_dir, out_dir)
+
+
+def write_export(gpt: GPT, tmp_dir: Path, steps, source: str, dtype: str, opset: int, seed: int, optimize: bool,
+                 quantize: str | None, validate: bool, tokenizer: Tokenizer) -> dict:
+    """Every file of the export, into `tmp_dir`; checksums last, after every pass that rewrites a file."""
+    onnx_path = tmp_dir / MODEL_FILE
+    with steps.step("trace and write ONNX"):
+        convert(gpt, onnx_path, dtype=dtype, opset=opset, tie_lm_head=not quantize)
+    with steps.step("check graph"):
+        check(onnx_path)
+    manifest = build_manifest(gpt, source, dtype, opset, tokenizer, seed)
+    shutil.copyfile(tokenizer.vocab_file, tmp_dir / TOKENIZER_FILE)
+    save_manifest(manifest, tmp_dir)
+    if optimize or quantize:
+        from .optimize import optimize_export
+
+        with steps.step("optimize" + (f" + quantize {quantize}" if quantize else "")):
+            manifest = optimize_export(tmp_dir, fuse_graph=optimize, quantize=quantize)
+    if validate:
+        from .validate import quick_validate
+
+        with steps.step("validate against PyTorch"):
+            manifest["validation"] = quick_validate(tmp_dir, gpt, manifest)
+    with steps.step("checksums"):
+        manifest["source_sha256"] = weights_sha256(gpt)
+        record_files(manifest, tmp_dir)
+        save_manifest(manifest, tmp_dir)
+    return manifest
 
 
 def export(model: str | GPT, out_dir: str | Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET, seed: int = 0,
            optimize: bool = False, quantize: str | None = None, force: bool = False, validate: bool = True,
            progress: bool = True, source: str | None = None) -> dict:
-    """Export and return the manifest. `model` is a GPT or anything `gptx export MODEL` accepts."""
+    """Export and return the manifest. `model` is a GPT or anything `gptx export MODEL` accepts.
+
+    Work happens in `.OUT.partial-PID-TOKEN` beside the target, which replaces the target only when complete;
+    on any error (Ctrl-C and, under the CLI, SIGTERM included) it is removed. Leftovers of a killed export
+    are removed by the next export to the same target.
+    """
     from .progress import Steps
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in QUANT_SCHEMES:
+        raise ExportError(f"--quantize must be one of {', '.join(QUANT_SCHEMES)}, got {quantize!r}")
     if quantize and dtype != "fp32":
         raise ExportError("--quantize works on an fp32 export; drop --dtype fp16")
-    if not 14 <= opset <= 20:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 14 <= opset <= 20:
         raise ExportError(f"--opset must be between 14 and 20, got {opset}")
     out_dir = Path(out_dir).expanduser().resolve()
     prepare_target(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        with Steps(enabled=progress) as steps:
-            with steps.step("load model"):
-                gpt = model if isinstance(model, GPT) else load_any(model, seed=seed)
-                gpt = gpt.float().eval()
-                source = source or (model if isinstance(model, str) else "in-memory GPT")
-                reference = gpt if validate else None
-            tokenizer = Tokenizer()
-            if gpt.config.vocab_size < tokenizer.vocab_size:
-                raise ExportError(
-                    f"model vocab_size {gpt.config.vocab_size} is smaller than the GPT-2 tokenizer's "
-                    f"{tokenizer.vocab_size}: gptx exports GPT-2-vocabulary models"
-                )
-            onnx_path = tmp_dir / MODEL_FILE
-            with steps.step("trace and write ONNX"):
-                convert(gpt, onnx_path, dtype=dtype, opset=opset, tie_lm_head=not quantize)
-            with steps.step("check graph"):
-                check(onnx_path)
-            manifest = build_manifest(gpt, source, dtype, opset, tokenizer, seed)
-            shutil.copyfile(tokenizer.vocab_file, tmp_dir / TOKENIZER_FILE)
-            save_manifest(manifest, tmp_dir)
-            if optimize or quantize:
-                from .optimize import optimize_export
-
-                with steps.step("optimize" + (f" + quantize {quantize}" if quantize else "")):
-                    manifest = optimize_export(tmp_dir, fuse_graph=optimize, quantize=quantize)
-            if validate:
-                from .validate import quick_validate
-
-                with steps.step("validate against PyTorch"):
-                    manifest["validation"] = quick_validate(tmp_dir, reference, manifest)
-                    save_manifest(manifest, tmp_dir)
-        swap_into_place(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    with Steps(enabled=progress) as steps:
+        with steps.step("load model"):  # before anything touches the disk: a bad model leaves no trace
+            gpt = model if isinstance(model, GPT) else load_any(model, seed=seed)
+            gpt = gpt.float().eval()
+        tokenizer = Tokenizer()
+        if gpt.config.vocab_size < tokenizer.vocab_size:
+            raise ExportError(
+                f"model vocab_size {gpt.config.vocab_size} is smaller than the GPT-2 tokenizer's "
+                f"{tokenizer.vocab_size}: gptx exports GPT-2-vocabulary models"
+            )
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale(out_dir)
+            tmp_dir = make_dir(debris_path(out_dir, PARTIAL))
+        except OSError as e:
+            raise ExportError(f"cannot write beside {out_dir}: {e.strerror or e}") from None
+        try:
+            manifest = write_export(gpt, tmp_dir, steps, source or source_name(model), dtype, opset, seed, optimize,
+                                    quantize, validate, tokenizer)
+            save_outputs(tmp_dir, out_dir)
+        except OSError as e:
+            remove_tree(tmp_dir)
+            if e.errno in DISK_ERRNOS:
+                raise ExportError(f"cannot write the export beside {out_dir}: {e.strerror}") from None
+            raise
+        except BaseException:
+            remove_tree(tmp_dir)
+            raise
     return manifest

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import GptxError, InvalidInput
-from runtime.manifest import load_manifest, save_manifest
+from runtime.manifest import load_manifest, record_files, save_manifest
 
 WTE = "gpt.transformer.wte.weight"
 
@@ -404,4 +404,6 @@ def save_graph(proto, directory: Path, manifest: dict) -> None:
     (directory / tmp_data).replace(data_file)
     onnx.save_model(proto, str(model_path))
     tmp_model.unlink()
+    if manifest.get("files"):  # the manifest records sizes and hashes: the rewritten files get new ones
+        record_files(manifest, directory, [model_path.name, data_file.name])
     save_manifest(manifest, directory)

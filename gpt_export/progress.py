@@ -7,12 +7,13 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 
 
 class Steps:
     def __init__(self, enabled: bool = True, console: Console | None = None):
         self.enabled = enabled
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, emoji=False)
         self.timings: dict[str, float] = {}
 
     def __enter__(self):
@@ -24,14 +25,15 @@ class Steps:
     @contextlib.contextmanager
     def step(self, title: str):
         start = time.perf_counter()
-        status = self.console.status(f"{title}…") if self.enabled and sys.stderr.isatty() else contextlib.nullcontext()
+        shown = escape(title)  # titles may name user input (a path, a scheme): never markup
+        status = self.console.status(f"{shown}…") if self.enabled and sys.stderr.isatty() else contextlib.nullcontext()
         try:
             with status:
                 yield
         except BaseException:
             if self.enabled:
-                self.console.print(f"[red]✗[/red] {title}")
+                self.console.print(f"[red]✗[/red] {shown}")
             raise
         self.timings[title] = time.perf_counter() - start
         if self.enabled:
-            self.console.print(f"[green]✓[/green] {title} [dim]({self.timings[title]:.1f}s)[/dim]")
+            self.console.print(f"[green]✓[/green] {shown} [dim]({self.timings[title]:.1f}s)[/dim]")

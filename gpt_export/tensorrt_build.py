@@ -21,26 +21,25 @@ messages) is plain Python so the CPU test-suite covers it.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import time
 from pathlib import Path
 
-from runtime.backends.tensorrt_backend import check_engine_compat, normalize_cc  # noqa: F401 (re-exported)
-from runtime.errors import BuildError, GptxError
-from runtime.manifest import load_manifest, save_manifest
+from runtime.backends.tensorrt_backend import INSTALL_HINT, check_engine_compat, normalize_cc  # noqa: F401
+from runtime.errors import BuildError, GptxError, InvalidInput
+from runtime.fsutil import atomic_write
+from runtime.manifest import ENGINE_PRECISIONS, load_manifest, record_files, save_manifest
 
 ENGINE_FILE = "engine.plan"
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+PRECISIONS = ENGINE_PRECISIONS
 PREFILL, DECODE = "prefill", "decode"
 PROFILE_ORDER = (PREFILL, DECODE)  # optimization profile index = position here
-INSTALL_HINT = "pip install 'gptx[tensorrt]' on a machine with an NVIDIA CUDA GPU"
 
 
 # ------------------------------------------------------------------------------------------- profiles
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidInput(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -51,14 +50,14 @@ def check_build_args(manifest: dict, max_batch: int, max_seq: int, opt_batch: in
     _positive_int(opt_batch, "--opt-batch")
     block = manifest["config"]["block_size"]
     if max_seq > block:
-        raise ValueError(f"--max-seq {max_seq} exceeds the model's context of {block} tokens (block_size)")
+        raise InvalidInput(f"--max-seq {max_seq} exceeds the model's context of {block} tokens (block_size)")
     if opt_batch > max_batch:
-        raise ValueError(f"--opt-batch {opt_batch} is larger than --max-batch {max_batch}")
+        raise InvalidInput(f"--opt-batch {opt_batch} is larger than --max-batch {max_batch}")
     if opt_seq is None:
         opt_seq = max(1, max_seq // 2)
     _positive_int(opt_seq, "opt_seq")
     if opt_seq > max_seq:
-        raise ValueError(f"opt_seq {opt_seq} is larger than --max-seq {max_seq}")
+        raise InvalidInput(f"opt_seq {opt_seq} is larger than --max-seq {max_seq}")
     return opt_seq
 
 
@@ -98,9 +97,11 @@ def profiles_from_manifest(manifest: dict, max_batch: int, max_seq: int, opt_bat
     batch = {"min": 1, "opt": opt_batch, "max": max_batch}
     ranges = {
         # T new tokens, P past slots (1: the masked dummy slot; TensorRT has no 0-length profile dims)
-        PREFILL: {"sequence": {"min": 1, "opt": opt_seq, "max": max_seq}, "past_sequence": {"min": 1, "opt": 1, "max": 1}},
+        PREFILL: {"sequence": {"min": 1, "opt": opt_seq, "max": max_seq},
+                  "past_sequence": {"min": 1, "opt": 1, "max": 1}},
         # one new token over the whole preallocated cache (capacity 1..max_seq)
-        DECODE: {"sequence": {"min": 1, "opt": 1, "max": 1}, "past_sequence": {"min": 1, "opt": opt_seq, "max": max_seq}},
+        DECODE: {"sequence": {"min": 1, "opt": 1, "max": 1},
+                 "past_sequence": {"min": 1, "opt": opt_seq, "max": max_seq}},
     }
     profiles = []
     for index, name in enumerate(PROFILE_ORDER):
@@ -130,6 +131,25 @@ def engine_entry(file: str, tensorrt_version: str, gpu_name: str, compute_capabi
         "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def save_engine(directory: Path, plan, entry: dict) -> dict:
+    """Write the engine file and record it in the manifest (its entry, and its checksum when the export has them).
+
+    A rebuilt engine replaces the old one: the old checksum is dropped from the manifest first, so a crash
+    in between leaves an engine without a record (loads, unverified), never one that fails its own check.
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)  # re-read: keep whatever else changed meanwhile
+    checksums = manifest.get("files")
+    if checksums and checksums.pop(entry["file"], None) is not None:
+        save_manifest(manifest, directory)
+    atomic_write(directory / entry["file"], plan)
+    manifest = add_engine_entry(manifest, entry)
+    if checksums:
+        record_files(manifest, directory, [entry["file"]])
+    save_manifest(manifest, directory)
+    return manifest
 
 
 def add_engine_entry(manifest: dict, entry: dict) -> dict:
@@ -186,7 +206,7 @@ def require_tensorrt(what: str = "gptx build"):
 # ---------------------------------------------------------------------------------------------- build
 def check_precision(manifest: dict, precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise InvalidInput(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     export_dtype = manifest["dtype"]
     if precision == "bf16":
         raise BuildError(
@@ -201,19 +221,6 @@ def check_precision(manifest: dict, precision: str) -> None:
             f"--precision {precision} does not match this {export_dtype} export: TensorRT networks are strongly "
             f"typed, so the engine's precision is the ONNX graph's; {redo}, or build with --precision {have}"
         )
-
-
-def _atomic_write(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _progress_monitor(trt, progress):
@@ -288,7 +295,7 @@ def build_engine(directory: str | Path, precision: str = "fp16", max_batch: int 
     check_precision(manifest, precision)
     profiles = profiles_from_manifest(manifest, max_batch, max_seq, opt_batch, opt_seq)
     if not workspace_gib or workspace_gib <= 0:
-        raise ValueError(f"--workspace must be a positive number of GiB, got {workspace_gib!r}")
+        raise InvalidInput(f"--workspace must be a positive number of GiB, got {workspace_gib!r}")
     onnx_path = directory / manifest["model_file"]
     problems = check_graph(onnx_path)
     if problems:
@@ -362,17 +369,15 @@ def build_engine(directory: str | Path, precision: str = "fp16", max_batch: int 
             raise BuildError("TensorRT failed to build the engine (see the TensorRT messages above)")
         seconds = time.perf_counter() - start
         with steps.step(f"write {ENGINE_FILE}"):
-            _atomic_write(directory / ENGINE_FILE, memoryview(plan))
             if timing_path is not None:
                 serialized = config.get_timing_cache().serialize()
                 timing_path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_write(timing_path, memoryview(serialized))
+                atomic_write(timing_path, memoryview(serialized))
             entry = engine_entry(
                 ENGINE_FILE, trt.__version__, gpu_name, cc, precision, profiles, max_batch, max_seq, seconds,
                 opt_batch=opt_batch, workspace_gib=workspace_gib, engine_bytes=memoryview(plan).nbytes,
                 model_file=manifest["model_file"], strongly_typed=strongly_typed,
             )
-            manifest = load_manifest(directory)  # re-read: keep whatever else changed meanwhile
-            save_manifest(add_engine_entry(manifest, entry), directory)
+            save_engine(directory, memoryview(plan), entry)
     del cache, parser  # the parser must outlive the network until the build is done
     return entry

@@ -16,6 +16,7 @@ import numpy as np
 
 from runtime.backends import create_backend
 from runtime.backends.base import Backend
+from runtime.errors import ExportError, InvalidInput
 from runtime.generation import Generator
 from runtime.manifest import load_manifest
 from runtime.sampler import SamplingParams
@@ -110,7 +111,7 @@ def sample_windows(tokenizer: Tokenizer, windows: int, length: int, held_out: bo
     start = len(tokens) - len(tokens) // 10 if held_out else 0
     need = windows * length
     if start + need > len(tokens):
-        raise ValueError(f"the sample text holds {len(tokens) - start} tokens there, {need} asked for")
+        raise InvalidInput(f"the sample text holds {len(tokens) - start} tokens there, {need} asked for")
     return np.asarray(tokens[start:start + need], dtype=np.int64).reshape(windows, length)
 
 
@@ -142,17 +143,27 @@ def perplexity(backend: Backend, tokens: list[int], vocab: int) -> float:
     return float(math.exp(total / (seq.shape[1] - 1)))
 
 
+def check_decode_steps(decode_steps, block_size: int) -> None:
+    """Each case needs a prompt token, `decode_steps` fed tokens and the one sampled after them in the context."""
+    most = block_size - 2
+    if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or not 1 <= decode_steps <= most:
+        raise InvalidInput(f"decode_steps must be an integer from 1 to {most} (the model's context is {block_size} "
+                           f"tokens), got {decode_steps!r}")
+
+
 def compare(directory: str | Path, backend: str = "onnxruntime", device: str = "cpu", reference_model=None,
-            batch_sizes=(1, 2, 3), decode_steps: int = 8, ppl_tokens: int = 128, candidate: Backend | None = None) -> dict:
+            batch_sizes=(1, 2, 3), decode_steps: int = 8, ppl_tokens: int = 128,
+            candidate: Backend | None = None) -> dict:
     directory = Path(directory)
     manifest = load_manifest(directory)
+    check_decode_steps(decode_steps, manifest["config"]["block_size"])
     tokenizer = Tokenizer(directory / manifest["tokenizer"]["file"])
     vocab = manifest["tokenizer"]["vocab_size"]
     pad = manifest["tokenizer"]["eot_token"]
     ref = reference_backend(directory, manifest, reference_model)
     cand = candidate or create_backend(backend, manifest, directory, device)
     limits = thresholds_for(manifest)
-    room = manifest["config"]["block_size"] - decode_steps
+    room = manifest["config"]["block_size"] - decode_steps - 1  # prompt + fed tokens + the last sampled one
     cases = []
     for b in batch_sizes:
         prompts = [tokenizer.encode(PROMPTS[(i + b) % len(PROMPTS)])[:room] for i in range(b)]
@@ -208,8 +219,6 @@ def judge(report: dict, limits: Thresholds) -> list[str]:
 
 def quick_validate(directory: Path, reference_model, manifest: dict) -> dict:
     """The export's own smoke check: one batch, a few steps; raises if the graph is clearly wrong."""
-    from .export import ExportError
-
     report = compare(directory, "onnxruntime", reference_model=reference_model, batch_sizes=(2,), decode_steps=3,
                      ppl_tokens=0)
     summary = {k: report[k] for k in ("max_abs_diff", "top1_agreement", "greedy_identical")}

@@ -24,11 +24,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import GptxError
+from .errors import GptxError, InvalidInput
 
 PROMPT_SEED = 1234
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
+DEFAULT_NEW_TOKENS = 128
 DRIFT_WINDOW = 100  # first / last N decode tokens, reported when new_tokens >= 2 * DRIFT_WINDOW
 
 
@@ -80,25 +81,84 @@ def _unpack(target):
     backend = getattr(target, "backend", target)
     manifest = getattr(target, "manifest", None) or backend.manifest
     vocab = manifest.get("tokenizer", {}).get("vocab_size") or manifest["config"]["vocab_size"]
-    return backend, int(vocab), int(backend.block_size)
+    return backend, int(vocab), int(backend.capabilities.max_seq)
+
+
+def _positive_ints(values, name: str) -> list[int]:
+    values = list(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in values):
+        raise InvalidInput(f"{name} must be integers >= 1, got {values}")
+    return [int(v) for v in values]
+
+
+def default_new_tokens(prompt_lens: Sequence[int], block_size: int) -> tuple[int, str | None]:
+    """DEFAULT_NEW_TOKENS, clamped so the longest prompt still fits the context; a notice when clamped."""
+    room = block_size - max(prompt_lens)
+    if room >= DEFAULT_NEW_TOKENS or room < 1:
+        return DEFAULT_NEW_TOKENS, None  # too little room is validate_args' error, with what to pass
+    return room, (f"new_tokens set to {room} (not {DEFAULT_NEW_TOKENS}) so prompt {max(prompt_lens)} + new tokens "
+                  f"fits the model's block size {block_size}")
 
 
 def validate_args(batch_sizes: Sequence[int], prompt_lens: Sequence[int], new_tokens: int, runs: int,
                   block_size: int, warmup: int = 0) -> None:
-    if int(new_tokens) != new_tokens or new_tokens < 1:
-        raise ValueError(f"new_tokens must be an integer >= 1, got {new_tokens}")
-    if int(runs) != runs or runs < 1:
-        raise ValueError(f"runs must be an integer >= 1, got {runs}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError(f"batch sizes must be integers >= 1, got {list(batch_sizes)}")
-    if not prompt_lens or min(prompt_lens) < 1:
-        raise ValueError(f"prompt lengths must be integers >= 1, got {list(prompt_lens)}")
-    longest = max(prompt_lens)
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, (int, np.integer)) or new_tokens < 1:
+        raise InvalidInput(f"new_tokens must be an integer >= 1, got {new_tokens!r}")
+    if isinstance(runs, bool) or not isinstance(runs, (int, np.integer)) or runs < 1:
+        raise InvalidInput(f"runs must be an integer >= 1, got {runs!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+        raise InvalidInput(f"warmup must be an integer >= 0, got {warmup!r}")
+    _positive_ints(batch_sizes, "batch sizes")
+    longest = max(_positive_ints(prompt_lens, "prompt lengths"))
+    if longest >= block_size:
+        raise InvalidInput(f"prompt length {longest} leaves no room for new tokens in the model's block size "
+                           f"{block_size}: pass --prompt-len {block_size - 1} or less")
     if longest + new_tokens > block_size:
-        raise ValueError(f"prompt length {longest} + new_tokens {new_tokens} = {longest + new_tokens} exceeds the "
-                         f"model's block size {block_size}")
+        raise InvalidInput(f"prompt length {longest} + new_tokens {new_tokens} = {longest + new_tokens} exceeds the "
+                           f"model's block size {block_size}: pass --new-tokens {block_size - longest} or less "
+                           f"(or a shorter --prompt-len)")
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes free for a config's buffers: MemAvailable on CPU, the CUDA allocator's free memory on a GPU."""
+    if device == "cuda":
+        torch = _cuda_torch(device)
+        return int(torch.cuda.mem_get_info()[0]) if torch is not None else None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_bytes(manifest: dict, batch: int, prompt_len: int, new_tokens: int) -> int:
+    """What one config allocates beyond the weights: the KV cache (window rounded up to 64 slots), the prefill's
+    presents, attention scores and MLP activations, and the logits. An estimate, to refuse absurd batches."""
+    cfg = manifest["config"]
+    n_layer, n_head, n_embd, block = cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"]
+    kv_bytes = 2 if manifest.get("dtype") == "float16" else 4
+    window = min(-(-(prompt_len + new_tokens) // 64) * 64, block)
+    per_slot = 2 * n_layer * n_embd * kv_bytes                       # key + value of every layer
+    cache = batch * window * per_slot
+    presents = batch * prompt_len * per_slot
+    activations = batch * prompt_len * (8 * n_embd + n_head * prompt_len) * 4
+    logits = 2 * batch * int(cfg["vocab_size"]) * 4
+    return cache + presents + activations + logits
+
+
+def check_memory(manifest: dict, batch_sizes: Sequence[int], prompt_lens: Sequence[int], new_tokens: int,
+                 device: str) -> None:
+    """Refuse, before allocating anything, a config that cannot fit in the memory this machine has free."""
+    free = available_memory(device)
+    if free is None:
+        return
+    need = max(estimate_bytes(manifest, b, p, new_tokens) for b in batch_sizes for p in prompt_lens)
+    if need > free:
+        raise InvalidInput(f"batch {max(batch_sizes)} x (prompt {max(prompt_lens)} + {new_tokens} new tokens) needs "
+                           f"about {need / 2**30:.1f} GiB for the KV cache and activations, but only "
+                           f"{free / 2**30:.1f} GiB is free on {device}: use a smaller --batch-size")
 
 
 def _percentiles(values_ms: list[float]) -> dict:
@@ -117,21 +177,18 @@ def _median(values):
 
 # ---------------------------------------------------------------------------------------------- one config
 def one_run(backend, prompts, new_tokens: int, vocab: int) -> dict:
-    """One greedy generation through the runtime's Generator; every token timed."""
+    """One greedy generation through the runtime's Generator; every token timed, prefill through its on_step hook."""
     from .generation import Generator
     from .sampler import SamplingParams
 
-    gen = Generator(backend, prompts, new_tokens, SamplingParams(temperature=0.0), None, vocab, pad_id=vocab - 1)
     timing = {}
-    prefill = gen.prefill
 
-    def timed_prefill():
-        t = time.perf_counter()
-        out = prefill()
-        timing["prefill"] = time.perf_counter() - t
-        return out
+    def on_step(kind: str, seconds: float, batch: int) -> None:
+        if kind == "prefill":
+            timing["prefill"] = seconds
 
-    gen.prefill = timed_prefill  # the loop calls self.prefill(); the instance attribute wins
+    gen = Generator(backend, prompts, new_tokens, SamplingParams(temperature=0.0), None, vocab, pad_id=vocab - 1,
+                    on_step=on_step)
     clock = time.perf_counter
     t0 = clock()
     gen.generate_next()
@@ -149,6 +206,7 @@ def bench_config(backend, batch: int, prompt_len: int, new_tokens: int, runs: in
     """Benchmark one (batch, prompt_len) configuration; `backend` is an Engine or a runtime Backend."""
     backend, vocab, block_size = _unpack(backend)
     validate_args([batch], [prompt_len], new_tokens, runs, block_size, warmup)
+    check_memory(backend.manifest, [batch], [prompt_len], new_tokens, backend.device)
     prompts = synthetic_prompts(batch, prompt_len, vocab)
     cuda = _cuda_torch(backend.device)
     gc.collect()
@@ -311,10 +369,12 @@ def _default_compare(primary: str) -> str:
 
 
 def run_bench_command(directory, backend: str = "auto", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
-                      prompt_lens: Sequence[int] = (32,), new_tokens: int = 128, runs: int = 3,
+                      prompt_lens: Sequence[int] = (32,), new_tokens: int | None = None, runs: int = 3,
                       compare: str | None = None, json_path: Path | None = None, plot_path: Path | None = None,
                       console=None, warmup: int = 1) -> dict:
-    """Benchmark every (batch, prompt_len) on `backend` and, in the same process, on `compare`."""
+    """Benchmark every (batch, prompt_len) on `backend` and, in the same process, on `compare`.
+
+    new_tokens None: DEFAULT_NEW_TOKENS, clamped (with a note) where the longest prompt leaves less room."""
     from .backends import BACKENDS, resolve
     from .bench_report import add_ratios, require_matplotlib, results_table, write_plot
     from .engine import load
@@ -322,8 +382,18 @@ def run_bench_command(directory, backend: str = "auto", device: str = "cpu", bat
 
     directory = Path(directory)
     manifest = load_manifest(directory)
-    batch_sizes, prompt_lens = [int(b) for b in batch_sizes], [int(p) for p in prompt_lens]
-    validate_args(batch_sizes, prompt_lens, new_tokens, runs, int(manifest["config"]["block_size"]), warmup)
+    block_size = int(manifest["config"]["block_size"])
+    batch_sizes, prompt_lens = _positive_ints(batch_sizes, "batch sizes"), _positive_ints(prompt_lens, "prompt lengths")
+    notes = []
+    if new_tokens is None:
+        new_tokens, note = default_new_tokens(prompt_lens, block_size)
+        notes += [note] if note else []
+    validate_args(batch_sizes, prompt_lens, new_tokens, runs, block_size, warmup)
+    check_memory(manifest, batch_sizes, prompt_lens, new_tokens, device)
+    shown = len(notes)  # argument notes are shown before the runs, the others after the table
+    if console is not None:
+        for note in notes:
+            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     primary = resolve(backend, manifest, device)
     explicit = compare is not None
     compare_name = (compare or _default_compare(primary)).strip().lower()
@@ -336,7 +406,7 @@ def run_bench_command(directory, backend: str = "auto", device: str = "cpu", bat
         require_matplotlib()
 
     configs = [(b, p) for b in batch_sizes for p in prompt_lens]
-    results, notes = [], []
+    results = []
     for name, required in ((primary, True), (compare_name, explicit)):
         if name == "none":
             continue
@@ -368,7 +438,7 @@ def run_bench_command(directory, backend: str = "auto", device: str = "cpu", bat
     }
     if console is not None:
         console.print(results_table(results, report))
-        for note in notes:
+        for note in notes[shown:]:
             console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if json_path is not None:
         json_path = Path(json_path)

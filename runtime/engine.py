@@ -1,4 +1,8 @@
-"""`runtime.load(DIR)` -> Engine: text in, text out, for apps that embed gptx (numpy + onnxruntime + tiktoken only)."""
+"""`runtime.load(DIR)` -> Engine: text in, text out, for apps that embed gptx (numpy + onnxruntime + tiktoken only).
+
+The synchronous calls (generate, stream, generate_ids, stream_ids, generator) run one fixed batch on the
+slot KV cache; `serving()` opens an async pool that batches many callers continuously on the same cache.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ import numpy as np
 
 from .backends import create_backend
 from .backends.base import Backend
-from .generation import Generator
+from .errors import InvalidInput
+from .generation import Generator, OnStep, check_prompt_ids, resolve_new_tokens
 from .manifest import load_manifest
 from .sampler import SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer
+from .text import TextStream, normalize_stop
+from .tokenizer import Tokenizer
 
 
 class Engine:
@@ -28,23 +34,33 @@ class Engine:
 
     @property
     def block_size(self) -> int:
-        return self.backend.block_size
+        """The longest sequence (prompt + new tokens) this engine runs."""
+        return self.backend.capabilities.max_seq
 
     # -- token ids -------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        return ids or [self.eos_token_id]  # an empty prompt starts from <|endoftext|>, as GPT-2 was trained
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """Text or token ids -> checked token ids; an empty prompt starts from <|endoftext|>, as GPT-2 was trained."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else check_prompt_ids(prompt, self.vocab_size)
+        return ids or [self.eos_token_id]
 
-    def generator(self, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                  seed: int | None = None, stop_at_eos: bool = True) -> Generator:
-        """The low-level loop for callers that want to own it (append, generate_next, is_done)."""
+    def generator(self, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int | None = None,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  repetition_penalty: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+                  max_length: int | None = None, on_step: OnStep | None = None) -> Generator:
+        """The low-level loop for callers that want to own it (generate_next, is_done, tokens, stop_row).
+
+        max_new_tokens (default 64) or max_length (prompt + new tokens, as in transformers), not both."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        prompts = [self._prompt_ids(p) for p in prompts_ids]
-        return Generator(self.backend, prompts, max_new_tokens, params,
-                         self.eos_token_id if stop_at_eos else None, self.vocab_size, pad_id=self.eos_token_id)
+        if isinstance(prompts_ids, (str, bytes)) or not isinstance(prompts_ids, (list, tuple, np.ndarray)):
+            raise InvalidInput("generator takes a list of prompts, each a list of token ids")
+        prompts = [self.prompt_ids(p) for p in prompts_ids]
+        if not prompts:
+            raise InvalidInput("generator needs at least one prompt")
+        new = resolve_new_tokens(max_new_tokens, max_length, max(map(len, prompts)), self.block_size)
+        return Generator(self.backend, prompts, new, params, self.eos_token_id if stop_at_eos else None,
+                         self.vocab_size, pad_id=self.eos_token_id, on_step=on_step)
 
-    def generate_ids(self, prompt_ids, max_new_tokens: int = 64, **options) -> list[int] | list[list[int]]:
+    def generate_ids(self, prompt_ids, max_new_tokens: int | None = None, **options) -> list[int] | list[list[int]]:
         """New token ids (eos included when hit) for one prompt (list of ints) or a batch (list of lists)."""
         single = len(prompt_ids) == 0 or not isinstance(prompt_ids[0], (list, tuple, np.ndarray))
         gen = self.generator([prompt_ids] if single else prompt_ids, max_new_tokens, **options)
@@ -52,77 +68,79 @@ class Engine:
             gen.generate_next()
         return gen.tokens[0] if single else gen.tokens
 
-    def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, **options) -> Iterator[int]:
+    def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None, **options) -> Iterator[int]:
+        """Token ids as they are sampled (eos included when hit). Arguments are checked when called."""
         gen = self.generator([prompt_ids], max_new_tokens, **options)
+        return self._ids(gen)
+
+    @staticmethod
+    def _ids(gen: Generator) -> Iterator[int]:
         while not gen.is_done():
-            tok = int(gen.generate_next()[0])
-            if tok < 0:
-                break
-            yield tok
+            yield int(gen.generate_next()[0])
 
     # -- text ------------------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 64, stop: str | Sequence[str] | None = None,
-                 **options) -> str | list[str]:
-        """Continuation text for a prompt, or a list of them for a list of prompts (each its own length)."""
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int | None = None,
+                 stop: str | Sequence[str] | None = None, **options) -> str | list[str]:
+        """Continuation text for a prompt, or a list of them for a list of prompts (each its own length).
+
+        Generation ends at <|endoftext|> (unless stop_at_eos=False), at the first stop string (cut there; an
+        empty stop string is ignored) or after max_new_tokens / at max_length."""
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         if not prompts:
             return []
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        gen = self.generator([self.tokenizer.encode(p) for p in prompts], max_new_tokens, **options)
+        if not all(isinstance(p, str) for p in prompts):
+            raise InvalidInput("generate takes a prompt string or a list of them; use generate_ids for token ids")
+        gen, texts = self._text_generator(prompts, max_new_tokens, stop, options)
         while not gen.is_done():
-            gen.generate_next()
-            if stops:
-                for row in np.flatnonzero(~gen.finished):
-                    if any(s in self._text(gen.tokens[row]) for s in stops):
+            for row, tok in enumerate(gen.generate_next().tolist()):
+                if tok >= 0:
+                    texts[row].push(tok)
+                    if texts[row].stopped:
                         gen.stop_row(row)
-        texts = [self._cut_at_stop(self._text(t), stops) for t in gen.tokens]
-        return texts[0] if single else texts
+        for t in texts:
+            t.finish()
+        return texts[0].text if single else [t.text for t in texts]
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, stop: str | Sequence[str] | None = None,
+    def stream(self, prompt: str, max_new_tokens: int | None = None, stop: str | Sequence[str] | None = None,
                **options) -> Iterator[str]:
-        """Text pieces as tokens arrive; a multi-byte character split across tokens is held back until whole."""
+        """Text pieces as tokens arrive (the same text `generate` returns). Arguments are checked when called,
+        before the first piece; a multi-byte character split across tokens is held back until whole."""
         if not isinstance(prompt, str):
-            raise TypeError("stream takes one prompt (str); use generate for a batch")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        decoder = StreamDecoder(self.tokenizer)
-        text, emitted = "", 0
-        for tok in self.stream_ids(self._prompt_ids(prompt), max_new_tokens, **options):
-            if tok == self.eos_token_id and options.get("stop_at_eos", True):
-                break
-            text += decoder.push(tok)
-            cut = self._cut_at_stop(text, stops)
-            if len(cut) < len(text):  # a stop string appeared: emit up to it and end
-                yield cut[emitted:]
-                return
-            # hold back a tail that may be the start of a stop string still arriving
-            safe = len(text) - self._stop_prefix_len(text, stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        text = self._cut_at_stop(text + decoder.flush(), stops)
-        if len(text) > emitted:
-            yield text[emitted:]
+            raise InvalidInput("stream takes one prompt (str); use generate for a batch")
+        gen, (text,) = self._text_generator([prompt], max_new_tokens, stop, options)
+        return self._pieces(gen, text)
+
+    def _text_generator(self, prompts: list[str], max_new_tokens, stop, options) -> tuple[Generator, list[TextStream]]:
+        stops = normalize_stop(stop)
+        gen = self.generator([self.tokenizer.encode(p) for p in prompts], max_new_tokens, **options)
+        eos = self.eos_token_id if options.get("stop_at_eos", True) else None
+        return gen, [TextStream(self.tokenizer, stops, eos) for _ in prompts]
 
     @staticmethod
-    def _stop_prefix_len(text: str, stops: list[str]) -> int:
-        """Length of the longest end of `text` that is a proper prefix of a stop string."""
-        return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    def _pieces(gen: Generator, text: TextStream) -> Iterator[str]:
+        while not gen.is_done() and not text.stopped:
+            piece = text.push(int(gen.generate_next()[0]))
+            if piece:
+                yield piece
+        piece = text.finish()
+        if piece:
+            yield piece
 
-    def _text(self, tokens: list[int]) -> str:
-        if tokens and tokens[-1] == self.eos_token_id:
-            tokens = tokens[:-1]
-        return self.tokenizer.decode(tokens)
+    # -- serving ---------------------------------------------------------------------------------
+    def serving(self, max_batch: int = 8, max_queue: int = 64, **options):
+        """An async pool that batches concurrent requests continuously: `async with engine.serving() as pool`.
+        See runtime/serving.py (options: max_prefill_tokens, on_step)."""
+        from .serving import Pool
 
-    @staticmethod
-    def _cut_at_stop(text: str, stops: list[str]) -> str:
-        cuts = [text.find(s) for s in stops if s and s in text]
-        return text[: min(cuts)] if cuts else text
+        return Pool(self, max_batch=max_batch, max_queue=max_queue, **options)
 
 
-def load(directory: str | Path, backend: str = "auto", device: str = "cpu", **backend_options) -> Engine:
-    """Open a `gptx export` directory. backend: auto | onnxruntime | torch | tensorrt; device: cpu | cuda."""
+def load(directory: str | Path, backend: str = "auto", device: str = "cpu", verify_weights: bool = False,
+         **backend_options) -> Engine:
+    """Open a `gptx export` directory. backend: auto | onnxruntime | torch | tensorrt; device: cpu | cuda.
+    File sizes are always checked against the manifest; `verify_weights=True` also checks their sha256."""
     directory = Path(directory)
-    manifest = load_manifest(directory)
+    manifest = load_manifest(directory, verify_hashes=verify_weights)
     tokenizer = Tokenizer(directory / manifest["tokenizer"]["file"])
     return Engine(create_backend(backend, manifest, directory, device, **backend_options), tokenizer, manifest)

@@ -35,3 +35,11 @@ class BuildError(GptxError):
 
 class MissingDependency(GptxError):
     """An optional package is not installed; the message names the extra to install."""
+
+
+class GenerationError(GptxError):
+    """Generation cannot go on: the model produced non-finite logits (corrupt weights, fp16 overflow)."""
+
+
+class QueueFull(GptxError):
+    """The serving queue is at its bound; retry later (the HTTP layer answers 429)."""

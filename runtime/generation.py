@@ -1,57 +1,82 @@
-"""The generation loop: left-pad a batch, prefill once, then decode one token at a time.
+"""The fixed-batch loop: claim a row per prompt, prefill them in one call, then decode one token at a time.
 
-Shaped like onnxruntime-genai's Generator (the caller may own the loop) and gpt-fast's
-prefill / decode_one_token split. Backend-agnostic: it only calls `backend.step`.
+Shaped like onnxruntime-genai's Generator (the caller may own the loop) and gpt-fast's prefill /
+decode_one_token split. Backend-agnostic: it runs on the slot KV cache (runtime/kv_cache.py), the same
+machinery the continuous-batching scheduler uses. `on_step(kind, seconds, batch)` reports each graph step
+("prefill" | "decode") so benchmarks time the loop without patching it.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .backends.base import Backend
+from .errors import InvalidInput
+from .kv_cache import KVCache, left_pad  # noqa: F401 (left_pad re-exported: it used to live here)
 from .sampler import Sampler, SamplingParams, validate_sampling
 
+OnStep = Callable[[str, float, int], None]
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) of shape (B, longest prompt); shorter prompts are padded on the left."""
-    longest = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), longest), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        if len(prompt):
-            ids[row, longest - len(prompt):] = prompt
-            mask[row, longest - len(prompt):] = 1
-    return ids, mask
+
+def check_prompt_ids(prompt, vocab_size: int) -> list[int]:
+    """A prompt as a list of ints, each a vocabulary id (floats such as 1.5, bools and strings are refused)."""
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+        raise InvalidInput(f"token ids must be a list of integers, got {type(prompt).__name__}")
+    ids = []
+    for t in np.asarray(prompt).tolist() if isinstance(prompt, np.ndarray) else prompt:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise InvalidInput(f"token ids must be integers, got {t!r}")
+        if not 0 <= t < vocab_size:
+            raise InvalidInput(f"token id {t} is outside the vocabulary [0, {vocab_size})")
+        ids.append(int(t))
+    return ids
+
+
+def resolve_new_tokens(max_new_tokens: int | None, max_length: int | None, longest_prompt: int, context: int) -> int:
+    """max_new_tokens, or max_length (the total incl. the prompt, as in transformers), never both; default 64.
+    Checked against the context before any work."""
+    if max_new_tokens is not None and max_length is not None:
+        raise InvalidInput("pass max_new_tokens or max_length (prompt + new tokens), not both")
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
+            raise InvalidInput(f"max_length must be an integer >= 1, got {max_length!r}")
+        if max_length > context:
+            raise InvalidInput(f"max_length {max_length} exceeds the model's context of {context} tokens")
+        if max_length < longest_prompt:
+            raise InvalidInput(f"max_length {max_length} is shorter than the prompt ({longest_prompt} tokens)")
+        return int(max_length) - longest_prompt
+    new = 64 if max_new_tokens is None else max_new_tokens
+    validate_sampling(max_new_tokens=new)
+    if longest_prompt + new > context:
+        raise InvalidInput(f"prompt of {longest_prompt} tokens + max_new_tokens {new} exceeds the model's "
+                           f"context of {context} tokens")
+    return int(new)
 
 
 class Generator:
-    """Owns one batch's cache, positions and sampler. Use `generate_next()` until `is_done()`."""
+    """Owns one batch's cache rows and sampler. Use `generate_next()` until `is_done()`."""
 
     def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 params: SamplingParams, eos_token_id: int | None, vocab_size: int, pad_id: int = 0):
-        validate_sampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty, max_new_tokens)
+                 params: SamplingParams, eos_token_id: int | None, vocab_size: int, pad_id: int = 0,
+                 on_step: OnStep | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise InvalidInput("every prompt needs at least one token")
+        prompts = [check_prompt_ids(p, vocab_size) for p in prompts]
         longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > backend.block_size:
-            raise ValueError(
-                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
-                f"context of {backend.block_size} tokens"
-            )
-        for p in prompts:
-            bad = [t for t in p if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        max_new_tokens = resolve_new_tokens(max_new_tokens, None, longest, backend.capabilities.max_seq)
         self.backend = backend
+        self.prompts = prompts
         self.max_new_tokens = max_new_tokens
         self.eos_token_id = eos_token_id
+        self.on_step = on_step
         self.sampler = Sampler(params, vocab_size)
         self.batch = len(prompts)
-        self.prompt_ids, self.prompt_mask = left_pad(prompts, pad_id)
-        self.cache = backend.new_cache(self.batch, max(longest + max_new_tokens, 1))
-        self.next_pos = self.prompt_mask.sum(axis=1)  # position of each row's next token
+        # the window starts at the bucket holding the prompts and grows as tokens come (attention covers ~filled slots)
+        self.cache = KVCache(backend, self.batch, longest + 1, pad_id=pad_id)
+        self.rows = [self.cache.claim() for _ in prompts]
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.steps = 0
         self.finished = np.zeros(self.batch, dtype=bool)
@@ -59,17 +84,23 @@ class Generator:
         if params.repetition_penalty != 1.0:
             self.seen = np.zeros((self.batch, vocab_size), dtype=bool)
             for row, p in enumerate(prompts):
-                self.seen[row, list(p)] = True
+                self.seen[row, p] = True
         self.last_logits: np.ndarray | None = None
+        self.last_ids: np.ndarray | None = None
 
     def prefill(self) -> np.ndarray:
-        positions = np.clip(np.cumsum(self.prompt_mask, axis=1) - 1, 0, None)
-        return self.backend.step(self.prompt_ids, positions, self.prompt_mask, self.cache)
+        t = time.perf_counter()
+        logits = self.cache.prefill(self.rows, self.prompts)
+        if self.on_step is not None:
+            self.on_step("prefill", time.perf_counter() - t, self.batch)
+        return logits
 
     def decode_one_token(self, ids: np.ndarray) -> np.ndarray:
-        positions = self.next_pos[:, None].copy()
-        self.next_pos += 1
-        return self.backend.step(ids[:, None].astype(np.int64), positions, np.ones((self.batch, 1), np.int64), self.cache)
+        t = time.perf_counter()
+        logits = self.cache.decode(ids)
+        if self.on_step is not None:
+            self.on_step("decode", time.perf_counter() - t, self.batch)
+        return logits
 
     def is_done(self) -> bool:
         return bool(self.finished.all()) or self.steps >= self.max_new_tokens
@@ -78,7 +109,7 @@ class Generator:
         """Sample one token for every row; rows already finished get -1."""
         if self.is_done():
             raise RuntimeError("generation is finished")
-        if self.last_logits is None:
+        if self.last_ids is None:
             self.last_logits = self.prefill()
         else:
             self.last_logits = self.decode_one_token(self.last_ids)
@@ -86,9 +117,9 @@ class Generator:
         self.steps += 1
         self.last_ids = ids
         out = np.where(self.finished, -1, ids)
-        for row, tok in enumerate(out):
+        for row, tok in enumerate(out.tolist()):
             if tok >= 0:
-                self.tokens[row].append(int(tok))
+                self.tokens[row].append(tok)
                 if self.seen is not None:
                     self.seen[row, tok] = True
         if self.eos_token_id is not None:

@@ -1,34 +1,155 @@
-"""Static KV cache bookkeeping: which slots are filled, and the attention mask the graph needs.
+"""The slot KV cache: `rows` x `window` slots per layer, one row per sequence, each with its own length.
 
-The buffers themselves ([B, n_head, capacity, head_dim] per layer and K/V) belong to the backend
-(numpy arrays, torch tensors, GPU buffers); this class only tracks the slots, so every backend
-shares the same rules. Capacity is fixed up front (prompt + max_new_tokens), as in gpt-fast.
+Row r holds lengths[r] tokens in slots [0, lengths[r]); rows [0, active) are in use and kept contiguous
+(`free` moves the last active row into the hole), so the past of a step is `buf[:active]`: a view, no copy.
+The window grows in WINDOW_STEP buckets up to the model's context by reallocating (an amortised copy), so
+attention only covers about the filled slots instead of the whole context.
+
+This is the only place that knows the graph's cache contract (see gpt_export/kv_step.py): the past is fed
+whole with `attention_mask` marking filled slots, each row's position is its own length, and the graph returns
+only the new tokens' keys/values, which are written here at each row's own offset. Per-row masks and
+positions are what the exported graph already takes: continuous batching needs no re-export.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+
+from .backends.base import Array, Backend
+from .errors import GptxError
+
+WINDOW_STEP = 64
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) of shape (B, longest prompt); shorter prompts are padded on the left."""
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), longest), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, longest - len(prompt):] = prompt
+            mask[row, longest - len(prompt):] = 1
+    return ids, mask
 
 
 class KVCache:
-    def __init__(self, batch: int, capacity: int, storage):
-        self.batch = batch
-        self.capacity = capacity
-        self.length = 0
-        self.slot_mask = np.zeros((batch, capacity), dtype=np.int64)
-        self.storage = storage
+    """rows x window slots per layer; row r holds lengths[r] tokens at [0, lengths[r]); rows [0, active) in use."""
 
-    def graph_mask(self, new_mask: np.ndarray) -> np.ndarray:
-        """The graph's attention_mask: [filled cache slots | new tokens]. An empty cache is passed as past length 0."""
-        if self.length == 0:
-            return new_mask
-        return np.concatenate([self.slot_mask, new_mask], axis=1)
+    def __init__(self, backend: Backend, rows: int, window: int = WINDOW_STEP, pad_id: int = 0):
+        self.backend = backend
+        self.rows = rows
+        self.max_seq = backend.capabilities.max_seq
+        self.pad_id = pad_id
+        self.lengths = np.zeros(rows, dtype=np.int64)
+        self.active = 0
+        self.window = 0
+        self.buffers: list[Array] = []
+        self._row_index = np.arange(rows)
+        self._resize(window)
 
-    def check_room(self, new_len: int) -> None:
-        if self.length + new_len > self.capacity:
-            raise ValueError(f"KV cache full: {self.length} + {new_len} tokens > capacity {self.capacity}")
+    # ------------------------------------------------------------------------------------------ rows
+    def claim(self) -> int:
+        """The next free row (always `active`, so the active rows stay contiguous)."""
+        if self.active == self.rows:
+            raise GptxError(f"all {self.rows} cache rows are in use")
+        row = self.active
+        self.lengths[row] = 0
+        self._mask[row, : self.window] = 0
+        self.active += 1
+        return row
 
-    def commit(self, new_mask: np.ndarray) -> None:
-        n = new_mask.shape[1]
-        self.slot_mask[:, self.length:self.length + n] = new_mask
-        self.length += n
+    def free(self, row: int) -> int | None:
+        """Release `row`; the last active row moves into it (one row copied per buffer, never the whole cache).
+        Returns the old index of the row that moved, or None when `row` was the last one."""
+        if not 0 <= row < self.active:
+            raise IndexError(f"row {row} is not active (active rows: {self.active})")
+        last = self.active - 1
+        self.active = last
+        if row == last:
+            return None
+        for buf in self.buffers:
+            buf[row] = buf[last]
+        self.lengths[row] = self.lengths[last]
+        self._mask[row] = self._mask[last]
+        self._views = None
+        return last
+
+    # ------------------------------------------------------------------------------------------ steps
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Run the prompts of (claimed, empty) `rows` in ONE left-padded graph call; (k, V) last-position logits.
+
+        The past is empty, or `min_past` masked dummy slots where the backend cannot take an empty one
+        (TensorRT); each row's real tokens' keys/values are then copied into its slots [0, len)."""
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        if lens.min(initial=1) < 1:
+            raise GptxError("every prompt needs at least one token")
+        if lens.max() > self.max_seq:
+            raise GptxError(f"a prompt of {lens.max()} tokens exceeds the context of {self.max_seq}")
+        self._grow_to(int(lens.max()))
+        ids, mask = left_pad(prompts, self.pad_id)
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        k, width = ids.shape
+        min_past = self.backend.capabilities.min_past
+        past = self.backend.allocate(k, min_past)
+        if min_past:
+            mask = np.concatenate([np.zeros((k, min_past), np.int64), mask], axis=1)
+        logits, presents = self.backend.run(ids, mask, positions, past)
+        # one gather/scatter per buffer: row i's slot s <- present position (width - len_i + s)
+        src_row = np.repeat(np.arange(k), lens)
+        dst_slot = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        src_pos = dst_slot + np.repeat(width - lens, lens)
+        dst_row = np.asarray(rows, dtype=np.int64)[src_row]
+        for buf, new in zip(self.buffers, presents):
+            buf[dst_row, :, dst_slot] = new[src_row, :, src_pos]
+        rows = np.asarray(rows, dtype=np.int64)
+        self.lengths[rows] = lens
+        self._mask[rows, : self.window] = np.arange(self.window)[None, :] < lens[:, None]
+        return logits
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """One token for every active row (tokens: (active,)); (active, V) logits. Each row attends to its own
+        filled slots, sits at its own position and has its new keys/values written at its own offset."""
+        a = self.active
+        lengths = self.lengths[:a]
+        longest = int(lengths.max())
+        if longest >= self.window:
+            if longest >= self.max_seq:
+                raise GptxError(f"a row is full: {longest} tokens fill the context of {self.max_seq}")
+            self._grow_to(longest + 1)
+        if self._views is None or len(self._views[0]) != a:
+            self._views = [buf[:a] for buf in self.buffers]
+        ids = np.asarray(tokens, dtype=np.int64).reshape(a, 1)
+        logits, presents = self.backend.run(ids, self._mask[:a], lengths[:, None], self._views)
+        if a == 1 or lengths[0] == lengths[-1] and (lengths == lengths[0]).all():
+            slot = int(lengths[0])  # one slot column for every row: a plain slice, ~4x cheaper than indexing
+            for buf, new in zip(self.buffers, presents):
+                buf[:a, :, slot:slot + 1] = new
+            self._mask[:a, slot] = 1
+        else:
+            rows = self._row_index[:a]
+            for buf, new in zip(self.buffers, presents):
+                buf[rows, :, lengths] = new[:, :, 0]
+            self._mask[rows, lengths] = 1
+        lengths += 1
+        return logits
+
+    # ------------------------------------------------------------------------------------------ window
+    def _grow_to(self, slots: int) -> None:
+        if slots > self.window:
+            self._resize(slots)
+
+    def _resize(self, slots: int) -> None:
+        """Reallocate to the next WINDOW_STEP bucket holding `slots` (capped at the context); copy active rows."""
+        window = min(-(-max(slots, 1) // WINDOW_STEP) * WINDOW_STEP, self.max_seq)
+        old, old_window, a = self.buffers, self.window, self.active
+        self.buffers = self.backend.allocate(self.rows, window)
+        for buf, prev in zip(self.buffers, old):
+            buf[:a, :, :old_window] = prev[:a]
+        mask = np.zeros((self.rows, window + 1), dtype=np.int64)
+        mask[:, window] = 1  # the column of the token being decoded
+        if old_window:
+            mask[:a, :old_window] = self._mask[:a, :old_window]
+        self._mask, self.window, self._views = mask, window, None

@@ -2,32 +2,93 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 
-from .errors import GptxError
+from .errors import GptxError, InvalidInput
 
 DEFAULT_VOCAB = Path(__file__).parent / "data" / "gpt2.tiktoken"
 ENDOFTEXT = "<|endoftext|>"
 # GPT-2's pre-tokenizer regex (same as tiktoken's r50k_base), kept here so no network lookup is needed.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+MAX_VOCAB_FILE_BYTES = 64 << 20  # GPT-2's files are under 1 MB; refuse to read anything absurdly large
+
+
+# The vocabulary files are read here rather than with tiktoken.load: its loaders cache every file they read
+# under the system temp dir keyed by the *path* (not the content), so a replaced vocab file would be silently
+# ignored, and a file planted there by another user would be trusted. Their parse errors also echo file lines.
+def _read(path: Path) -> bytes:
+    if path.stat().st_size > MAX_VOCAB_FILE_BYTES:
+        raise GptxError(f"{path} is larger than {MAX_VOCAB_FILE_BYTES >> 20} MB: not a GPT-2 BPE vocabulary")
+    return path.read_bytes()
+
+
+def _tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """A .tiktoken file: one `<base64 token> <rank>` per line."""
+    ranks = {}
+    for number, line in enumerate(_read(path).splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        entry = None
+        if len(parts) == 2:
+            try:
+                entry = base64.b64decode(parts[0], validate=True), int(parts[1])
+            except ValueError:  # binascii.Error is one: these two conversions only
+                pass
+        if entry is None:
+            raise GptxError(f"{path} line {number} is not '<base64 token> <rank>': not a GPT-2 BPE vocabulary")
+        ranks[entry[0]] = entry[1]
+    return ranks
+
+
+def _hf_ranks(vocab_json: Path, merges: Path) -> dict[bytes, int]:
+    """Hugging Face's vocab.json + merges.txt; merged tokens' ids must follow the merge order (as tiktoken checks)."""
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    not_bpe = GptxError(f"{vocab_json.parent}: vocab.json / merges.txt are not a GPT-2 byte-level BPE vocabulary")
+    try:
+        vocab = json.loads(_read(vocab_json).decode("utf-8"))
+        merge_lines = [line.split() for line in _read(merges).decode("utf-8").splitlines()[1:]]  # 1st: "#version"
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError
+        raise not_bpe from None
+    if not isinstance(vocab, dict) or not all(isinstance(r, int) for r in vocab.values()):
+        raise not_bpe
+    if any(len(pair) != 2 for pair in merge_lines if pair):
+        raise not_bpe
+    try:
+        ranks = {bytes(byte_of[c] for c in token): rank for token, rank in vocab.items()
+                 if token not in (ENDOFTEXT, "<|startoftext|>")}
+        merged = [bytes(byte_of[c] for c in a + b) for a, b in (pair for pair in merge_lines if pair)]
+    except KeyError:  # a character outside GPT-2's byte-to-unicode map
+        raise not_bpe from None
+    if any(ranks.get(token) != 256 + i for i, token in enumerate(merged)):
+        raise GptxError(f"{vocab_json.parent}: merges.txt does not match the ids in vocab.json")
+    return ranks
 
 
 def _load_ranks(vocab_file: Path) -> dict[bytes, int]:
-    """Ranks from a .tiktoken file, an HF directory, or a vocab.json with merges.txt beside it."""
+    """Ranks from a .tiktoken file, an HF directory, or a vocab.json with merges.txt beside it, checked to be usable."""
     if vocab_file.is_dir():
         vocab_json, merges = vocab_file / "vocab.json", vocab_file / "merges.txt"
     elif vocab_file.name.endswith(".json"):
         vocab_json, merges = vocab_file, vocab_file.with_name("merges.txt")
     else:
-        return load_tiktoken_bpe(str(vocab_file))
-    if not (vocab_json.is_file() and merges.is_file()):
+        vocab_json = None
+    if vocab_json is None:
+        ranks = _tiktoken_ranks(vocab_file)
+    elif vocab_json.is_file() and merges.is_file():
+        ranks = _hf_ranks(vocab_json, merges)
+    else:
         raise GptxError(f"{vocab_file}: need vocab.json and merges.txt side by side")
-    return data_gym_to_mergeable_bpe_ranks(str(merges), str(vocab_json))
+    if not ranks:
+        raise GptxError(f"{vocab_file} holds no BPE ranks (an empty file?): not a GPT-2 BPE vocabulary")
+    if sorted(ranks.values()) != list(range(len(ranks))) or not all(bytes([b]) in ranks for b in range(256)):
+        raise GptxError(f"{vocab_file}: the ranks must be 0..n-1 and cover all 256 bytes: not a GPT-2 BPE vocabulary")
+    return ranks
 
 
 class Tokenizer:
@@ -37,12 +98,7 @@ class Tokenizer:
         path = Path(vocab_file) if vocab_file is not None else DEFAULT_VOCAB
         if not path.exists():
             raise GptxError(f"tokenizer file not found: {path}")
-        try:
-            ranks = _load_ranks(path)
-        except GptxError:
-            raise
-        except Exception as e:  # tiktoken raises assorted errors for files that are not BPE ranks
-            raise GptxError(f"{path} is not a GPT-2 BPE vocabulary: {e}") from None
+        ranks = _load_ranks(path)
         self.vocab_file = path
         self.eot_token = len(ranks)  # GPT-2 puts <|endoftext|> right after the 50256 BPE ranks
         self._enc = tiktoken.Encoding(
@@ -61,18 +117,50 @@ class Tokenizer:
             return self._enc.encode(text, allowed_special="all")
         return self._enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False, *, pad_to: int | str | None = None,
+                     pad_id: int | None = None, return_mask: bool = False):
+        """Token lists for a list of texts, as HF tokenizers give them.
+
+        pad_to None (default): each row keeps its own length (`GPT.forward` takes such ragged lists as they are).
+        pad_to="longest" or a length: rows are padded on the right with `pad_id` (default: <|endoftext|>, GPT-2's
+        usual pad); a text longer than that length is an error, never cut silently.
+        return_mask=True: returns (ids, attention_mask), the mask 1 for real tokens and 0 for padding.
+        """
         if isinstance(texts, str):
             raise TypeError("encode_batch expects a list of str; use encode for a single text")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"encode_batch expects a list of str; item {i} is a {type(text).__name__}")
         if allow_special:
-            return self._enc.encode_batch(list(texts), allowed_special="all")
-        return self._enc.encode_ordinary_batch(list(texts))
+            ids = self._enc.encode_batch(texts, allowed_special="all")
+        else:
+            ids = self._enc.encode_ordinary_batch(texts)
+        lengths = [len(row) for row in ids]
+        if pad_to is not None:
+            width = self._pad_width(pad_to, lengths)
+            pad = self.eot_token if pad_id is None else self._check_ids([pad_id])[0]
+            ids = [row + [pad] * (width - len(row)) for row in ids]
+        if not return_mask:
+            return ids
+        return ids, [[1] * n + [0] * (len(row) - n) for row, n in zip(ids, lengths)]
+
+    @staticmethod
+    def _pad_width(pad_to, lengths: list[int]) -> int:
+        if pad_to == "longest":
+            return max(lengths, default=0)
+        if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to <= 0:
+            raise InvalidInput(f"pad_to must be None, 'longest' or a positive int, got {pad_to!r}")
+        for i, n in enumerate(lengths):
+            if n > pad_to:
+                raise InvalidInput(f"text {i} is {n} tokens, longer than pad_to={pad_to}")
+        return pad_to
 
     def _check_ids(self, tokens: Iterable[int]) -> list[int]:
         ids = [int(t) for t in tokens]
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the tokenizer vocabulary [0, {self.vocab_size})")
+            raise InvalidInput(f"token id {bad[0]} is outside the tokenizer vocabulary [0, {self.vocab_size})")
         return ids
 
     def decode_bytes(self, tokens: Iterable[int]) -> bytes:

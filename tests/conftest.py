@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +67,54 @@ def engine(export_dir):
     return runtime.load(export_dir, backend="onnxruntime")
 
 
+@pytest.fixture(scope="session")
+def shakespeare_dir(tmp_path_factory):
+    """An fp32 export of the bundled trained model: peaked logits, so greedy ties never flip on ULP noise
+    (what batch-invariance tests need). Context 128."""
+    from gpt_export.export import export
+
+    out = tmp_path_factory.mktemp("exports") / "shakespeare"
+    export("shakespeare", out, validate=False, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shakespeare_dir):
+    import runtime
+
+    return runtime.load(shakespeare_dir, backend="onnxruntime")
+
+
+EOS_PROBABILITY = 0.25
+
+
+@pytest.fixture(scope="session")
+def eos_dir(tmp_path_factory):
+    """A tiny GPT whose next-token distribution is the same at every step, with <|endoftext|> at probability
+    EOS_PROBABILITY: sampling meets end-of-text after a few tokens, greedy never does (another token is likelier)."""
+    from gpt_export.export import export
+    from gpt_export.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=50257)).eval()
+    eos = 50256
+    with torch.no_grad():
+        wte = model.transformer.wte.weight  # tied to the LM head
+        wte.normal_(0, 0.5)
+        b = torch.randn(32)
+        model.transformer.ln_f.weight.zero_()  # ln_f(x) = b whatever x: the logits are wte @ b at every step
+        model.transformer.ln_f.bias.copy_(b)
+        others = wte[:eos] @ b
+        # one token far likelier than EOS, so greedy never ends but sampling does
+        wte[464] = b * (float(torch.logsumexp(others, 0)) + 3.0) / b.dot(b)  # "The"
+        others = wte[:eos] @ b
+        target = float(torch.logsumexp(others, 0)) + float(np.log(EOS_PROBABILITY / (1 - EOS_PROBABILITY)))
+        wte[eos] = b * target / b.dot(b)
+    out = tmp_path_factory.mktemp("exports") / "eos"
+    export(model, out, validate=False, progress=False)
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need CUDA (and their own importorskip for TensorRT); skip them with a reason elsewhere."""
     if has_cuda():
@@ -74,3 +123,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class PoisonedBackend:
+    """A real backend whose graph calls misbehave for marked rows: NaN logits where the row's input token is
+    `nan_token`, an exception for a call holding `boom_token`. For failure-isolation tests of the scheduler."""
+
+    def __init__(self, backend, nan_token: int = 50000, boom_token: int = 50001):
+        self.inner, self.nan_token, self.boom_token = backend, nan_token, boom_token
+        self.name, self.capabilities, self.manifest = backend.name, backend.capabilities, backend.manifest
+
+    def allocate(self, rows, window):
+        return self.inner.allocate(rows, window)
+
+    def run(self, input_ids, attention_mask, position_ids, past):
+        if (input_ids[:, -1] == self.boom_token).any():
+            raise RuntimeError("the device fell over")
+        logits, presents = self.inner.run(input_ids, attention_mask, position_ids, past)
+        logits[input_ids[:, -1] == self.nan_token] = np.nan
+        return logits, presents
+
+
+def shakespeare_prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts of different lengths (1 to ~40 tokens) cut from the bundled text."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "gpt_export" / "data" / "tinyshakespeare.txt").read_text()[:20000]
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(text) - 400, n)
+    lengths = rng.integers(1, 160, n)
+    return [text[s:s + n_chars] for s, n_chars in zip(starts, lengths)]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train faster (and deterministically) on one thread on a busy 2-core box; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gpt_export.classifier import GPTClassifier, accuracy, finetune_classifier, pad_batch, predict
+from gpt_export.classifier import GPTClassifier, accuracy, batch_and_mask, finetune_classifier, predict
 from gpt_export.model import GPT, GPTConfig
 
 PAD, TARGET, VOCAB = 0, 7, 64
@@ -82,7 +82,7 @@ def test_lists_of_different_lengths_are_padded():
     assert logits.shape == (2, 2) and loss.ndim == 0
     short, _ = model(torch.tensor([[4, 5]]))
     torch.testing.assert_close(logits[1], short[0])
-    idx, mask = pad_batch([[1, 2, 3], [4]], pad_token_id=9)
+    idx, mask = batch_and_mask([[1, 2, 3], [4]], pad_token_id=9)
     assert idx.tolist() == [[1, 2, 3], [4, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     probs = predict(model, [[1, 2, 3], [4, 5]], return_probs=True)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2))

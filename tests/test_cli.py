@@ -1,10 +1,14 @@
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+import cli
 from cli import app
 
 runner = CliRunner()
@@ -86,9 +90,10 @@ def test_bad_input_is_one_clear_line(args, needle):
 
 def test_invalid_option_values(export_dir):
     result = runner.invoke(app, ["generate", str(export_dir), "hi", "--top-p", "2"])
-    assert result.exit_code == 1 and "top_p" in result.output and "Traceback" not in result.output
-    result = runner.invoke(app, ["generate", str(export_dir), "hi", "-n", "500"])
+    assert result.exit_code == 1 and "--top-p" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["generate", str(export_dir), "PROMPT-NOT-ECHOED", "-n", "500"])
     assert result.exit_code == 1 and "context" in result.output
+    assert "PROMPT-NOT-ECHOED" not in result.output  # the prompt is printed only once the arguments are valid
 
 
 def test_hub_offline_export_is_clear_and_quick(tmp_path, monkeypatch):
@@ -106,3 +111,171 @@ def test_export_cli_end_to_end(hf_dir, tmp_path):
     assert "validation" in result.output and (out / "manifest.json").is_file()
     again = runner.invoke(app, ["export", str(hf_dir), "--out", str(out)])
     assert again.exit_code == 1 and "--force" in again.output
+    forced = runner.invoke(app, ["export", str(hf_dir), "--out", str(out), "--force", "--no-validate"])
+    assert forced.exit_code == 0, forced.output
+    assert "validate against PyTorch" not in forced.output and "validation" not in json.loads(
+        (out / "manifest.json").read_text())
+
+
+def test_choices_come_from_the_library_tables():
+    from runtime.backends import BACKENDS
+    from runtime.manifest import ENGINE_PRECISIONS, EXPORT_DTYPES, QUANT_SCHEMES
+
+    assert [b.value for b in cli.Backend] == ["auto", *BACKENDS]
+    assert [d.value for d in cli.DType] == list(EXPORT_DTYPES)
+    assert [q.value for q in cli.Quantize] == list(QUANT_SCHEMES)
+    assert [p.value for p in cli.Precision] == list(ENGINE_PRECISIONS)
+    from gpt_export.optimize import QUANT_BITS
+
+    assert set(QUANT_SCHEMES) == set(QUANT_BITS)  # the exporter's quantizer knows every scheme the CLI offers
+
+
+def test_quantize_typo_is_rejected_before_any_work(tmp_path):
+    import time
+
+    start = time.perf_counter()
+    result = runner.invoke(app, ["export", "random:gpt2", "--out", str(tmp_path / "q"), "--quantize", "int3"])
+    assert result.exit_code == 1 and "'--quantize'" in result.output and "int8" in result.output
+    assert "load model" not in result.output and not (tmp_path / "q").exists()
+    assert time.perf_counter() - start < 10  # the parser, not a 20 s trace of GPT-2
+
+
+def test_user_text_is_never_taken_as_markup(export_dir, tmp_path):
+    weird = tmp_path / ":x: [red]dir[/red]"
+    result = runner.invoke(app, ["info", str(weird)])
+    assert result.exit_code == 1 and ":x: [red]dir[/red]" in result.output and "❌" not in result.output
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["source"] = ":x: [bold]source[/bold]"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shown = runner.invoke(app, ["info", str(copy)])
+    assert shown.exit_code == 0 and ":x: [bold]source[/bold]" in shown.output and "❌" not in shown.output
+    prompt = runner.invoke(app, ["generate", str(export_dir), ":x: [red]hi", "-n", "2", "--temperature", "0"])
+    assert prompt.exit_code == 0 and prompt.output.startswith(":x: [red]hi")
+
+
+def test_stop_escapes():
+    assert cli.unescape(r"\n") == "\n" and cli.unescape(r"a\tb") == "a\tb" and cli.unescape(r"\r\n") == "\r\n"
+    assert cli.unescape(r"\\n") == r"\n"  # an escaped backslash stays one backslash
+    assert cli.unescape(r"C:\data") == r"C:\data"  # other backslashes are left alone
+    assert cli.unescape("END") == "END"
+
+
+@pytest.fixture(scope="module")
+def shakespeare_dir(tmp_path_factory):
+    from gpt_export.export import export
+
+    out = tmp_path_factory.mktemp("sample") / "shakespeare"
+    export("shakespeare", out, progress=False, validate=False)
+    return out
+
+
+def test_stop_at_newline_typed_as_backslash_n(shakespeare_dir):
+    args = ["generate", str(shakespeare_dir), "ROMEO:", "-n", "60", "--temperature", "0"]
+    free = runner.invoke(app, args)
+    assert free.exit_code == 0 and "\n" in free.output.rstrip("\n")[len("ROMEO:"):]  # the sample writes lines
+    stopped = runner.invoke(app, [*args, "--stop", "\\n"])  # what a shell passes for --stop "\n"
+    assert stopped.exit_code == 0
+    text = stopped.output[len("ROMEO:"):].rstrip("\n")
+    assert "\n" not in text and free.output.startswith("ROMEO:" + text)
+
+
+def test_max_length_counts_the_prompt(export_dir):
+    import runtime
+
+    prompt = "Hello there"
+    n_prompt = len(runtime.load(export_dir).tokenizer.encode(prompt))
+    by_length = runner.invoke(app, ["generate", str(export_dir), prompt, "--max-length", str(n_prompt + 5),
+                                    "--temperature", "0"])
+    by_count = runner.invoke(app, ["generate", str(export_dir), prompt, "-n", "5", "--temperature", "0"])
+    assert by_length.exit_code == 0, by_length.output
+    assert by_length.output == by_count.output
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_asks_for_a_report(export_dir, monkeypatch):
+    import runtime.manifest
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(runtime.manifest, "load_manifest", broken)
+    result = runner.invoke(app, ["info", str(export_dir)])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "simulated bug" in result.output and "please report" in result.output
+
+
+# ---------------------------------------------------------------------------------------------- runtime-only install
+REPO = Path(__file__).resolve().parents[1]
+RUNTIME_PACKAGES = ("numpy", "onnxruntime", "tiktoken", "typer", "rich")
+
+
+@pytest.fixture(scope="session")
+def runtime_venv():
+    """A virtual environment with `pip install .` only (the runtime: no torch), reused across runs.
+
+    Built from the wheels of this environment's versions (pip's cache after the main install, the index
+    otherwise). CI (CI=true) fails here if it cannot be built; elsewhere the tests skip, saying why.
+    """
+    from importlib.metadata import version
+
+    venv = Path(os.environ.get("GPTX_RUNTIME_VENV", REPO / ".venv-runtime"))
+    python = venv / "bin" / "python"
+    stamp = venv / "gptx-stamp"
+    pins = "\n".join(f"{name}=={version(name)}" for name in RUNTIME_PACKAGES)
+    key = pins + "\n" + (REPO / "pyproject.toml").read_text()
+    if not (python.is_file() and stamp.is_file() and stamp.read_text() == key):
+        shutil.rmtree(venv, ignore_errors=True)
+        constraints = venv.parent / ".gptx-runtime-constraints.txt"
+        steps = [[sys.executable, "-m", "venv", str(venv)],
+                 [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c",
+                  str(constraints), "-e", str(REPO)]]
+        try:
+            constraints.write_text(pins + "\n")
+            for step in steps:
+                proc = subprocess.run(step, capture_output=True, text=True, timeout=900)
+                if proc.returncode:
+                    raise RuntimeError(f"{' '.join(step[:4])}... failed: {proc.stderr.strip()[-800:]}")
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            shutil.rmtree(venv, ignore_errors=True)
+            message = f"could not build the runtime-only virtual environment: {e}"
+            if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+                pytest.fail(message)
+            pytest.skip(message)
+        finally:
+            constraints.unlink(missing_ok=True)
+        stamp.write_text(key)
+    return venv
+
+
+def run_in(venv: Path, *args, timeout=300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return subprocess.run([str(venv / "bin" / args[0]), *args[1:]], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=str(venv.parent))
+
+
+def test_runtime_only_install_runs_info_generate_and_bench(runtime_venv, export_dir, tmp_path):
+    no_torch = run_in(runtime_venv, "python", "-c", "import torch")
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    which = run_in(runtime_venv, "python", "-c", "import cli; print(cli.__file__)")
+    assert which.stdout.strip() == str(REPO / "cli.py")  # this checkout, through the install's console script
+
+    info = run_in(runtime_venv, "gptx", "info", str(export_dir))
+    assert info.returncode == 0 and "files:   OK" in info.stdout, info.stderr
+    gen = run_in(runtime_venv, "gptx", "generate", str(export_dir), "Hello", "-n", "5", "--temperature", "0")
+    assert gen.returncode == 0 and gen.stdout.startswith("Hello") and len(gen.stdout.strip()) > 5, gen.stderr
+    report = tmp_path / "bench.json"
+    bench = run_in(runtime_venv, "gptx", "bench", str(export_dir), "--prompt-len", "8", "--new-tokens", "8",
+                   "--runs", "1", "--json", str(report))
+    assert bench.returncode == 0, bench.stderr
+    results = json.loads(report.read_text())["results"]
+    assert [r["backend_name"] for r in results] == ["onnxruntime"] and results[0]["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("args", [["export", "shakespeare", "--out", "x"], ["verify", "{export}"],
+                                  ["generate", "{export}", "hi", "--backend", "torch"]])
+def test_commands_that_need_torch_say_which_extra(runtime_venv, export_dir, args):
+    result = run_in(runtime_venv, "gptx", *[a.format(export=export_dir) for a in args])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "torch" in lines[0] and "pip install" in lines[0], result.stderr

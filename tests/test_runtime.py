@@ -41,13 +41,69 @@ def test_repetition_penalty_direction():
     assert out.tolist() == [[1.0, -4.0, 1.0]]
 
 
+def draws(sampler, logits, steps):
+    return np.stack([sampler(logits) for _ in range(steps)])
+
+
 def test_sampler_seed_reproducible_and_distribution_right():
-    logits = np.log(np.array([[0.7, 0.2, 0.1]] * 4000))
-    a = Sampler(SamplingParams(temperature=1.0, seed=3), 3)(logits)
-    b = Sampler(SamplingParams(temperature=1.0, seed=3), 3)(logits)
-    assert np.array_equal(a, b)
+    logits = np.log(np.array([[0.7, 0.2, 0.1]]))
+    a = draws(Sampler(SamplingParams(temperature=1.0, seed=3), 3), logits, 4000)[:, 0]
+    b = draws(Sampler(SamplingParams(temperature=1.0, seed=3), 3), logits, 4000)[:, 0]
+    c = draws(Sampler(SamplingParams(temperature=1.0, seed=4), 3), logits, 4000)[:, 0]
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
     freq = np.bincount(a, minlength=3) / len(a)
     assert np.allclose(freq, [0.7, 0.2, 0.1], atol=0.03)
+
+
+def test_sampler_rows_are_independent():
+    """Each row has its own RNG: a row's draws are the same alone or beside other rows (one seed per batch gives
+    every row default_rng(seed), so equal rows draw equally)."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 500)).astype(np.float32) * 2
+    params = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=11)
+    together = draws(Sampler(params, 500), logits, 30)
+    for row in range(3):
+        alone = draws(Sampler(params, 500), logits[row:row + 1], 30)[:, 0]
+        assert np.array_equal(together[:, row], alone)
+    same = draws(Sampler(params, 500), np.repeat(logits[:1], 2, axis=0), 30)
+    assert np.array_equal(same[:, 0], same[:, 1]) and len(set(same[:, 0])) > 3
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, 0.9), (None, 0.999), (None, 0.3), (40, None), (40, 0.5), (1, 0.9),
+                                          (None, 1.0), (None, None)])
+def test_candidate_set_follows_the_filter_rules(top_k, top_p):
+    """The fast path (argpartition a top-m set, sort the whole row only when it holds < p) keeps exactly the tokens
+    top_p_filter(top_k_filter(...)) keeps; 0.999 of a flat distribution forces the full-sort fallback."""
+    from runtime.sampler import candidates
+
+    rng = np.random.default_rng(1)
+    for scale in (0.5, 4.0):
+        x = (rng.standard_normal(50257) * scale).astype(np.float32)
+        params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
+        ids, cand = candidates(x, params)
+        ids = np.arange(len(x)) if ids is None else ids
+        scaled = (x / np.float32(0.7)).astype(np.float64)  # the rules in float64: float32 sums drift over 50k
+        expected = np.flatnonzero(np.isfinite(top_p_filter(top_k_filter(scaled, top_k), top_p)))
+        assert sorted(ids.tolist()) == expected.tolist()
+        np.testing.assert_allclose(cand, x[ids] / np.float32(0.7), rtol=1e-6)
+
+
+def test_sampler_top_k_draws_only_the_k_best():
+    logits = np.array([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    got = draws(Sampler(SamplingParams(temperature=5.0, top_k=2, seed=0), 6), logits, 300)[:, 0]
+    assert set(got.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=2.0), dict(top_k=True), dict(top_k="5"), dict(temperature="1"),
+                                    dict(temperature=True), dict(top_p="0.5"), dict(seed=-1), dict(seed=1.5),
+                                    dict(seed=True), dict(repetition_penalty=float("nan"))])
+def test_sampling_types_are_checked_up_front(kwargs, engine):
+    from runtime.errors import InvalidInput
+
+    with pytest.raises(InvalidInput):
+        SamplingParams(**kwargs)
+    with pytest.raises(InvalidInput):  # before any work, not mid-generation
+        engine.generate("hello", 4, **kwargs)
 
 
 def test_sampler_never_picks_padded_vocab():
@@ -102,31 +158,63 @@ def test_generator_api_lets_caller_own_the_loop(engine):
     while not gen.is_done():
         seen.append(int(gen.generate_next()[0]))
     assert seen == gen.tokens[0] == engine.generate_ids([464, 2068], 5, temperature=0, stop_at_eos=False)
-    assert gen.cache.length == 2 + 4  # the last sampled token is never fed back
+    assert gen.cache.lengths[0] == 2 + 4  # the last sampled token is never fed back
 
 
-def test_kv_cache_is_preallocated_and_written_in_place(engine):
+def test_generator_cache_is_written_in_place_and_grows_in_buckets(engine, shakespeare):
+    """A fixed batch writes into the same buffers while its window holds the sequence (64 slots here), and a
+    longer generation grows the window to the next 64-slot bucket, with the same tokens as one big window."""
     gen = engine.generator([[464, 2068, 7586]], 8, temperature=0, stop_at_eos=False)
-    buffers = gen.cache.storage["buffers"]
-    ids_before = [id(b) for b in buffers]
+    buffers = list(gen.cache.buffers)
+    assert len(buffers) == 2 * 2 and buffers[0].shape == (1, 2, 64, 16)
     while not gen.is_done():
         gen.generate_next()
-    assert [id(b) for b in gen.cache.storage["buffers"]] == ids_before
-    assert buffers[0].shape[2] == 3 + 8
-    assert np.abs(buffers[0][:, :, : gen.cache.length]).sum() > 0
-    assert np.all(buffers[0][:, :, gen.cache.length:] == 0)
+    assert all(a is b for a, b in zip(gen.cache.buffers, buffers))
+    assert gen.cache.lengths.tolist() == [3 + 7]
+
+    long = shakespeare.generator([[464, 2068, 7586]], 100, temperature=0, stop_at_eos=False)
+    windows = set()
+    while not long.is_done():
+        long.generate_next()
+        windows.add(long.cache.window)
+    assert windows == {64, 128}
+    # the same tokens as the old fixed layout would give: a row alone in a cache sized up front
+    from runtime.kv_cache import KVCache
+
+    cache = KVCache(shakespeare.backend, 1, 128)
+    cache.claim()
+    tokens = [int(np.argmax(cache.prefill([0], [[464, 2068, 7586]])[0]))]
+    for _ in range(99):
+        tokens.append(int(np.argmax(cache.decode(np.array(tokens[-1:]))[0])))
+    assert long.tokens[0] == tokens
 
 
 def test_runtime_works_without_torch(export_dir):
     """The runtime must import and generate in a process where torch cannot be imported."""
     code = textwrap.dedent(f"""
+        import importlib.machinery
         import sys
-        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+
+        class NoTorch:  # every `import torch` is recorded and fails (a lookup alone is not an import)
+            attempts = []
+
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    return importlib.machinery.ModuleSpec(name, self)
+
+            def create_module(self, spec):
+                self.attempts.append(spec.name)
+                raise ImportError("torch is blocked in this test")
+
+            def exec_module(self, module):
+                pass
+
+        sys.meta_path.insert(0, NoTorch())
         import runtime
         engine = runtime.load({str(export_dir)!r})
         out = engine.generate(["Hello", "Hi there"], 5, temperature=0, stop_at_eos=False)
         assert isinstance(out, list) and len(out) == 2 and all(out), out
-        assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None and m == "torch"]
+        assert NoTorch.attempts == [] and "torch" not in sys.modules, NoTorch.attempts
         try:
             runtime.load({str(export_dir)!r}, backend="torch")
         except runtime.GptxError as e:
@@ -171,3 +259,244 @@ def test_stream_holds_back_a_stop_string_arriving_in_pieces(engine):
     expected = full[: full.find(stop)]
     streamed = "".join(engine.stream("Hello", 30, temperature=0, stop=stop, stop_at_eos=False))
     assert streamed == expected == engine.generate("Hello", 30, temperature=0, stop=stop, stop_at_eos=False)
+
+
+# ------------------------------------------------------------------------------------------ slot KV cache
+def alone_logits(backend, prompt, fed):
+    """Logits of one sequence in its own one-row cache: prefill `prompt`, then decode each token of `fed`."""
+    from runtime.kv_cache import KVCache
+
+    cache = KVCache(backend, 1)
+    cache.claim()
+    out = [cache.prefill([0], [prompt])[0]]
+    for tok in fed:
+        out.append(cache.decode(np.array([tok]))[0])
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["engine", "shakespeare"])
+def test_rows_of_different_lengths_decode_as_if_alone(fixture, request):
+    """The exported graph takes per-row masks and positions: one decode call over rows of different lengths
+    (prefilled together or at different times, moved by free) equals each row alone - no re-export needed."""
+    from runtime.kv_cache import KVCache
+
+    backend = request.getfixturevalue(fixture).backend
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 50000, n).tolist() for n in (3, 9, 17, 5)]
+    fed = [[] for _ in prompts]  # tokens decoded so far, per sequence
+    checked = []
+
+    def decode(cache, seqs):
+        tokens = [int(rng.integers(0, 50000)) for _ in seqs]
+        for seq, tok in zip(seqs, tokens):
+            fed[seq].append(tok)
+        for seq, logits in zip(seqs, cache.decode(np.array(tokens))):
+            np.testing.assert_allclose(logits, alone_logits(backend, prompts[seq], fed[seq])[-1], atol=1e-5)
+            checked.append(seq)
+
+    cache = KVCache(backend, 4)
+    rows = [cache.claim() for _ in range(3)]
+    for seq, logits in enumerate(cache.prefill(rows, prompts[:3])):  # one left-padded call
+        np.testing.assert_allclose(logits, alone_logits(backend, prompts[seq], [])[0], atol=1e-5)
+    decode(cache, [0, 1, 2])
+    late = cache.claim()  # a sequence that joins mid-generation
+    cache.prefill([late], [prompts[3]])
+    decode(cache, [0, 1, 2, 3])
+    decode(cache, [0, 1, 2, 3])
+    assert cache.lengths.tolist() == [3 + 3, 9 + 3, 17 + 3, 5 + 2]
+    # free row 0: the last row (sequence 3) moves into it, and the survivors still decode as if alone
+    assert cache.free(0) == 3 and cache.active == 3 and cache.lengths.tolist()[:3] == [5 + 2, 9 + 3, 17 + 3]
+    decode(cache, [3, 1, 2])
+    assert sorted(set(checked)) == [0, 1, 2, 3] and len(checked) == 14
+
+
+def test_window_grows_in_buckets_and_matches_a_full_prefill(shakespeare):
+    """The window starts at 64 slots and grows (reallocating, keeping the rows) only when a row needs slot 64;
+    logits after the growth equal a prefill of the whole sequence."""
+    from runtime.kv_cache import KVCache
+
+    backend = shakespeare.backend
+    seq = np.random.default_rng(1).integers(0, 50000, 80).tolist()
+    cache = KVCache(backend, 2)
+    cache.claim()
+    cache.prefill([0], [seq[:60]])
+    windows = []
+    for tok in seq[60:-1]:
+        logits = cache.decode(np.array([tok]))
+        windows.append(cache.window)
+    assert windows[:4] == [64] * 4 and windows[-1] == 128 and cache.buffers[0].shape[2] == 128
+    assert cache.lengths[0] == 79
+    np.testing.assert_allclose(logits[0], alone_logits(backend, seq[:79], [])[0], atol=1e-4)
+
+
+def test_claim_and_free_keep_rows_contiguous(engine):
+    from runtime.errors import GptxError
+    from runtime.kv_cache import KVCache
+
+    cache = KVCache(engine.backend, 2)
+    assert [cache.claim(), cache.claim()] == [0, 1]
+    with pytest.raises(GptxError, match="rows are in use"):
+        cache.claim()
+    assert cache.free(1) is None and cache.active == 1
+    assert cache.claim() == 1
+
+
+# ------------------------------------------------------------------------------------------ generation
+def test_generation_stops_at_end_of_text(eos_dir):
+    """Default settings (stop_at_eos on): the token stream ends with <|endoftext|> and the text stops before it."""
+    import runtime
+
+    engine = runtime.load(eos_dir)
+    ids = engine.generate_ids([464], 40, temperature=1.0, seed=0)
+    assert ids[-1] == engine.eos_token_id and 2 < len(ids) < 40 and engine.eos_token_id not in ids[:-1]
+    text = engine.generate("The", 40, temperature=1.0, seed=0)
+    assert text == engine.tokenizer.decode(ids[:-1]) and text.startswith("The") and "<|endoftext|>" not in text
+    assert "".join(engine.stream("The", 40, temperature=1.0, seed=0)) == text
+    # the same seed without stopping runs to the end, through the end-of-text token
+    longer = engine.generate_ids([464], 40, temperature=1.0, seed=0, stop_at_eos=False)
+    assert len(longer) == 40 and longer[: len(ids)] == ids
+
+
+def test_repetition_penalty_through_generator(engine):
+    prompt = [464, 2068, 7586]
+    plain = engine.generate_ids(prompt, 40, temperature=0, stop_at_eos=False)
+    assert len(set(plain)) < len(plain)  # this tiny random model loops when greedy
+    gen = engine.generator([prompt, prompt[:1]], 40, temperature=0, repetition_penalty=1e6, stop_at_eos=False)
+    while not gen.is_done():
+        gen.generate_next()
+    for row, p in enumerate([prompt, prompt[:1]]):
+        assert len(set(gen.tokens[row])) == 40 and not set(gen.tokens[row]) & set(p)
+
+
+def test_onnxruntime_threads_option(export_dir, engine):
+    import runtime
+    from runtime.errors import InvalidInput
+
+    one = runtime.load(export_dir, backend="onnxruntime", threads=1)
+    assert one.backend.session.get_session_options().intra_op_num_threads == 1
+    assert one.generate("Hello", 8, temperature=0) == engine.generate("Hello", 8, temperature=0)
+    with pytest.raises(InvalidInput, match="threads"):
+        runtime.load(export_dir, backend="onnxruntime", threads="two")
+
+
+def test_stop_string_in_one_row_while_the_others_go_on(engine):
+    prompts = ["Hello", "The weather today"]
+    full = engine.generate(prompts, 30, temperature=0, stop_at_eos=False)
+    stop = full[0][4:7]
+    assert stop not in full[1]
+    cut = engine.generate(prompts, 30, temperature=0, stop=stop, stop_at_eos=False)
+    assert cut == [full[0][: full[0].find(stop)], full[1]]
+
+
+def test_empty_stop_string_is_ignored(engine):
+    full = engine.generate("Hello", 10, temperature=0, stop_at_eos=False)
+    assert engine.generate("Hello", 10, temperature=0, stop="", stop_at_eos=False) == full
+    assert engine.generate("Hello", 10, temperature=0, stop=["", "zzzz"], stop_at_eos=False) == full
+    assert "".join(engine.stream("Hello", 10, temperature=0, stop="", stop_at_eos=False)) == full
+
+
+def test_max_length_counts_the_prompt(engine, shakespeare):
+    from runtime.errors import InvalidInput
+
+    prompt = [464, 2068, 7586]
+    by_length = engine.generate_ids(prompt, max_length=10, temperature=0, stop_at_eos=False)
+    assert by_length == engine.generate_ids(prompt, 7, temperature=0, stop_at_eos=False) and len(by_length) == 7
+    text = engine.generate("Hello", max_length=9, temperature=0, stop_at_eos=False)
+    assert text == engine.generate("Hello", 8, temperature=0, stop_at_eos=False)  # "Hello" is one token
+    assert len(shakespeare.generate_ids([1, 2], stop_at_eos=False)) == 64  # neither given: 64 new tokens
+    for kwargs, match in [(dict(max_new_tokens=4, max_length=10), "not both"), (dict(max_length=65), "context"),
+                          (dict(max_length=2), "shorter than the prompt"), (dict(max_length=2.5), "max_length")]:
+        with pytest.raises(InvalidInput, match=match):
+            engine.generate_ids(prompt, **kwargs)
+        with pytest.raises(InvalidInput, match=match):
+            engine.stream("Hello there you", **kwargs)
+
+
+def test_token_ids_must_be_integers(engine):
+    from runtime.errors import InvalidInput
+
+    for bad in ([1.5], [1, 2.0], [True], ["3"]):
+        with pytest.raises(InvalidInput, match="integers"):
+            engine.generate_ids(bad, 2)
+    assert engine.generate_ids(np.array([464, 2068]), 3, temperature=0) == engine.generate_ids([464, 2068], 3,
+                                                                                                 temperature=0)
+
+
+def test_stream_checks_arguments_when_called(engine):
+    """Before the first piece (so the CLI can refuse before echoing the prompt)."""
+    from runtime.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="max_new_tokens"):
+        engine.stream("Hello", max_new_tokens=-1)
+    with pytest.raises(InvalidInput, match="top_k"):
+        engine.stream("Hello", 4, top_k=2.5)
+    with pytest.raises(InvalidInput, match="stop"):
+        engine.stream("Hello", 4, stop=[3])
+    with pytest.raises(InvalidInput, match="context"):
+        engine.stream_ids([1] * 60, 10)
+
+
+def test_non_finite_logits_raise_a_clear_error(tmp_path):
+    """A model with NaN in its weights (e.g. corrupt weights) stops with GenerationError instead of printing
+    `!!!!` (token 0) as if all were well."""
+    import torch
+
+    import runtime
+    from gpt_export.export import export
+    from gpt_export.model import GPT, GPTConfig
+    from runtime.errors import GenerationError, GptxError
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50257)).eval()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    export(model, tmp_path / "nan", validate=False, progress=False)
+    engine = runtime.load(tmp_path / "nan")
+    for temperature in (0, 0.8):
+        with pytest.raises(GenerationError, match="non-finite logits"):
+            engine.generate("Hello", 5, temperature=temperature)
+        with pytest.raises(GptxError, match="non-finite"):
+            list(engine.stream("Hello", 5, temperature=temperature, top_p=0.9))
+
+
+def test_verify_rejects_decode_steps_that_do_not_fit(export_dir):
+    from gpt_export.validate import compare
+    from runtime.errors import InvalidInput
+
+    for steps in (500, 63, 0, 2.0):
+        with pytest.raises(InvalidInput, match="decode_steps must be an integer from 1 to 62"):
+            compare(export_dir, decode_steps=steps)
+
+
+# ------------------------------------------------------------------------------------------ bench arguments
+def test_bench_refuses_a_batch_that_cannot_fit_in_memory(shakespeare_dir):
+    from runtime import benchmark
+    from runtime.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=r"needs about [\d.]+ GiB .* use a smaller --batch-size"):
+        benchmark.run_bench_command(shakespeare_dir, backend="onnxruntime", batch_sizes=[1000000], prompt_lens=[4],
+                                    new_tokens=4, runs=1, compare="none")
+    # a sane batch is estimated far below what is free
+    assert benchmark.estimate_bytes(runtime_manifest(shakespeare_dir), 8, 32, 96) < 64 * 2**20
+
+
+def runtime_manifest(directory):
+    from runtime.manifest import load_manifest
+
+    return load_manifest(directory)
+
+
+def test_bench_defaults_fit_a_short_context(shakespeare_dir):
+    """prompt 32 + the default 128 new tokens do not fit a 128-token model: the default is clamped, with a note;
+    an explicit --new-tokens that does not fit says what to pass."""
+    from runtime import benchmark
+    from runtime.errors import InvalidInput
+
+    report = benchmark.run_bench_command(shakespeare_dir, backend="onnxruntime", prompt_lens=[32], runs=1, warmup=0,
+                                         compare="none")
+    assert report["settings"]["new_tokens"] == 96 and report["results"][0]["tokens_generated_per_row"] == 96
+    assert any("new_tokens set to 96" in note for note in report["notes"])
+    with pytest.raises(InvalidInput, match="pass --new-tokens 96 or less"):
+        benchmark.run_bench_command(shakespeare_dir, prompt_lens=[32], new_tokens=128, runs=1, compare="none")
+    with pytest.raises(InvalidInput, match="pass --prompt-len 127 or less"):
+        benchmark.run_bench_command(shakespeare_dir, prompt_lens=[128], runs=1, compare="none")

@@ -1,7 +1,7 @@
 """TensorRT path: what can be checked on CPU (op support of real exports, profiles, manifest entries,
 compatibility messages, the CLI's error without TensorRT, the masked-dummy-past trick on ONNX Runtime, the
-backend's logic against a fake TensorRT), plus `-m gpu` tests that build a real engine and compare it with
-PyTorch (skipped without TensorRT + CUDA)."""
+backend's binding and cache logic against a fake TensorRT), plus `-m gpu` tests that build a real engine and
+compare it with PyTorch (skipped without TensorRT + CUDA)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from gpt_export.tensorrt_build import (
 from gpt_export.trt_support import SUPPORTED_OPS, check_graph
 from runtime.backends.tensorrt_backend import TensorRTBackend, check_engine_compat, normalize_cc
 from runtime.errors import GptxError
-from runtime.manifest import load_manifest, save_manifest
+from runtime.manifest import load_manifest, record_files, save_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257)
@@ -99,7 +99,8 @@ def test_float64_control_flow_and_contrib_ops_are_flagged():
     branch = lambda v: helper.make_graph(  # noqa: E731
         [helper.make_node("Constant", [], ["o" + v], value=helper.make_tensor("t" + v, TensorProto.FLOAT, [1], [1.0]))],
         "b" + v, [], [helper.make_tensor_value_info("o" + v, TensorProto.FLOAT, [1])])
-    model = _graph([helper.make_node("If", ["c"], ["o"], then_branch=branch("a"), else_branch=branch("b"))], [cond], [out])
+    model = _graph([helper.make_node("If", ["c"], ["o"], then_branch=branch("a"), else_branch=branch("b"))],
+                   [cond], [out])
     assert any("control flow If" in p for p in check_graph(model))
 
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 4])
@@ -299,6 +300,7 @@ def test_build_refuses_a_graph_tensorrt_cannot_parse(exports, tmp_path):
     model = onnx.load(str(directory / manifest["model_file"]), load_external_data=False)
     model.graph.node[-1].op_type = "Unique"  # any op TensorRT's parser lacks
     onnx.save(model, str(directory / manifest["model_file"]))
+    save_manifest(record_files(manifest, directory), directory)  # as if exported so: checksums match
     with pytest.raises(BuildError, match="Unique"):
         build_engine(directory, precision="fp32", max_batch=2, max_seq=32)
 
@@ -325,95 +327,71 @@ def test_backend_module_imports_without_torch_or_tensorrt():
 
 
 # ------------------------------------------------------------------- the backend against a fake TensorRT
-class FakeTensorRT:
-    """Just enough of `tensorrt` to drive TensorRTBackend on CPU: the 'engine' runs the ONNX graph with ONNX
-    Runtime, reading inputs from and writing outputs to the raw addresses the backend binds (CPU tensors stand
-    in for CUDA ones), and it rejects shapes outside the optimization profile the context was set to."""
+class FakeContext:
+    """A TensorRT execution context that runs the ONNX graph with ONNX Runtime, reading its inputs from and writing
+    its outputs to the raw addresses the backend bound (CPU tensors stand in for CUDA ones), and refusing shapes
+    outside the optimization profile it was set to."""
 
-    float32, float16, int32, int64, bool = "float32", "float16", "int32", "int64", "bool"
-    __version__ = "10.99.0"
+    def __init__(self, fake):
+        self.fake, self.shapes, self.addresses, self.profile = fake, {}, {}, None
 
-    class TensorIOMode:
-        INPUT, OUTPUT = "input", "output"
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = index
+        return True
 
-    class Logger:
-        WARNING = 2
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        s = self.fake.profiles[self.profile]["shapes"][name]
+        return len(shape) == len(s["min"]) and all(lo <= d <= hi for lo, d, hi in zip(s["min"], shape, s["max"]))
 
-        def __init__(self, *args):
-            pass
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
 
-    def __init__(self, session, profiles):
-        self.calls = []  # (profile index, {input: shape}) per execute
-        types = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
-        ins = {i.name: types[i.type] for i in session.get_inputs()}
-        outs = {o.name: types[o.type] for o in session.get_outputs()}
-        vocab = session.get_outputs()[0].shape[1]
-        calls = self.calls
+    def get_tensor_shape(self, name):
+        return (self.shapes["input_ids"][0], self.fake.vocab)
 
-        class Context:
-            def __init__(self):
-                self.shapes, self.addresses, self.profile = {}, {}, 0
+    def view(self, name, shape):
+        import ctypes
 
-            def set_optimization_profile_async(self, index, stream):
-                self.profile = index
-                return True
+        dt = np.dtype(self.fake.dtypes[name])
+        raw = (ctypes.c_byte * (int(np.prod(shape)) * dt.itemsize)).from_address(self.addresses[name])
+        return np.frombuffer(raw, dtype=dt).reshape(shape)
 
-            def set_input_shape(self, name, shape):
-                s = profiles[self.profile]["shapes"][name]
-                self.shapes[name] = tuple(shape)
-                return len(shape) == len(s["min"]) and all(lo <= d <= hi for lo, d, hi in zip(s["min"], shape, s["max"]))
+    def execute_async_v3(self, stream):
+        feeds = {n: self.view(n, self.shapes[n]).copy() for n in self.fake.inputs}
+        self.fake.calls.append((self.profile, {n: v.shape for n, v in feeds.items()}))
+        for name, value in zip(self.fake.outputs, self.fake.session.run(self.fake.outputs, feeds)):
+            self.view(name, value.shape)[...] = value
+        return True
 
-            def set_tensor_address(self, name, address):
-                self.addresses[name] = address
 
-            def get_tensor_shape(self, name):
-                return (self.shapes["input_ids"][0], vocab)
+def fake_tensorrt(session, profiles):
+    """Just enough of the `tensorrt` module for TensorRTBackend: the engine is `session` (ONNX Runtime)."""
+    from types import SimpleNamespace
 
-            def view(self, name, shape, dtype):
-                import ctypes
-
-                dt = np.dtype(dtype)
-                raw = (ctypes.c_byte * (int(np.prod(shape)) * dt.itemsize)).from_address(self.addresses[name])
-                return np.frombuffer(raw, dtype=dt).reshape(shape)
-
-            def execute_async_v3(self, stream):
-                feeds = {n: self.view(n, self.shapes[n], dt).copy() for n, dt in ins.items()}
-                calls.append((self.profile, {n: v.shape for n, v in feeds.items()}))
-                for (name, dt), value in zip(outs.items(), session.run(list(outs), feeds)):
-                    self.view(name, value.shape, dt)[...] = value
-                return True
-
-        class Engine:
-            num_optimization_profiles = len(profiles)
-            names = [*ins, *outs]
-            num_io_tensors = len(names)
-
-            def get_tensor_name(self, i):
-                return self.names[i]
-
-            def get_tensor_mode(self, name):
-                return "input" if name in ins else "output"
-
-            def get_tensor_dtype(self, name):
-                return ins.get(name) or outs[name]
-
-            def create_execution_context(self):
-                return Context()
-
-        class Runtime:
-            def __init__(self, logger):
-                pass
-
-            def deserialize_cuda_engine(self, data):
-                return Engine()
-
-        self.Runtime = Runtime
+    types = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+    dtypes = {t.name: types[t.type] for t in [*session.get_inputs(), *session.get_outputs()]}
+    inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    names = [*inputs, *outputs]
+    engine = SimpleNamespace(num_optimization_profiles=len(profiles), num_io_tensors=len(names),
+                             get_tensor_name=names.__getitem__, get_tensor_dtype=dtypes.__getitem__,
+                             get_tensor_mode=lambda n: "input" if n in inputs else "output",
+                             create_execution_context=lambda: FakeContext(fake))
+    fake = SimpleNamespace(
+        __version__="10.99.0", float32="float32", float16="float16", int32="int32", int64="int64", bool="bool",
+        TensorIOMode=SimpleNamespace(INPUT="input", OUTPUT="output"),
+        Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+        Runtime=lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: engine),
+        session=session, profiles=profiles, dtypes=dtypes, inputs=inputs, outputs=outputs,
+        vocab=session.get_outputs()[0].shape[1], calls=[],  # (profile index, {input: shape}) per execute
+    )
+    return fake
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """torch.cuda pretends a GPU is there; tensors asked for on 'cuda' are made on the CPU."""
-    import contextlib
+    """torch.cuda says a GPU is there; tensors asked for on 'cuda' are made on the CPU."""
+    from types import SimpleNamespace
 
     import torch
 
@@ -424,39 +402,37 @@ def fake_gpu(monkeypatch):
                 kwargs["device"] = "cpu"
             return func(*args, **kwargs)
 
-    class Stream:
-        cuda_stream = 0
-
-        def synchronize(self):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    stream = SimpleNamespace(cuda_stream=0, synchronize=lambda: None)
+    fakes = dict(is_available=lambda: True, current_stream=lambda: stream, get_device_capability=lambda i=0: (9, 0),
+                 get_device_name=lambda i=0: "Fake GPU")
+    for name, fn in fakes.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
     with CpuForCuda():
         yield
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_backend_plumbing_against_fake_tensorrt(exports, tmp_path, monkeypatch, fake_gpu, dtype):
-    """Prefill with the masked dummy past, decode over the whole cache, in-place cache writes and the
-    several-tokens-onto-a-cache path, checked against PyTorch through gptx verify's own comparison."""
+    """Prefill on the masked dummy past (min_past), decode over the active rows' window, presents written into the
+    cache at each row's offset (by kv_cache.py), checked against PyTorch through gptx verify's own comparison and
+    against ONNX Runtime slot by slot."""
     import onnxruntime as ort
 
     from gpt_export.validate import compare
     from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from runtime.kv_cache import KVCache
 
     directory = fresh_copy(exports[dtype], tmp_path / dtype)
     manifest = load_manifest(directory)
     profiles = profiles_from_manifest(manifest, max_batch=4, max_seq=64, opt_batch=1)
     add_engine_entry(manifest, engine_entry("engine.plan", "10.99.0", "Fake GPU", (9, 0), dtype, profiles, 4, 64, 1.0))
     (directory / "engine.plan").write_bytes(b"not a real engine")
-    fake = FakeTensorRT(ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"]), profiles)
+    fake = fake_tensorrt(ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"]),
+                         profiles)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
 
     backend = TensorRTBackend(manifest, directory, "cuda")
+    assert backend.capabilities.min_past == 1 and backend.capabilities.max_batch == 4
     report = compare(directory, reference_model=tiny_model(), candidate=backend, batch_sizes=(1, 3), decode_steps=4,
                      ppl_tokens=16)
     assert report["passed"], report["failures"]
@@ -466,20 +442,30 @@ def test_backend_plumbing_against_fake_tensorrt(exports, tmp_path, monkeypatch, 
     assert all(s["past_key_values.0.key"][2] == 1 and s["attention_mask"][1] == s["input_ids"][1] + 1 for s in prefill)
     assert all(s["input_ids"][1] == 1 for s in decode)
 
-    ort_b = OnnxRuntimeBackend(manifest, directory, "cpu")
-    ids = np.array([[1, 2, 3], [0, 4, 5]], np.int64)
-    mask = np.array([[1, 1, 1], [0, 1, 1]], np.int64)
-    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-    caches = [b.new_cache(2, 8) for b in (backend, ort_b)]
-    for b, c in zip((backend, ort_b), caches):
-        b.step(ids, pos, mask, c)
-    more, more_pos = np.array([[7, 8, 9], [10, 11, 12]], np.int64), pos[:, -1:] + 1 + np.arange(3)
-    out = [b.step(more, more_pos, np.ones((2, 3), np.int64), c) for b, c in zip((backend, ort_b), caches)]
-    np.testing.assert_allclose(out[0], out[1], atol=1e-3)
-    for mine, ref in zip(caches[0].storage["buffers"], caches[1].storage["buffers"]):
-        np.testing.assert_allclose(mine[:, :, :6].float().numpy(), ref[:, :, :6].astype(np.float32), atol=1e-3)
+    # rows of different lengths, one joining later: logits and every filled cache slot as on ONNX Runtime
+    caches = [KVCache(b, 3) for b in (backend, OnnxRuntimeBackend(manifest, directory, "cpu"))]
+    outs = []
+    for cache in caches:
+        cache.claim(), cache.claim()
+        out = [cache.prefill([0, 1], [[1, 2, 3], [4, 5]])]
+        out.append(cache.decode(np.array([6, 7])))
+        cache.prefill([cache.claim()], [[8, 9, 10, 11]])
+        out.append(cache.decode(np.array([12, 13, 14])))
+        outs.append(out)
+    for mine, ref in zip(*outs):
+        np.testing.assert_allclose(mine, ref, atol=1e-3)
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [5, 4, 5]
+    for mine, ref in zip(caches[0].buffers, caches[1].buffers):
+        for row, length in enumerate(caches[1].lengths):
+            np.testing.assert_allclose(mine[row, :, :length].float().numpy(), ref[row, :, :length].astype(np.float32),
+                                       atol=1e-3)
+
+    past = caches[0].buffers
+    with pytest.raises(GptxError, match="only onto an empty cache"):
+        backend.run(np.ones((1, 3), np.int64), np.ones((1, 67), np.int64), np.ones((1, 3), np.int64),
+                    [b[:1] for b in past])
     with pytest.raises(GptxError, match="--max-batch"):
-        backend.new_cache(5, 8)
+        KVCache(backend, 5)
 
     # an engine from another TensorRT is refused with the rebuild command
     manifest["engines"][-1]["tensorrt_version"] = "10.3.0"
@@ -518,26 +504,27 @@ def test_engine_matches_pytorch(tmp_path, dtype):
 def test_engine_backend_prefill_decode_and_limits(tmp_path):
     _require_trt_gpu()
     from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from runtime.kv_cache import KVCache
 
     directory = tmp_path / "x"
     export(tiny_model(), directory, dtype="fp32", validate=False, progress=False)
     build_engine(directory, precision="fp32", max_batch=2, max_seq=16, progress=False)
     manifest = load_manifest(directory)
     trt_b, ort_b = TensorRTBackend(manifest, directory, "cuda"), OnnxRuntimeBackend(manifest, directory, "cpu")
-    ids = np.array([[11, 12, 13, 14], [0, 0, 21, 22]], np.int64)
-    mask = (np.arange(4)[None, :] >= np.array([[0], [2]])).astype(np.int64)
-    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-    caches = [b.new_cache(2, 10) for b in (trt_b, ort_b)]
-    outs = [b.step(ids, pos, mask, c) for b, c in zip((trt_b, ort_b), caches)]
-    np.testing.assert_allclose(outs[0], outs[1], atol=1e-3)
-    # three tokens at once onto a non-empty cache: the backend runs them as decode steps
-    more = np.array([[5, 6, 7], [8, 9, 10]], np.int64)
-    mpos = pos[:, -1:] + 1 + np.arange(3)[None, :]
-    outs = [b.step(more, mpos, np.ones((2, 3), np.int64), c) for b, c in zip((trt_b, ort_b), caches)]
-    np.testing.assert_allclose(outs[0], outs[1], atol=1e-3)
-    got = caches[0].storage["buffers"][0][:, :, :7].float().cpu().numpy()
-    np.testing.assert_allclose(got, caches[1].storage["buffers"][0][:, :, :7], atol=1e-3)
+    assert trt_b.capabilities.max_seq == 16
+    caches = [KVCache(b, 2) for b in (trt_b, ort_b)]
+    outs = []
+    for cache in caches:
+        rows = [cache.claim(), cache.claim()]
+        assert cache.window == 16  # the window never exceeds the engine's --max-seq
+        out = [cache.prefill(rows, [[11, 12, 13, 14], [21, 22]])]
+        out += [cache.decode(np.array([5 + t, 8 + t])) for t in range(3)]
+        outs.append(out)
+    for mine, ref in zip(*outs):
+        np.testing.assert_allclose(mine, ref, atol=1e-3)
+    got = caches[0].buffers[0][0, :, :7].float().cpu().numpy()
+    np.testing.assert_allclose(got, caches[1].buffers[0][0, :, :7], atol=1e-3)
     with pytest.raises(GptxError, match="--max-seq"):
-        trt_b.new_cache(1, 17)
+        trt_b.allocate(1, 17)
     with pytest.raises(GptxError, match="--max-batch"):
-        trt_b.new_cache(3, 8)
+        KVCache(trt_b, 3)

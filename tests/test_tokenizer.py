@@ -84,15 +84,78 @@ def test_loads_hf_vocab_dir_and_tiktoken_file(hf_vocab_dir, tmp_path):
     assert from_hf.encode(text) == from_json.encode(text) == saved.encode(text) == default.encode(text)
 
 
+def test_encode_batch_padding_and_mask():
+    tok = Tokenizer()
+    texts = ["Hello world", "a", "Three more words"]
+    ragged = tok.encode_batch(texts)
+    ids, mask = tok.encode_batch(texts, pad_to="longest", return_mask=True)
+    assert [len(r) for r in ids] == [3, 3, 3]
+    assert ids[1] == ragged[1] + [tok.eot_token] * 2 and mask[1] == [1, 0, 0]
+    assert tok.encode_batch(texts, pad_to=5, pad_id=0)[0] == ragged[0] + [0, 0, 0]
+    ids, mask = tok.encode_batch(texts, return_mask=True)  # no padding: the mask is all ones, ragged like the ids
+    assert ids == ragged and mask == [[1] * len(r) for r in ragged]
+    with pytest.raises(ValueError, match="text 2 is 3 tokens, longer than pad_to=2"):
+        tok.encode_batch(texts, pad_to=2)
+    for bad in (0, "max", 2.5, True):
+        with pytest.raises(ValueError, match="pad_to"):
+            tok.encode_batch(texts, pad_to=bad)
+    with pytest.raises(ValueError, match="outside the tokenizer vocabulary"):
+        tok.encode_batch(texts, pad_to="longest", pad_id=tok.vocab_size)
+    with pytest.raises(TypeError, match="item 1"):
+        tok.encode_batch(["ok", 3])
+
+
 def test_missing_or_bad_vocab_file(tmp_path):
     from runtime.errors import GptxError
 
     with pytest.raises(GptxError, match="not found"):
         Tokenizer(tmp_path / "nope.tiktoken")
-    bad = tmp_path / "bad.tiktoken"
-    bad.write_text("this is not base64 ranks\n")
+    secret = "hunter2-secret-line"
+    cases = {
+        "bad.tiktoken": f"{secret}\n",
+        "badrank.tiktoken": f"aGk= {secret}\n",
+        "empty.tiktoken": "",
+        "blank.tiktoken": "\n\n",
+        "gaps.tiktoken": "aGk= 0\naGk= 5\n",  # ranks not 0..n-1
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(GptxError, match="not a GPT-2 BPE") as err:
+            Tokenizer(tmp_path / name)
+        message = str(err.value)
+        assert "\n" not in message and secret not in message, message  # one line, never the file's contents
+    with pytest.raises(GptxError, match="empty"):
+        Tokenizer(tmp_path / "empty.tiktoken")
+
+
+def test_bad_hf_vocab_files_do_not_echo_contents(hf_vocab_dir, tmp_path):
+    import shutil
+
+    from runtime.errors import GptxError
+
+    d = tmp_path / "hf"
+    shutil.copytree(hf_vocab_dir, d)
+    (d / "vocab.json").write_text('{"hunter2-secret": ')
+    with pytest.raises(GptxError, match="not a GPT-2 byte-level BPE") as err:
+        Tokenizer(d)
+    assert "hunter2" not in str(err.value)
+    shutil.copy(hf_vocab_dir / "vocab.json", d / "vocab.json")
+    lines = (hf_vocab_dir / "merges.txt").read_text().splitlines()
+    (d / "merges.txt").write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + "\n")  # swap two merges
+    with pytest.raises(GptxError, match="does not match"):
+        Tokenizer(d)
+
+
+def test_a_replaced_vocab_file_is_read_again(tmp_path):
+    """tiktoken's loaders cache files by path in the temp dir; ours reads the file itself every time."""
+    from runtime.errors import GptxError
+
+    path = tmp_path / "v.tiktoken"
+    Tokenizer().save(path)
+    assert Tokenizer(path).encode("Hello world") == [15496, 995]
+    path.write_text("not ranks\n")
     with pytest.raises(GptxError, match="not a GPT-2 BPE"):
-        Tokenizer(bad)
+        Tokenizer(path)
 
 
 def test_stream_decoder_never_splits_characters():

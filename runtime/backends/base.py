@@ -1,17 +1,38 @@
-"""The one small interface every engine implements, so generation, sampling and tests don't care which runs."""
+"""The one small, typed interface every engine implements: allocate cache buffers, run the graph once.
+
+Backends hold no cache bookkeeping: which slots are filled, where new keys/values go and the empty-past
+special case of prefill live once, in `runtime/kv_cache.py`. A backend only says what it can do
+(`Capabilities`), makes zeroed buffers in its native array type and runs one graph call.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Sequence, Union
 
 import numpy as np
 
-from ..kv_cache import KVCache
+if TYPE_CHECKING:
+    import torch
+
+# numpy-style indexing (slices, integer arrays) works on both; a backend returns its native type
+Array = Union[np.ndarray, "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    max_batch: int | None      # rows one call may take; None = bounded by memory only (ONNX Runtime, torch)
+    max_seq: int               # positions: the model's block_size, or a TensorRT engine's --max-seq
+    devices: tuple[str, ...]   # where this backend can run: ("cpu",), ("cpu", "cuda"), ("cuda",)
+    min_past: int = 0          # smallest past a call may take: TensorRT profiles cannot express 0, so prefill
+                               # gets `min_past` masked dummy slots (added by kv_cache.py, nowhere else)
 
 
 class Backend(ABC):
-    name: str = "?"
+    name: ClassVar[str] = "?"
+    capabilities: Capabilities
 
     def __init__(self, manifest: dict, directory: Path | None, device: str = "cpu"):
         self.manifest = manifest
@@ -22,25 +43,14 @@ class Backend(ABC):
         self.block_size = cfg["block_size"]
 
     @abstractmethod
-    def allocate(self, batch: int, capacity: int):
-        """Cache storage for 2 * n_layer tensors of [batch, n_head, capacity, head_dim]."""
+    def allocate(self, rows: int, window: int) -> list[Array]:
+        """2 * n_layer zeroed buffers [rows, n_head, window, head_dim] (key, value per layer, layer-major)."""
 
     @abstractmethod
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            cache: KVCache) -> np.ndarray:
-        """One graph call; writes the new keys/values into cache slots [cache.length, +T); returns (B, V) fp32 logits."""
-
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        if capacity > self.block_size:
-            raise ValueError(f"cache capacity {capacity} exceeds the model's block size {self.block_size}")
-        return KVCache(batch, capacity, self.allocate(batch, capacity))
-
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, new_mask: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Prefill (empty cache) or decode: run the new tokens and append them to the cache."""
-        cache.check_room(input_ids.shape[1])
-        logits = self.run(input_ids, cache.graph_mask(new_mask), position_ids, cache)
-        cache.commit(new_mask)
-        return logits
+            past: Sequence[Array]) -> tuple[np.ndarray, list[Array]]:
+        """One graph call, nothing else: (B, V) float32 numpy logits of the last position, and the presents
+        (the new tokens' keys/values, [B, n_head, T, head_dim], native arrays). Never writes the cache."""
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"

@@ -1,8 +1,8 @@
-"""ONNX Runtime backend: CPU execution provider, CUDA when available.
+"""ONNX Runtime backend: CPU execution provider, or CUDA with I/O binding.
 
-The cache is a preallocated numpy buffer per layer. The whole buffer is fed as the past (ORT reads
-numpy memory without copying); only the new tokens' keys/values come back and are written in place,
-so a decode step costs the same at token 10 and token 1000.
+On CPU the cache buffers are numpy arrays: ORT reads a contiguous numpy past without copying, and only the
+new tokens' keys/values come back (kv_cache.py writes them in place), so a step costs the same at token 10
+and token 1000 of the same window.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GptxError
-from ..kv_cache import KVCache
-from ..manifest import kv_names
-from .base import Backend
+from ..errors import GptxError, InvalidInput
+from ..io_names import LOGITS
+from ..manifest import check_graph, kv_names
+from .base import Backend, Capabilities
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -45,48 +45,41 @@ class OnnxRuntimeBackend(Backend):
             providers = ["CPUExecutionProvider"]
         else:
             raise GptxError(f"unknown device {device!r}: use cpu or cuda")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise InvalidInput(f"threads must be an integer >= 0 (0 = onnxruntime's default), got {threads!r}")
         model_path = Path(directory) / manifest["model_file"]
         try:
             self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers)
-        except Exception as e:
+        except Exception as e:  # ORT raises its own assorted types for unreadable graphs
             raise GptxError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
+        check_graph(manifest, self.session, str(model_path))
+        self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, devices=("cpu", "cuda"))
         self.past_names, self.present_names = kv_names(manifest)
         self.kv_dtype = DTYPES[next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0])]
-        self.output_names = ["logits", *self.present_names]
+        self.output_names = [LOGITS, *self.present_names]
         self.cuda = CudaBinding(self) if device == "cuda" else None
 
-    def allocate(self, batch: int, capacity: int):
+    def allocate(self, rows: int, window: int):
         if self.cuda:
-            return self.cuda.allocate(batch, capacity)
-        shape = (batch, self.n_head, capacity, self.head_dim)
-        empty = (batch, self.n_head, 0, self.head_dim)
-        return {
-            "buffers": [np.zeros(shape, self.kv_dtype) for _ in self.past_names],
-            "empty": np.zeros(empty, self.kv_dtype),
-        }
+            return self.cuda.allocate(rows, window)
+        shape = (rows, self.n_head, window, self.head_dim)
+        return [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
 
-    def run(self, input_ids, attention_mask, position_ids, cache: KVCache):
+    def run(self, input_ids, attention_mask, position_ids, past):
         if self.cuda:
-            return self.cuda.run(input_ids, attention_mask, position_ids, cache)
-        storage = cache.storage
+            return self.cuda.run(input_ids, attention_mask, position_ids, past)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        if cache.length == 0:
-            feeds.update({name: storage["empty"] for name in self.past_names})
-        else:
-            feeds.update(zip(self.past_names, storage["buffers"]))
+        feeds.update(zip(self.past_names, past))
         logits, *presents = self.session.run(self.output_names, feeds)
-        start, end = cache.length, cache.length + input_ids.shape[1]
-        for buf, new in zip(storage["buffers"], presents):
-            buf[:, :, start:end] = new
-        return logits
+        return logits, presents
 
 
 class CudaBinding:
     """CUDA execution provider with I/O binding: the cache lives on the GPU and never crosses to the host.
 
     Buffers are PyTorch CUDA tensors (onnxruntime-gpu has no public slice-copy for OrtValues); the small
-    inputs go up each step, new keys/values land in device tensors and are copied into the cache slots on
-    the device; only the logits come back. Needs onnxruntime-gpu and a CUDA build of torch.
+    inputs go up each step, the new keys/values land in device tensors that kv_cache.py copies into the cache
+    slots on the device; only the logits come back. Needs onnxruntime-gpu and a CUDA build of torch.
     Not yet run on real hardware (no GPU where this was written): see docs/tensorrt.md.
     """
 
@@ -94,17 +87,19 @@ class CudaBinding:
         try:
             import torch
         except ImportError:
-            raise GptxError("onnxruntime on CUDA keeps the cache in torch CUDA tensors: install a CUDA build of torch") from None
+            raise GptxError("onnxruntime on CUDA keeps the cache in torch CUDA tensors: "
+                            "install a CUDA build of torch") from None
         if not torch.cuda.is_available():
             raise GptxError("device cuda requested but no CUDA GPU is visible")
         self.torch = torch
         self.backend = backend
         self.dtype = torch.float16 if backend.kv_dtype == np.float16 else torch.float32
 
-    def allocate(self, batch: int, capacity: int):
+    def allocate(self, rows: int, window: int):
         b = self.backend
-        shape = (batch, b.n_head, capacity, b.head_dim)
-        return [self.torch.zeros(shape, dtype=self.dtype, device="cuda") for _ in b.past_names]
+        # a 0-slot past is a view of a 1-slot tensor: binding needs a real device pointer
+        shape = (rows, b.n_head, max(window, 1), b.head_dim)
+        return [self.torch.zeros(shape, dtype=self.dtype, device="cuda")[:, :, :window] for _ in b.past_names]
 
     def bind(self, io, name: str, tensor, output: bool = False):
         np_dtype = np.float16 if tensor.dtype == self.torch.float16 else np.float32
@@ -114,28 +109,22 @@ class CudaBinding:
         else:
             io.bind_input(name, "cuda", 0, np_dtype, tuple(tensor.shape), ptr)
 
-    def run(self, input_ids, attention_mask, position_ids, cache: KVCache):
+    def run(self, input_ids, attention_mask, position_ids, past):
         torch, b = self.torch, self.backend
+        # the cache writes of the previous step were queued on torch's stream; ORT runs on its own
+        torch.cuda.current_stream().synchronize()
         io = b.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
         batch, new = input_ids.shape
-        if cache.length == 0:
-            empty = torch.zeros((batch, b.n_head, 1, b.head_dim), dtype=self.dtype, device="cuda")[:, :, :0]
-            for name in b.past_names:
-                self.bind(io, name, empty)
-        else:
-            for name, buf in zip(b.past_names, cache.storage):
-                self.bind(io, name, buf)
+        for name, buf in zip(b.past_names, past):
+            self.bind(io, name, buf)
         logits = torch.empty((batch, b.manifest["config"]["vocab_size"]), dtype=torch.float32, device="cuda")
         presents = [torch.empty((batch, b.n_head, new, b.head_dim), dtype=self.dtype, device="cuda")
                     for _ in b.present_names]
-        self.bind(io, "logits", logits, output=True)
+        self.bind(io, LOGITS, logits, output=True)
         for name, t in zip(b.present_names, presents):
             self.bind(io, name, t, output=True)
         b.session.run_with_iobinding(io)
-        start = cache.length
-        for buf, t in zip(cache.storage, presents):
-            buf[:, :, start:start + new].copy_(t)
-        return logits.cpu().numpy()
+        return logits.cpu().numpy(), presents

@@ -1,22 +1,22 @@
 """TensorRT backend: runs the `engine.plan` that `gptx build` wrote, with the KV cache resident on the GPU.
 
 Same contract as the ONNX Runtime backend (the graph is the same ONNX file), with device memory:
-  * the cache is preallocated on the GPU, [batch, n_head, capacity, head_dim] per layer and K/V, and the
-    whole buffer is the past of every decode step (attention_mask marks the filled slots);
-  * present.* (the new tokens' keys/values) are written by TensorRT into a small staging buffer and then
-    copied device-to-device into cache slots [length, length + T) (a strided copy: the slot range of a
-    [B, H, capacity, D] buffer is not contiguous, and TensorRT outputs must be);
+  * cache buffers are PyTorch CUDA tensors, [rows, n_head, window, head_dim] per layer and K/V; kv_cache.py
+    feeds `buf[:active]` (contiguous) as the past and copies the presents into each row's slot on the device;
+  * present.* (the new tokens' keys/values) are written by TensorRT into fresh device tensors (TensorRT
+    outputs must be contiguous; a row's slot is not);
   * only the logits ([B, vocab], fp32) come back to the host.
 
 Two execution contexts, one per optimization profile (see gpt_export/tensorrt_build.py):
-  prefill (empty cache): a 1-slot dummy past, its attention_mask column 0, since profiles cannot express a
-                         0-length past;
-  decode (T = 1):        the whole cache as past.
-Several new tokens onto a non-empty cache (not something gptx's generator does) run as decode steps one
-token at a time, which gives the same result.
+  prefill (T >= 1, a 1-slot past): profiles cannot express a 0-length past, so the backend declares
+                                   `min_past = 1` and kv_cache.py passes one masked dummy slot;
+  decode  (T = 1):                 the active rows' whole window as past.
+Several tokens onto a non-empty cache is not something gptx does (prefill always starts from an empty row),
+so it is refused rather than emulated.
 
-Device buffers are PyTorch CUDA tensors and work is queued on one torch CUDA stream. torch and tensorrt are
-imported in __init__, so this module imports on machines that have neither.
+All work is queued on torch's current CUDA stream, so TensorRT's reads of the cache are ordered after the
+previous step's cache writes. torch and tensorrt are imported in __init__, so this module imports on
+machines that have neither.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GptxError
-from ..kv_cache import KVCache
+from ..io_names import LOGITS, input_names, output_names
 from ..manifest import kv_names
-from .base import Backend
+from .base import Backend, Capabilities
 
 INSTALL_HINT = "pip install 'gptx[tensorrt]' on a machine with an NVIDIA CUDA GPU"
 
@@ -49,7 +49,8 @@ def normalize_cc(cc) -> str:
         return str(cc)
 
 
-def check_engine_compat(entry: dict, trt_version: str, gpu_name: str, cc, directory: str | Path | None = None) -> str | None:
+def check_engine_compat(entry: dict, trt_version: str, gpu_name: str, cc,
+                        directory: str | Path | None = None) -> str | None:
     """None when the engine can run here; otherwise one plain line saying what differs and what to rebuild.
 
     TensorRT engines are tied to the TensorRT version that built them and to the GPU (compute capability
@@ -71,7 +72,8 @@ def check_engine_compat(entry: dict, trt_version: str, gpu_name: str, cc, direct
     for option, key in (("--precision", "precision"), ("--max-batch", "max_batch"), ("--max-seq", "max_seq")):
         if entry.get(key) is not None:
             command += f" {option} {entry[key]}"
-    return f"TensorRT engine {file} was built for " + ", ".join(diffs) + f": rebuild it on this machine with `{command}`"
+    return (f"TensorRT engine {file} was built for " + ", ".join(diffs)
+            + f": rebuild it on this machine with `{command}`")
 
 
 def select_engine(manifest: dict, directory, engine: str | None = None) -> dict:
@@ -121,14 +123,15 @@ class TensorRTBackend(Backend):
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise GptxError(f"TensorRT could not load {path} (see its messages above): run `gptx build {directory}` again")
+            raise GptxError(f"TensorRT could not load {path} (see its messages above): "
+                            f"run `gptx build {directory}` again")
 
         self.past_names, self.present_names = kv_names(manifest)
         io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in io if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in io if n not in inputs]
-        want_in = ["input_ids", "attention_mask", "position_ids", *self.past_names]
-        want_out = ["logits", *self.present_names]
+        want_in = input_names(self.n_layer)
+        want_out = output_names(self.n_layer)
         if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
             raise GptxError(f"{path} does not have this export's inputs/outputs: run `gptx build {directory}` again")
         self.dtypes = {n: self._torch_dtype(self.engine.get_tensor_dtype(n)) for n in io}
@@ -138,16 +141,18 @@ class TensorRTBackend(Backend):
         profiles = {p["name"]: int(p["index"]) for p in entry.get("profiles", [])}
         if set(profiles) != {"prefill", "decode"} or max(profiles.values()) >= self.engine.num_optimization_profiles:
             raise GptxError(f"{path} lacks the prefill/decode profiles gptx needs: run `gptx build {directory}` again")
-        self.stream = torch.cuda.Stream()
+        self.capabilities = Capabilities(max_batch=self.max_batch, max_seq=min(self.max_seq, self.block_size),
+                                         devices=("cuda",), min_past=1)
+        stream = torch.cuda.current_stream()
         self.contexts = {}
         for name, index in profiles.items():
             ctx = self.engine.create_execution_context()
             if ctx is None:
                 raise GptxError("TensorRT could not create an execution context (out of GPU memory?)")
-            if not ctx.set_optimization_profile_async(index, self.stream.cuda_stream):
+            if not ctx.set_optimization_profile_async(index, stream.cuda_stream):
                 raise GptxError(f"TensorRT refused optimization profile {index} ({name}) of {path}")
             self.contexts[name] = ctx
-        self.stream.synchronize()
+        stream.synchronize()
 
     def _torch_dtype(self, trt_dtype):
         trt, torch = self.trt, self.torch
@@ -160,87 +165,48 @@ class TensorRTBackend(Backend):
         return table[trt_dtype]
 
     # ----------------------------------------------------------------------------------- interface
-    def allocate(self, batch: int, capacity: int):
-        if batch > self.max_batch:
-            raise GptxError(f"batch {batch} exceeds the engine's --max-batch {self.max_batch}: "
+    def allocate(self, rows: int, window: int):
+        if rows > self.max_batch:
+            raise GptxError(f"batch {rows} exceeds the engine's --max-batch {self.max_batch}: "
                             f"rebuild with a larger `gptx build --max-batch`")
-        if capacity > self.max_seq:
-            raise GptxError(f"prompt + new tokens = {capacity} exceeds the engine's --max-seq {self.max_seq}: "
+        if window > self.max_seq:
+            raise GptxError(f"{window} cache slots exceed the engine's --max-seq {self.max_seq}: "
                             f"rebuild with a larger `gptx build --max-seq`")
-        torch = self.torch
-        shape = (batch, self.n_head, capacity, self.head_dim)
-        one = (batch, self.n_head, 1, self.head_dim)
-        with torch.cuda.stream(self.stream):
-            storage = {
-                "buffers": [torch.zeros(shape, dtype=self.kv_dtype, device="cuda") for _ in self.past_names],
-                # the masked 1-slot past of prefill calls
-                "dummy": torch.zeros(one, dtype=self.kv_dtype, device="cuda"),
-                # where TensorRT writes one decode step's present.* before the copy into the cache
-                "staging": [torch.empty(one, dtype=self.dtypes[n], device="cuda") for n in self.present_names],
-            }
-        self.stream.synchronize()
-        return storage
+        shape = (rows, self.n_head, window, self.head_dim)
+        return [self.torch.zeros(shape, dtype=self.kv_dtype, device="cuda") for _ in self.past_names]
 
-    def run(self, input_ids, attention_mask, position_ids, cache: KVCache):
-        storage = cache.storage
+    def run(self, input_ids, attention_mask, position_ids, past):
+        """Prefill profile for several tokens onto the dummy past, decode profile for one token."""
+        torch = self.torch
         batch, new_len = input_ids.shape
-        if cache.length == 0:
-            # prefill: dummy slot in front, masked out (its column is 0)
-            mask = np.concatenate([np.zeros((batch, 1), np.int64), attention_mask], axis=1)
-            past = [storage["dummy"]] * len(self.past_names)
-            return self._execute("prefill", input_ids, mask, position_ids, past, storage, start=0)
-        if new_len == 1:
-            return self._execute("decode", input_ids, attention_mask, position_ids, storage["buffers"], storage,
-                                 start=cache.length)
-        # several tokens onto a non-empty cache: the decode profile only takes T = 1, so go token by token
-        slots = attention_mask[:, :cache.capacity].copy()
-        new = attention_mask[:, cache.capacity:]
-        logits = None
-        for t in range(new_len):
-            mask = np.concatenate([slots, new[:, t:t + 1]], axis=1)
-            logits = self._execute("decode", input_ids[:, t:t + 1], mask, position_ids[:, t:t + 1],
-                                   storage["buffers"], storage, start=cache.length + t)
-            slots[:, cache.length + t] = new[:, t]
-        return logits
+        profile = "decode" if new_len == 1 else "prefill"
+        if profile == "prefill" and past[0].shape[2] != 1:
+            raise GptxError("the TensorRT engine takes several tokens only onto an empty cache (prefill)")
+        ctx = self.contexts[profile]
+        feeds = {
+            "input_ids": self._to_device(input_ids, "input_ids"),
+            "attention_mask": self._to_device(attention_mask, "attention_mask"),
+            "position_ids": self._to_device(position_ids, "position_ids"),
+            **dict(zip(self.past_names, past)),
+        }
+        for name, tensor in feeds.items():
+            if not ctx.set_input_shape(name, tuple(tensor.shape)):
+                raise GptxError(f"input {name} of shape {tuple(tensor.shape)} is outside the engine's "
+                                f"{profile} profile (batch <= {self.max_batch}, sequence <= {self.max_seq})")
+            ctx.set_tensor_address(name, tensor.data_ptr())
+        logits = torch.empty(tuple(ctx.get_tensor_shape(LOGITS)), dtype=self.dtypes[LOGITS], device="cuda")
+        ctx.set_tensor_address(LOGITS, logits.data_ptr())
+        presents = [torch.empty((batch, self.n_head, new_len, self.head_dim), dtype=self.dtypes[n], device="cuda")
+                    for n in self.present_names]
+        for name, tensor in zip(self.present_names, presents):
+            ctx.set_tensor_address(name, tensor.data_ptr())
+        if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise GptxError(f"TensorRT failed to run the {profile} step (see its messages above)")
+        return logits.float().cpu().numpy(), presents  # .cpu() waits for the stream
 
     def describe(self) -> str:
         return f"tensorrt on cuda ({self.entry.get('precision')}, {self.gpu_name})"
 
-    # ------------------------------------------------------------------------------------ internals
     def _to_device(self, array: np.ndarray, name: str):
-        torch = self.torch
-        host = torch.from_numpy(np.ascontiguousarray(array))
+        host = self.torch.from_numpy(np.ascontiguousarray(array))
         return host.to(device="cuda", dtype=self.dtypes[name])
-
-    def _execute(self, profile: str, input_ids, attention_mask, position_ids, past, storage, start: int):
-        torch = self.torch
-        ctx = self.contexts[profile]
-        batch, new_len = input_ids.shape
-        with torch.cuda.stream(self.stream):
-            feeds = {
-                "input_ids": self._to_device(input_ids, "input_ids"),
-                "attention_mask": self._to_device(attention_mask, "attention_mask"),
-                "position_ids": self._to_device(position_ids, "position_ids"),
-                **dict(zip(self.past_names, past)),
-            }
-            for name, tensor in feeds.items():
-                if not ctx.set_input_shape(name, tuple(tensor.shape)):
-                    raise GptxError(f"input {name} of shape {tuple(tensor.shape)} is outside the engine's "
-                                    f"{profile} profile (batch <= {self.max_batch}, sequence <= {self.max_seq})")
-                ctx.set_tensor_address(name, tensor.data_ptr())
-            logits = torch.empty(tuple(ctx.get_tensor_shape("logits")), dtype=self.dtypes["logits"], device="cuda")
-            ctx.set_tensor_address("logits", logits.data_ptr())
-            if new_len == 1:
-                presents = storage["staging"]
-            else:
-                presents = [torch.empty((batch, self.n_head, new_len, self.head_dim), dtype=self.dtypes[n],
-                                        device="cuda") for n in self.present_names]
-            for name, tensor in zip(self.present_names, presents):
-                ctx.set_tensor_address(name, tensor.data_ptr())
-            if not ctx.execute_async_v3(self.stream.cuda_stream):
-                raise GptxError(f"TensorRT failed to run the {profile} step (see its messages above)")
-            # device-to-device, strided, on the same stream: new keys/values into their cache slots
-            for buf, new in zip(storage["buffers"], presents):
-                buf[:, :, start:start + new_len].copy_(new)
-            out = logits.float().cpu().numpy()  # waits for the stream
-        return out

@@ -1,0 +1,543 @@
+"""The OpenAI-compatible app: `create_app(engine, ServerConfig(...))` -> FastAPI, served by uvicorn or Ray Serve.
+
+    POST /v1/completions        prompt: text, texts, token ids or lists of them; SSE with stream=true
+    POST /v1/chat/completions   messages rendered with the chat template (chat.py)
+    GET  /v1/models             the one model served
+    GET  /health                200 once the pool runs (readiness), 503 before and while shutting down
+    GET  /metrics               Prometheus (metrics.py)
+
+All generation goes through the runtime's async pool (engine.serving()), opened in the app's lifespan: requests
+from every client are batched continuously. Bad input is refused before any compute: 400 with OpenAI's error
+body (an unknown field, a wrong type, a value out of range, a prompt that cannot fit the context), 413 for a body
+over `max_body_bytes`, 429 with Retry-After when the pool's queue is full, 401 without the API key. A client that
+goes away frees its rows (the pool's cancel, applied at the scheduler's next step). A request that fails answers
+500 (or an error event mid-stream) and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import GptxError, InvalidInput, QueueFull
+from ..scheduler import DEFAULT_PREFILL_TOKENS
+from ..serving import Event, RequestStream
+from .chat import ChatTemplate
+from .metrics import Metrics
+from .schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, GenerationFields, error_body
+
+log = logging.getLogger("gptx.server")
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions; chat defaults to the context
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str
+    max_batch: int = 8
+    max_queue: int = 64
+    max_tokens_limit: int | None = None   # the most new tokens one request may ask for (None: up to the context)
+    max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS
+    api_key: str | None = None            # requests to /v1/* need `Authorization: Bearer <key>`
+    max_body_bytes: int = 1 << 20
+    chat_template: ChatTemplate = field(default_factory=ChatTemplate)
+    replica: str | None = None            # the x-gptx-replica header (default host:pid)
+    retry_after_seconds: int = 1
+
+
+class APIError(Exception):
+    """An answer with OpenAI's error body, raised anywhere before a response starts."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type, param, code), headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, self.status, headers=self.headers)
+
+
+# ---------------------------------------------------------------------------------------------- per request
+@dataclass
+class RequestRecord:
+    """What the log line and the metrics say about one HTTP request."""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    started: float = field(default_factory=time.perf_counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish: str = ""
+    ttft: float | None = None
+
+
+class Frontdoor:
+    """Pure ASGI middleware (it must not buffer SSE): the API key check on /v1/*, the body size limit, the replica
+    and request-id headers, the status-code counter and one log line per request.
+
+    The body limit is ours, not FastAPI's `max_body_size`: that one (newest FastAPI only) answers a declared
+    Content-Length over the limit in plain text, and uvicorn has none."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, replica: str, metrics: Metrics):
+        self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
+        self.replica = replica.encode("latin-1", "replace")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        record = scope["gptx.record"] = RequestRecord()
+        status = 500
+
+        async def send_with_headers(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-gptx-replica", self.replica),
+                                                  (b"x-request-id", record.id.encode())]}
+            await send(message)
+
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:  # a chunked body (no Content-Length) that goes on too long
+                    raise HTTPException(413, self.too_large)
+            return message
+
+        try:
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                await refusal.response()(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive_within_limit, send_with_headers)
+        finally:
+            endpoint = scope["path"] if scope["path"] in ROUTES else "other"
+            seconds = time.perf_counter() - record.started
+            self.metrics.http_requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(seconds)
+            if endpoint != "/metrics" and endpoint != "/health":
+                path = endpoint if endpoint != "other" else ascii(scope["path"][:200])  # never a raw newline
+                ttft = f" ttft={record.ttft:.3f}s" if record.ttft is not None else ""
+                log.info("%s %s %s %d prompt_tokens=%d completion_tokens=%d%s%s %.3fs", record.id,
+                         ascii(scope["method"])[1:-1], path, status, record.prompt_tokens, record.completion_tokens,
+                         f" finish={record.finish}" if record.finish else "", ttft, seconds)
+
+    def refusal(self, scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"].startswith("/v1/"):
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return APIError(401, "a valid API key is needed: send `Authorization: Bearer <key>`",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return APIError(413, self.too_large, code="body_too_large")
+        return None
+
+    @property
+    def too_large(self) -> str:
+        return f"the request body is over this server's limit of {self.max_body_bytes} bytes"
+
+
+class Generation:
+    """One HTTP request's pool streams (one per prompt): queued together when made (so 400 / 429 come before any
+    response), iterated as (choice index, Event) with per-token timing, cancelled together by `close()`."""
+
+    def __init__(self, pool, prompts: list[list[int]], max_tokens: int, options: dict, stop: list[str],
+                 record: RequestRecord, metrics: Metrics):
+        self.record, self.metrics = record, metrics
+        self.streams: list[RequestStream] = []
+        try:
+            for i, ids in enumerate(prompts):
+                self.streams.append(pool.events(ids, max_tokens=max_tokens, stop=stop, request_id=f"{record.id}-{i}",
+                                                **options))
+        except BaseException:
+            for stream in self.streams:
+                stream.cancel()
+            raise
+        self.tokens = [0] * len(prompts)
+        self.finish: list[str | None] = [None] * len(prompts)
+        self._last_token: list[float | None] = [None] * len(prompts)
+        record.prompt_tokens = sum(map(len, prompts))
+        metrics.prompt_tokens.inc(record.prompt_tokens)
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        source = _indexed(self.streams[0]) if len(self.streams) == 1 else _merged(self.streams)
+        async for i, event in source:
+            if event.token_ids:
+                now = time.perf_counter()
+                if self._last_token[i] is None:
+                    self.metrics.ttft.observe(now - self.record.started)
+                    if self.record.ttft is None:
+                        self.record.ttft = now - self.record.started
+                else:
+                    self.metrics.itl.observe(now - self._last_token[i])
+                self._last_token[i] = now
+                self.tokens[i] += len(event.token_ids)
+                self.metrics.completion_tokens.inc(len(event.token_ids))
+            if event.finish_reason is not None:
+                self._finished(i, event.finish_reason)
+                if event.finish_reason == "cancelled":  # only the pool's own shutdown cancels a live request
+                    raise APIError(503, "the server is shutting down; retry", "server_error", code="shutting_down")
+            yield i, event
+
+    def close(self, failed: bool = False) -> None:
+        """Cancel what is still running (a client that left, a sibling that failed) and account for it."""
+        for i, stream in enumerate(self.streams):
+            if self.finish[i] is None:
+                stream.cancel()
+                self._finished(i, "error" if failed else "cancelled")
+        self.record.completion_tokens = sum(self.tokens)
+        self.record.finish = ",".join(dict.fromkeys(r for r in self.finish if r))
+
+    def usage(self) -> dict:
+        completion = sum(self.tokens)
+        return {"prompt_tokens": self.record.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.record.prompt_tokens + completion}
+
+    def _finished(self, i: int, reason: str) -> None:
+        self.finish[i] = reason
+        self.metrics.completions.labels(reason).inc()
+
+
+async def _indexed(stream: RequestStream) -> AsyncIterator[tuple[int, Event]]:
+    async for event in stream:
+        yield 0, event
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Event]]:
+    """Events of several streams in arrival order (one task per stream; the queue holds at most every event)."""
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream):
+        try:
+            async for event in stream:
+                inbox.put_nowait((i, event, None))
+        except Exception as e:  # handed to the consumer, which raises it with its traceback
+            inbox.put_nowait((i, None, e))
+        else:
+            inbox.put_nowait((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, event, error = await inbox.get()
+            if error is not None:
+                raise error
+            if event is None:
+                running -= 1
+            else:
+                yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- response shapes
+class CompletionFormat:
+    """/v1/completions bodies and chunks."""
+    object, chunk_object, prefix = "text_completion", "text_completion", "cmpl-"
+
+    def __init__(self, model: str, record: RequestRecord, choices: int):
+        self.id, self.model, self.created = self.prefix + record.id, model, int(time.time())
+
+    def envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                **extra}
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def piece(self, i: int, text: str) -> str:
+        return text
+
+    def choice(self, i: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    chunk_choice = choice
+
+
+class ChatFormat(CompletionFormat):
+    """/v1/chat/completions bodies and chunks; the reply's leading whitespace (after "Assistant:") is dropped."""
+    object, chunk_object, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    def __init__(self, model: str, record: RequestRecord, choices: int):
+        super().__init__(model, record, choices)
+        self._started = [False] * choices
+
+    def opening(self) -> list[dict]:
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(len(self._started))]
+
+    def piece(self, i: int, text: str) -> str:
+        if not self._started[i]:
+            text = text.lstrip()
+            self._started[i] = bool(text)
+        return text
+
+    def choice(self, i: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+    def chunk_choice(self, i: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def create_app(engine, config: ServerConfig) -> FastAPI:
+    metrics = Metrics(config.max_batch)
+    replica = config.replica or f"{socket.gethostname()}:{os.getpid()}"
+    state: dict = {"pool": None}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with engine.serving(max_batch=config.max_batch, max_queue=config.max_queue,
+                                  max_prefill_tokens=config.max_prefill_tokens, on_step=metrics.on_step) as pool:
+            state["pool"] = pool
+            try:
+                yield
+            finally:
+                state["pool"] = None
+
+    app = FastAPI(title="gptx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Frontdoor, api_key=config.api_key, max_body_bytes=config.max_body_bytes, replica=replica,
+                       metrics=metrics)
+    app.state.metrics = metrics
+
+    # -- errors: every refusal in OpenAI's shape ------------------------------------------------
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, e: RequestValidationError):
+        message, param = describe_validation_error(e.errors())
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(InvalidInput)
+    async def invalid_input(request: Request, e: InvalidInput):
+        return APIError(400, str(e)).response()
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, e: QueueFull):
+        return APIError(429, str(e), "rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(config.retry_after_seconds)}).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return APIError(e.status_code, str(e.detail), code={404: "not_found", 413: "body_too_large"}.get(
+            e.status_code), headers=getattr(e, "headers", None)).response()
+
+    @app.exception_handler(GptxError)
+    async def generation_failed(request: Request, e: GptxError):  # e.g. non-finite logits; the server goes on
+        log.error("%s failed: %s", request.scope["gptx.record"].id, e)
+        return APIError(500, str(e), "server_error").response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        # Starlette logs the traceback and the server keeps serving; the client gets OpenAI's shape.
+        return APIError(500, f"internal error ({type(e).__name__}); see the server log", "server_error").response()
+
+    # -- helpers shared by the two generation endpoints ------------------------------------------
+    def running_pool():
+        if state["pool"] is None:
+            raise APIError(503, "the server is not ready", "server_error", code="not_ready")
+        return state["pool"]
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != config.model_name:
+            raise APIError(404, f"model {name!r} is not served here; this server serves {config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def token_budget(requested: int | None, prompts: list[list[int]], default: int | None) -> int:
+        """max_tokens checked against --max-tokens-limit and the context; a default is clamped to fit instead."""
+        context, longest = engine.block_size, max(map(len, prompts))
+        room = context - longest
+        if room < 1:
+            raise APIError(400, f"the prompt of {longest} tokens fills the model's context of {context} tokens",
+                           param="prompt", code="context_length_exceeded")
+        limit = config.max_tokens_limit
+        if requested is None:
+            return min(n for n in (default, limit, room) if n is not None)
+        if limit is not None and requested > limit:
+            raise APIError(400, f"max_tokens {requested} is over this server's limit of {limit}", param="max_tokens")
+        if requested > room:
+            raise APIError(400, f"the model's context is {context} tokens: {longest} in the prompt + {requested} "
+                                f"new tokens do not fit; lower max_tokens or shorten the prompt",
+                           param="max_tokens", code="context_length_exceeded")
+        return requested
+
+    def encode(prompt) -> list[int]:
+        try:
+            return engine.prompt_ids(prompt)
+        except InvalidInput as e:
+            raise APIError(400, str(e), param="prompt") from None
+
+    async def respond(request: Request, body: GenerationFields, prompts: list, max_tokens: int, stop: list[str],
+                      fmt: CompletionFormat):
+        record: RequestRecord = request.scope["gptx.record"]
+        gen = Generation(running_pool(), prompts, max_tokens, body.sampling(), stop, record, metrics)
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(stream_chunks(gen, fmt, usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        texts: list[list[str]] = [[] for _ in prompts]
+
+        async def collect():
+            async for i, event in gen.events():
+                texts[i].append(fmt.piece(i, event.text))
+
+        failed = False
+        try:
+            await unless_disconnected(request, collect())
+        except APIError:  # the client left (499) or the pool is shutting down (503): cancelled, not failed
+            raise
+        except Exception:
+            failed = True
+            raise
+        finally:
+            gen.close(failed)
+        choices = [fmt.choice(i, "".join(t), gen.finish[i]) for i, t in enumerate(texts)]
+        return JSONResponse(fmt.envelope(fmt.object, choices, usage=gen.usage()))
+
+    async def stream_chunks(gen: Generation, fmt: CompletionFormat, include_usage: bool) -> AsyncIterator[str]:
+        extra = {"usage": None} if include_usage else {}
+        failed = False  # a client that goes away cancels this generator: its rows count as cancelled
+        try:
+            for choice in fmt.opening():
+                yield sse(fmt.envelope(fmt.chunk_object, [choice], **extra))
+            async for i, event in gen.events():
+                text = fmt.piece(i, event.text)
+                if text or event.finish_reason:
+                    yield sse(fmt.envelope(fmt.chunk_object, [fmt.chunk_choice(i, text, event.finish_reason)], **extra))
+            if include_usage:
+                yield sse(fmt.envelope(fmt.chunk_object, [], usage=gen.usage()))
+            yield sse("[DONE]")
+        except APIError as e:  # the pool shut down under this request
+            yield sse(e.body)
+        except GptxError as e:  # a failed generation (e.g. non-finite logits): tell the client, keep serving
+            failed = True
+            log.error("%s failed: %s", gen.record.id, e)
+            yield sse(error_body(str(e), "server_error"))
+        except Exception as e:  # a bug: the client hears of it, the traceback goes to the log (re-raised)
+            failed = True
+            yield sse(error_body(f"internal error ({type(e).__name__}); see the server log", "server_error"))
+            raise
+        finally:
+            gen.close(failed)
+
+    # -- endpoints --------------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        if len(body.prompts()) > config.max_queue:
+            raise APIError(400, f"at most {config.max_queue} prompts per request", param="prompt")
+        prompts = [encode(p) for p in body.prompts()]
+        max_tokens = token_budget(body.max_tokens, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        fmt = CompletionFormat(config.model_name, request.scope["gptx.record"], len(prompts))
+        return await respond(request, body, prompts, max_tokens, body.stops(), fmt)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        template = config.chat_template
+        prompts = [encode(template.render([(m.role, m.text()) for m in body.messages]))]
+        max_tokens = token_budget(body.token_limit(), prompts, None)
+        fmt = ChatFormat(config.model_name, request.scope["gptx.record"], 1)
+        return await respond(request, body, prompts, max_tokens, [*body.stops(), *template.stop], fmt)
+
+    created = int(time.time())
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
+                                            "owned_by": "gptx", "max_model_len": engine.block_size}]}
+
+    @app.get("/health")
+    async def health():
+        if state["pool"] is None:
+            return JSONResponse({"status": "starting or stopping"}, 503)
+        stats = state["pool"].stats()
+        return {"status": "ok", "model": config.model_name, "waiting": stats.waiting, "active": stats.active}
+
+    @app.get("/metrics")
+    async def prometheus():
+        pool = state["pool"]
+        return Response(metrics.render(pool.stats() if pool else None), media_type=metrics.content_type)
+
+    return app
+
+
+async def unless_disconnected(request: Request, work) -> None:
+    """Run `work` (a non-streaming generation) but stop it when the client goes away, so its rows are freed."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # let it unwind: its streams cancel their rows
+    if task.cancelled():
+        raise APIError(499, "the client closed the request")  # nobody reads it; logged as 499
+    task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def describe_validation_error(errors) -> tuple[str, str | None]:
+    """pydantic's errors -> one message and OpenAI's `param` (the top-level field)."""
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first["type"] == "json_invalid":
+        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})", None
+    if not loc:  # the body as a whole: not an object, or a rule across fields
+        if first["type"] in ("model_type", "model_attributes_type"):
+            return "the body must be a JSON object", None
+        return first["msg"].removeprefix("Value error, "), None
+    path = []  # the field's path, up to the union member pydantic tried (tags such as "str" or "list[str]")
+    for part in loc:
+        if "[" in part or part in ("str", "int", "float", "bool"):
+            break
+        path.append(part)
+    where = ".".join(path)
+    if first["type"] == "extra_forbidden":
+        return f"unknown field {where!r}", path[0]
+    if first["type"] == "missing":
+        return f"{where} is required", path[0]
+    if len(path) < len(loc) and path[-1] in UNION_HINTS:
+        return f"{where} must be {UNION_HINTS[path[-1]]}", path[0]
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}", path[0]
+
+
+UNION_HINTS = {
+    "prompt": "a non-empty string, a list of strings, a list of token ids (>= 0) or a list of token-id lists",
+    "stop": f"a string or a list of at most {MAX_STOP} strings",
+    "content": "a string or a list of text parts",
+}

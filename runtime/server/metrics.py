@@ -1,0 +1,57 @@
+"""Prometheus metrics for one server (its own registry, so several apps can live in one process: tests, Ray).
+
+    gptx_http_requests_total{endpoint, status}       every HTTP response, by route and status code
+    gptx_completions_total{finish_reason}            generations by how they ended: stop | length | cancelled | error
+    gptx_prompt_tokens_total, gptx_completion_tokens_total
+    gptx_queue_waiting, gptx_active_rows, gptx_max_batch   the pool's queue depth and rows in use (read at scrape)
+    gptx_step_batch_size{kind}                       rows per graph call (kind: prefill | decode), histogram
+    gptx_step_seconds{kind}                          duration of each graph call, histogram
+    gptx_time_to_first_token_seconds                 request arrival to its first token, histogram
+    gptx_inter_token_latency_seconds                 between consecutive tokens of a request, histogram
+    gptx_request_seconds{endpoint}                   whole request, histogram
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, max_batch: int):
+        self.registry = r = CollectorRegistry()
+        self.http_requests = Counter("gptx_http_requests", "HTTP responses by route and status code",
+                                     ["endpoint", "status"], registry=r)
+        self.completions = Counter("gptx_completions", "Generations by finish reason (one per prompt)",
+                                   ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("gptx_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.completion_tokens = Counter("gptx_completion_tokens", "Tokens generated", registry=r)
+        self.queue_waiting = Gauge("gptx_queue_waiting", "Requests waiting for a row", registry=r)
+        self.active_rows = Gauge("gptx_active_rows", "Rows of the batch in use", registry=r)
+        Gauge("gptx_max_batch", "Rows of the batch", registry=r).set(max_batch)
+        batch_buckets = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, max_batch})
+        self.batch_size = Histogram("gptx_step_batch_size", "Rows per graph call", ["kind"],
+                                    buckets=batch_buckets, registry=r)
+        self.step_seconds = Histogram("gptx_step_seconds", "Duration of each graph call", ["kind"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("gptx_time_to_first_token_seconds", "Request arrival to its first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("gptx_inter_token_latency_seconds", "Between consecutive tokens of one request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.request_seconds = Histogram("gptx_request_seconds", "Whole request", ["endpoint"],
+                                         buckets=REQUEST_BUCKETS, registry=r)
+
+    def on_step(self, kind: str, seconds: float, batch: int) -> None:
+        """The pool's hook, called in its worker thread after every graph call (prometheus-client is thread-safe)."""
+        self.batch_size.labels(kind).observe(batch)
+        self.step_seconds.labels(kind).observe(seconds)
+
+    def render(self, stats) -> bytes:
+        """The text exposition, with the pool's gauges read now (stats: the pool's SchedulerStats, or None)."""
+        self.queue_waiting.set(stats.waiting if stats else 0)
+        self.active_rows.set(stats.active if stats else 0)
+        return generate_latest(self.registry)

@@ -1,0 +1,130 @@
+"""Request bodies of the OpenAI-compatible endpoints (pydantic), and OpenAI's error body.
+
+Bodies are strict: unknown fields, wrong types (a string for a number, a bool for an int) and values out of
+OpenAI's ranges are refused with 400 before any work. OpenAI parameters this server does not implement are
+accepted only at their "off" value (echo=false, logprobs=null, penalties 0, ...), so clients that send the
+defaults explicitly keep working. Extensions beyond OpenAI's API: top_k, repetition_penalty, ignore_eos.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+MAX_STOP = 4           # stop strings per request (OpenAI's limit)
+MAX_SEED = 2**63 - 1
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error shape; the openai client reads `message` and maps the HTTP status to its exception type."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# OpenAI parameters this server does not implement: the values accepted (their "off" values)
+OFF_VALUES = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}), "echo": (False,),
+              "logprobs": (None, False), "best_of": (None, 1), "suffix": (None,), "top_logprobs": (None,)}
+
+
+def only_off(value, info: ValidationInfo):
+    allowed = OFF_VALUES[info.field_name]
+    if value not in allowed:
+        raise ValueError(f"not supported by this server (leave it at {allowed[0]!r})")
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class GenerationFields(Strict):
+    """What both endpoints take."""
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, Any] | None = None
+    # extensions
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    ignore_eos: bool = False
+
+    _off = field_validator("presence_penalty", "frequency_penalty", "logit_bias")(only_off)
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        return self
+
+    def sampling(self) -> dict:
+        """Options for Pool.events (max_tokens, stop and the prompt are the endpoint's)."""
+        return dict(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p,
+                    repetition_penalty=self.repetition_penalty, seed=self.seed, stop_at_eos=not self.ignore_eos)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    _off_here = field_validator("echo", "logprobs", "best_of", "suffix")(only_off)
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt (text or token ids) per choice."""
+        p = self.prompt
+        if isinstance(p, str) or isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    _off_here = field_validator("logprobs", "top_logprobs")(only_off)
+
+    @model_validator(mode="after")
+    def _one_limit(self):
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
