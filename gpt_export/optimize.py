@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import GptxError, InvalidInput
-from runtime.manifest import load_manifest, record_files, save_manifest
+from runtime.manifest import QUANT_SCHEMES, load_manifest, record_files, save_manifest
 
 WTE = "gpt.transformer.wte.weight"
 
@@ -50,7 +50,7 @@ PRESETS = {
     "int4": QuantPreset(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1),
     "int4-pure": QuantPreset(4, block_size=32),  # every matrix at 4 bits: smallest and fastest, ~91% top-1
 }
-QUANT_SCHEMES = ("int8", "int4")
+QUANT_BITS = {name: PRESETS[name].bits for name in QUANT_SCHEMES}  # every scheme the CLI offers has a preset
 MATRICES_PER_LAYER = 4  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
 GPTQ_CALIBRATION = (8, 64)  # windows x tokens of the bundled text's training part
 
