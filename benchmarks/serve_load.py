@@ -6,7 +6,7 @@
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model NAME   # a server already running
 
 Model: GPT-2-124M shapes with random weights (`random:gpt2`, built once in --workdir as a Hugging Face directory
-by compare_peers.build_shared_weights, then exported with gptx and, with --llama-convert, converted to an f32
+by harness.hf_directory (as compare_peers.py does), then exported with gptx and, with --llama-convert, converted to an f32
 GGUF), so both servers run exactly the same weights. Load: for each concurrency level (1, 2, 4, 8, 16 by default)
 that many clients each send --requests-per-client streaming /v1/completions requests back to back: a fixed set of
 32-token prompts (token ids, so both servers see the same tokens), 128 new tokens, greedy, ignore_eos. Clients
@@ -108,14 +108,15 @@ def start_llama(binary: Path, gguf: Path, parallel: int, context: int, threads: 
 # ---------------------------------------------------------------------------------------------- weights
 def prepare_weights(work: Path, seed: int, convert: Path | None, gguf: Path | None) -> tuple[Path, Path | None]:
     """random:gpt2 as a HF directory (shared with compare_peers), its gptx export, and an f32 GGUF of it."""
-    from compare_peers import build_shared_weights
+    from harness import hf_directory
 
     from gpt_export.export import export
+    from gpt_export.weights import random_model
 
     hf_dir, export_dir = work / "hf-gpt2-random", work / "gptx-fp32"
     if not (hf_dir / "config.json").exists():
         log("building random GPT-2-124M weights (HF directory)")
-        build_shared_weights(hf_dir, seed)
+        hf_directory(random_model("random:gpt2", seed), hf_dir)
     if not (export_dir / "manifest.json").exists():
         log("exporting them with gptx")
         export(str(hf_dir), export_dir, validate=False, progress=False)

@@ -62,10 +62,69 @@ def _greedy_generator(backend: Backend, prompts: list[list[int]], steps: int, pa
     return Generator(backend, prompts, steps, SamplingParams(temperature=0), None, vocab, pad_id)
 
 
-def run_sequence(backend: Backend, prompts: list[list[int]], continuation: np.ndarray, pad_id: int) -> list[np.ndarray]:
-    """Prefill the prompts, then feed `continuation` (B, steps) one column at a time; logits per call."""
+def teacher_forced(backend: Backend, prompts: list[list[int]], continuation: np.ndarray, pad_id: int):
+    """Prefill the prompts, then feed `continuation` (B, steps) one column at a time; yields each call's logits."""
     gen = _greedy_generator(backend, prompts, continuation.shape[1] + 1, pad_id)
-    return [gen.prefill()] + [gen.decode_one_token(continuation[:, col]) for col in range(continuation.shape[1])]
+    yield gen.prefill()
+    for col in range(continuation.shape[1]):
+        yield gen.decode_one_token(continuation[:, col])
+
+
+def run_sequence(backend: Backend, prompts: list[list[int]], continuation: np.ndarray, pad_id: int) -> list[np.ndarray]:
+    """`teacher_forced` as a list: (B, V) logits per call."""
+    return list(teacher_forced(backend, prompts, continuation, pad_id))
+
+
+def logit_agreement(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray | None = None) -> dict:
+    """Two engines' logits for the same positions ((N, V), already cut to the real vocabulary): counts and sums
+    that add up across calls (`merge_agreement`), so long texts never hold every position's logits at once."""
+    out = {"positions": int(ref.shape[0]), "top1_matches": int((ref.argmax(-1) == cand.argmax(-1)).sum()),
+           "max_abs_diff": float(np.max(np.abs(ref - cand))) if ref.size else 0.0}
+    if targets is not None:
+        out["ref_nll"], out["cand_nll"] = (float(nll(x, targets).sum()) for x in (ref, cand))
+    return out
+
+
+def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each row's target id, computed in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    return np.log(np.exp(x).sum(-1)) - x[np.arange(len(targets)), targets]
+
+
+def merge_agreement(parts: list[dict]) -> dict:
+    """Sum `logit_agreement` parts into top-1 agreement, max |diff| and (with targets) perplexities and their ratio."""
+    n = sum(p["positions"] for p in parts)
+    out = {"positions": n, "top1_agreement": sum(p["top1_matches"] for p in parts) / n,
+           "max_abs_diff": max(p["max_abs_diff"] for p in parts)}
+    if all("ref_nll" in p for p in parts):
+        out["ref_perplexity"] = math.exp(sum(p["ref_nll"] for p in parts) / n)
+        out["cand_perplexity"] = math.exp(sum(p["cand_nll"] for p in parts) / n)
+        out["perplexity_ratio"] = out["cand_perplexity"] / out["ref_perplexity"]
+    return out
+
+
+def sample_windows(tokenizer: Tokenizer, windows: int, length: int, held_out: bool = True) -> np.ndarray:
+    """(windows, length) consecutive token windows of the bundled Shakespeare text: from its last 10% (the part
+    `gptx train`'s default val_fraction holds out) by default, from the start with held_out=False (calibration)."""
+    tokens = tokenizer.encode(SAMPLE_TEXT.read_text(encoding="utf-8"))
+    start = len(tokens) - len(tokens) // 10 if held_out else 0
+    need = windows * length
+    if start + need > len(tokens):
+        raise InvalidInput(f"the sample text holds {len(tokens) - start} tokens there, {need} asked for")
+    return np.asarray(tokens[start:start + need], dtype=np.int64).reshape(windows, length)
+
+
+def text_agreement(ref: Backend, cand: Backend, windows: np.ndarray, vocab: int) -> dict:
+    """Teacher-force every window (one batch) through both backends in lockstep; `merge_agreement` of all positions.
+
+    Position k of a window is scored on predicting token k + 1, so perplexity is that of the text itself."""
+    prompts, continuation = windows[:, :1].tolist(), windows[:, 1:-1]
+    parts = []
+    steps = zip(teacher_forced(ref, prompts, continuation, 0), teacher_forced(cand, prompts, continuation, 0))
+    for k, (r, c) in enumerate(steps):
+        parts.append(logit_agreement(r[:, :vocab], c[:, :vocab], windows[:, k + 1]))
+    return merge_agreement(parts)
 
 
 def greedy(backend: Backend, prompts: list[list[int]], steps: int, pad_id: int) -> np.ndarray:
@@ -79,13 +138,9 @@ def greedy(backend: Backend, prompts: list[list[int]], steps: int, pad_id: int) 
 def perplexity(backend: Backend, tokens: list[int], vocab: int) -> float:
     """Teacher-forced perplexity of a token sequence, one token per step (the graph returns last-position logits)."""
     seq = np.asarray(tokens, dtype=np.int64)[None, :]
-    outs = run_sequence(backend, [tokens[:1]], seq[:, 1:-1], pad_id=0)
-    nll = 0.0
-    for step, logits in enumerate(outs):
-        row = logits[0, :vocab].astype(np.float64)
-        row -= row.max()
-        nll -= row[seq[0, step + 1]] - math.log(np.exp(row).sum())
-    return float(math.exp(nll / len(outs)))
+    steps = teacher_forced(backend, [tokens[:1]], seq[:, 1:-1], pad_id=0)
+    total = sum(float(nll(logits[:, :vocab], seq[:, k + 1])[0]) for k, logits in enumerate(steps))
+    return float(math.exp(total / (seq.shape[1] - 1)))
 
 
 def check_decode_steps(decode_steps, block_size: int) -> None:
@@ -113,18 +168,17 @@ def compare(directory: str | Path, backend: str = "onnxruntime", device: str = "
     for b in batch_sizes:
         prompts = [tokenizer.encode(PROMPTS[(i + b) % len(PROMPTS)])[:room] for i in range(b)]
         expected = greedy(ref, prompts, decode_steps, pad)
-        ref_logits = run_sequence(ref, prompts, expected, pad)
-        cand_logits = run_sequence(cand, prompts, expected, pad)
-        diffs = [float(np.max(np.abs(r[:, :vocab] - c[:, :vocab]))) for r, c in zip(ref_logits, cand_logits)]
-        agree = [np.argmax(r[:, :vocab], -1) == np.argmax(c[:, :vocab], -1) for r, c in zip(ref_logits, cand_logits)]
+        steps = zip(teacher_forced(ref, prompts, expected, pad), teacher_forced(cand, prompts, expected, pad))
+        parts = [logit_agreement(r[:, :vocab], c[:, :vocab]) for r, c in steps]
+        merged = merge_agreement(parts)
         got = greedy(cand, prompts, decode_steps, pad)
         cases.append({
             "batch": b,
             "prompt_lengths": [len(p) for p in prompts],
             "decode_steps": decode_steps,
-            "max_abs_diff": max(diffs),
-            "prefill_max_abs_diff": diffs[0],
-            "top1_agreement": float(np.mean(np.concatenate(agree))),
+            "max_abs_diff": merged["max_abs_diff"],
+            "prefill_max_abs_diff": parts[0]["max_abs_diff"],
+            "top1_agreement": merged["top1_agreement"],
             "greedy_identical": bool(np.array_equal(expected, got)),
         })
     report = {

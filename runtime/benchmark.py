@@ -376,6 +376,7 @@ def run_bench_command(directory, backend: str = "auto", device: str = "cpu", bat
 
     new_tokens None: DEFAULT_NEW_TOKENS, clamped (with a note) where the longest prompt leaves less room."""
     from .backends import BACKENDS, resolve
+    from .bench_report import add_ratios, require_matplotlib, results_table, write_plot
     from .engine import load
     from .manifest import load_manifest
 
@@ -402,7 +403,7 @@ def run_bench_command(directory, backend: str = "auto", device: str = "cpu", bat
     if compare_name == primary:
         compare_name = "none"
     if plot_path is not None:
-        _require_matplotlib()
+        require_matplotlib()
 
     configs = [(b, p) for b in batch_sizes for p in prompt_lens]
     results = []
@@ -450,91 +451,3 @@ def run_bench_command(directory, backend: str = "auto", device: str = "cpu", bat
         if console is not None:
             console.print(f"wrote {plot_path}", highlight=False)
     return report
-
-
-def add_ratios(results: list[dict]) -> None:
-    """`vs_torch`: decode tok/s over the torch backend's for the same config (None without a torch row)."""
-    torch_rate = {(r["batch"], r["prompt_len"]): r["decode_tokens_per_s"]
-                  for r in results if r["backend_name"] == "torch"}
-    for r in results:
-        ref = torch_rate.get((r["batch"], r["prompt_len"]))
-        mine = r["decode_tokens_per_s"]
-        r["vs_torch"] = mine / ref if ref and mine else None
-
-
-def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
-    return "—" if value is None else f"{value:{spec}}{suffix}"
-
-
-def results_table(results: list[dict], report: dict | None = None):
-    from rich import box
-    from rich.table import Table
-
-    drift = any(r.get("last100_over_first100") is not None for r in results)
-    title = None  # noqa
-    if report is not None:
-        m = report["machine"]
-        quant = report["manifest"].get("quantization") or {}
-        st = report["settings"]
-        title = (f"{m['cpu']}, {m['cores']} cores, load {m['loadavg'][0]:.2f} · {st['device']} · "
-                 f"{report['manifest']['dtype']}" + (f" {quant.get('method', 'quantized')}" if quant else "")
-                 + f" · +{st['new_tokens']} tokens, median of {st['runs']}")
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
-    t.add_column("backend", no_wrap=True)
-    t.add_column("config", no_wrap=True)
-    # two-line headers keep the table inside 80 columns without truncating anything
-    for col in ("TTFT\nms", "prefill\ntok/s", "decode\ntok/s", "p50\nms", "p90\nms", "p99\nms", "peak\nMiB",
-                "× vs\ntorch"):
-        t.add_column(col, justify="right", no_wrap=True)
-    if drift:
-        t.add_column("last/first\n100 tok", justify="right", no_wrap=True)
-    for r in results:
-        lat = r["latency_ms"]
-        peak = r["cuda_peak_mib"] if r.get("cuda_peak_mib") is not None else r["peak_rss_mib"]
-        row = [r["backend_name"], f"b{r['batch']} p{r['prompt_len']}", _fmt(r["ttft_ms"]),
-               _fmt(r["prefill_tokens_per_s"], ".0f"), _fmt(r["decode_tokens_per_s"], ".1f"),
-               _fmt(lat["p50"], ".1f"), _fmt(lat["p90"], ".1f"), _fmt(lat["p99"], ".1f"),
-               _fmt(peak, ".0f"), _fmt(r.get("vs_torch"), ".2f", "×")]
-        if drift:
-            row.append(_fmt(r.get("last100_over_first100"), ".2f", "×"))
-        t.add_row(*row)
-    return t
-
-
-# ---------------------------------------------------------------------------------------------- plot
-def _require_matplotlib():
-    if importlib.util.find_spec("matplotlib") is None:
-        raise GptxError("--plot needs matplotlib: pip install 'gptx[plot]' (or pip install matplotlib)")
-
-
-def write_plot(results: list[dict], path: Path, title: str = "decode throughput",
-               label_key: str = "backend") -> Path:
-    """Grouped bar chart: decode tok/s per configuration (x) and backend (bars)."""
-    _require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    configs = list(dict.fromkeys(f"b{r['batch']} p{r['prompt_len']} +{r['new_tokens']}" for r in results))
-    labels = list(dict.fromkeys(r[label_key] for r in results))
-    width = 0.8 / max(1, len(labels))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(configs) * max(1, len(labels)) ** 0.5), 4.0))
-    x = np.arange(len(configs))
-    for i, label in enumerate(labels):
-        values = []
-        for c in configs:
-            match = [r for r in results
-                     if r[label_key] == label and f"b{r['batch']} p{r['prompt_len']} +{r['new_tokens']}" == c]
-            values.append(match[0]["decode_tokens_per_s"] or 0.0 if match else 0.0)
-        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, values, width, label=label)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(x, configs)
-    ax.set_ylabel("decode tokens / s")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

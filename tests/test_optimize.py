@@ -1,25 +1,40 @@
 import collections
+import shutil
 
+import numpy as np
 import onnx
 import pytest
+from onnx import helper
 
 from gpt_export.export import export
+from gpt_export.optimize import QuantPreset, optimize_export
 from gpt_export.validate import compare
+from runtime.errors import GptxError, InvalidInput
 from runtime.manifest import load_manifest
+
+N_LAYER = 2  # conftest's tiny model
+
+
+def graph(directory):
+    return onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
 
 
 def op_counts(directory):
-    graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
-    return collections.Counter(n.op_type for n in graph.node)
+    return collections.Counter(n.op_type for n in graph(directory).node)
+
+
+def matmulnbits_bits(directory) -> list[int]:
+    """Bits of each MatMulNBits in graph order (layer 0's four matrices first, the LM head last)."""
+    return [next(helper.get_attribute_value(a) for a in n.attribute if a.name == "bits")
+            for n in graph(directory).node if n.op_type == "MatMulNBits"]
 
 
 @pytest.mark.parametrize("scheme,bits", [("int8", 8), ("int4", 4)])
 def test_weight_only_quantization_includes_lm_head(hf_dir, gpt, tmp_path, scheme, bits):
     out = tmp_path / scheme
     manifest = export(str(hf_dir), out, quantize=scheme, progress=False)
-    ops = op_counts(out)
     # 4 matrices per layer (qkv, attn proj, fc, mlp proj) + the LM head
-    assert ops["MatMulNBits"] == 4 * 2 + 1
+    assert op_counts(out)["MatMulNBits"] == 4 * N_LAYER + 1
     assert manifest["quantization"]["bits"] == bits
     assert load_manifest(out)["quantization"]["quantized_matmuls"] == 9
     report = compare(out, reference_model=gpt, batch_sizes=(1, 2), decode_steps=4, ppl_tokens=48)
@@ -28,28 +43,103 @@ def test_weight_only_quantization_includes_lm_head(hf_dir, gpt, tmp_path, scheme
     assert report["thresholds"]["max_abs_diff"] is None  # quantized: judged on quality, not raw logits
 
 
-def test_quantized_weights_are_smaller(hf_dir, export_dir, tmp_path):
+def test_int4_default_keeps_the_sensitive_matrices_at_8_bits(hf_dir, tmp_path):
+    export(str(hf_dir), tmp_path / "q4", quantize="int4", progress=False)
+    # layer 0's four matrices and the (tied) LM head at 8 bits, everything else at 4
+    assert matmulnbits_bits(tmp_path / "q4") == [8, 8, 8, 8, 4, 4, 4, 4, 8]
+    assert load_manifest(tmp_path / "q4")["quantization"]["preset"] == "int4"
+
+
+def test_the_token_lookup_reads_the_lm_head_blocks(hf_dir, export_dir, tmp_path):
+    from onnx import numpy_helper
+
+    out = tmp_path / "q8"
+    export(str(hf_dir), out, quantize="int8", progress=False)
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "gpt.transformer.wte.weight" not in inits  # no fp32 token table left
+    lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = [n for n in model.graph.node if n.op_type == "MatMulNBits"][-1]
+    # its own copy of the head's blocks (only looked-up rows become resident), byte for byte the same
+    assert lookup.input[0] != head.input[1]
+    assert np.array_equal(inits[lookup.input[0]], inits[head.input[1]])
+    assert (out / "model.onnx.data").stat().st_size < (export_dir / "model.onnx.data").stat().st_size * 0.6
+
+    shared = tmp_path / "shared"
+    shutil.copytree(export_dir, shared)
+    optimize_export(shared, preset=QuantPreset(8, embedding="shared"))
+    g = graph(shared)
+    lookup = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
+    assert lookup.input[0] == [n for n in g.node if n.op_type == "MatMulNBits"][-1].input[1]
+
+
+def test_quantized_exports_get_the_fusions_too(hf_dir, tmp_path):
     out = tmp_path / "q4"
-    export(str(hf_dir), out, quantize="int4", progress=False)
-    fp32_size = (export_dir / "model.onnx.data").stat().st_size
-    q4_size = (out / "model.onnx.data").stat().st_size
-    # fp32 keeps one tied copy of the embedding; int4 keeps the fp32 embedding for lookups plus a
-    # 4-bit LM head, and shrinks every other matrix 8x
-    assert q4_size < fp32_size * 1.25
+    manifest = export(str(hf_dir), out, quantize="int4", progress=False)  # no --optimize
+    ops = op_counts(out)
+    assert ops["SkipLayerNormalization"] == 2 * N_LAYER and ops["FastGelu"] == N_LAYER
+    assert any(o.startswith("SkipLayerNormalization") for o in manifest["optimizations"])
+    # the qkv projection's bias rides in MatMulNBits (input 5) instead of a separate Add
+    assert manifest["quantization"]["biases_folded"] >= N_LAYER
+    assert sum(1 for n in graph(out).node if n.op_type == "MatMulNBits" and len(n.input) == 6) >= N_LAYER
 
 
-def test_optimize_fuses_gelu_and_records_it(hf_dir, gpt, tmp_path):
+def test_optimize_and_quantize_together(hf_dir, gpt, tmp_path):
+    out = tmp_path / "both"
+    manifest = export(str(hf_dir), out, optimize=True, quantize="int8", progress=False)
+    assert op_counts(out)["MatMulNBits"] == 9 and manifest["quantization"]["bits"] == 8
+    report = compare(out, reference_model=gpt, batch_sizes=(2,), decode_steps=4, ppl_tokens=32)
+    assert report["passed"], report["failures"]
+
+
+def test_optimize_fuses_gelu_and_layernorm_and_records_it(hf_dir, gpt, tmp_path):
     out = tmp_path / "opt"
     manifest = export(str(hf_dir), out, optimize=True, progress=False)
-    assert op_counts(out)["FastGelu"] == 2
+    ops = op_counts(out)
+    assert ops["FastGelu"] == N_LAYER and ops["SkipLayerNormalization"] == 2 * N_LAYER
     assert any(o.startswith("FastGelu") for o in manifest["optimizations"])
+    # the attention scale lives in the query weights, and one past length serves every layer
+    assert ops["Mul"] == 0
+    assert {n.input[0] for n in graph(out).node if n.op_type == "Shape"} == {"past_key_values.0.key", "input_ids"}
     report = compare(out, reference_model=gpt, batch_sizes=(2,), decode_steps=4, ppl_tokens=0)
     assert report["passed"] and report["max_abs_diff"] < 1e-4
 
 
-def test_bad_quantize_value(tmp_path):
-    from runtime.errors import GptxError
+def test_a_quantized_fp32_export_with_a_tied_gemm_head(export_dir, tmp_path):
+    """fp32 exports read the tied embedding through Gemm(transB=1); quantizing one in place still covers the head."""
+    assert op_counts(export_dir)["Gemm"] == 1
+    out = tmp_path / "inplace"
+    shutil.copytree(export_dir, out)
+    optimize_export(out, quantize="int4", preset="int4-pure")
+    assert matmulnbits_bits(out) == [4] * (4 * N_LAYER + 1)
+    assert op_counts(out)["Gemm"] == 0 and op_counts(out)["GatherBlockQuantized"] == 1
 
+
+def test_custom_preset_and_asymmetric_blocks_keep_the_fp32_table(export_dir, tmp_path):
+    out = tmp_path / "asym"
+    shutil.copytree(export_dir, out)
+    manifest = optimize_export(out, preset=QuantPreset(4, block_size=16, symmetric=False))
+    q = manifest["quantization"]
+    assert q["preset"] == "custom" and q["block_size"] == 16 and "asymmetric" in q["method"]
+    assert q["embedding"].startswith("fp32 Gather")  # zero points: the lookup cannot share the head's blocks
+    assert op_counts(out)["GatherBlockQuantized"] == 0
+
+
+@pytest.mark.parametrize("quantize, preset, message", [
+    ("int2", None, "int8, int4"),
+    (None, "int4-nope", "unknown quantization preset"),
+    ("int8", "int4-pure", "4-bit"),
+])
+def test_bad_quantize_or_preset(export_dir, tmp_path, quantize, preset, message):
+    out = tmp_path / "x"
+    shutil.copytree(export_dir, out)
+    before = (out / "model.onnx").read_bytes()
+    with pytest.raises(InvalidInput, match=message):
+        optimize_export(out, quantize=quantize, preset=preset)
+    assert (out / "model.onnx").read_bytes() == before  # nothing written
+
+
+def test_bad_quantize_value_leaves_nothing(tmp_path):
     with pytest.raises(GptxError, match="int8, int4"):
         export("random:gpt2", tmp_path / "x", quantize="int2", progress=False)
     assert not (tmp_path / "x").exists()

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Quality x speed of ONNX Runtime weight-only quantization recipes: the measurement behind `--quantize`'s presets.
+
+    python benchmarks/quant_sweep.py --llama-src /path/to/llama.cpp     # writes docs/quantization.md / .json
+
+Quality: each recipe quantizes the bundled `shakespeare` model's fp32 export; top-1 agreement and perplexity
+ratio against that fp32 export, teacher-forced over 64 x 128 tokens of the bundled text's held-out last 10%
+(`gpt_export.validate.text_agreement`). llama.cpp's q8_0 / q4_0 of the same weights are scored the same way
+against llama.cpp's own f32. Speed: the same recipe on GPT-2-124M shapes (random weights), batch-1 decode
+(prompt 32 + 128 new), interleaved rounds, paired ratio to the default `int4`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H
+
+from gpt_export.optimize import PRESETS, QuantPreset
+from runtime import benchmark as B
+from runtime.bench_report import fmt
+
+Q = QuantPreset
+# name -> (recipe, what it tries); BEFORE = int4 as exported before these presets (no fusions, fp32 token table);
+# FP16 = a 16-bit export (`--dtype fp16`), the candidate for a 16-bit CPU mode
+BEFORE, FP16 = "before", "fp16"
+CANDIDATES = {
+    "before (b32 sym, no fusions, fp32 table)": (BEFORE, "int4 as exported before these presets"),
+    "fp16 weights": (FP16, "--dtype fp16: the 16-bit CPU mode candidate"),
+    "int8": (PRESETS["int8"], "the int8 default"),
+    "int4": (PRESETS["int4"], "the int4 default: b64 asym, embedding/LM head and layer 0 at 8 bits"),
+    "int4-pure (b32 sym)": (PRESETS["int4-pure"], "every matrix 4-bit, the lookup reads the 4-bit head blocks"),
+    "b16 sym": (Q(4, block_size=16), "smaller blocks"),
+    "b64 sym": (Q(4, block_size=64), "larger blocks"),
+    "b32 sym, fp32 accumulate": (Q(4, accuracy_level=1), "accuracy_level 1: fp32 activations"),
+    "b32 asym": (Q(4, symmetric=False), "zero points (the token table stays fp32: no sharing with zero points)"),
+    "b16 asym": (Q(4, block_size=16, symmetric=False), "zero points, smaller blocks"),
+    "HQQ b32": (Q(4, method="hqq", symmetric=False), "half-quadratic quantization (float zero points)"),
+    "GPTQ b32 asym": (Q(4, method="gptq", symmetric=False), "GPTQ, 8 x 64 calibration tokens of the training text"),
+    "RTN b32": (Q(4, method="rtn"), "Intel Neural Compressor's round-to-nearest"),
+    "b32 sym, head 8-bit": (Q(4, head_bits=8), "tied embedding / LM head at 8 bits (llama.cpp's q4_0 does too)"),
+    "b32 asym, head 8-bit": (Q(4, symmetric=False, head_bits=8), ""),
+    "b16 asym, head 8-bit": (Q(4, block_size=16, symmetric=False, head_bits=8), ""),
+    "HQQ b32, head 8-bit": (Q(4, method="hqq", symmetric=False, head_bits=8), ""),
+    "b32 sym, head + layer 0 8-bit": (Q(4, head_bits=8, wide_layers=1), ""),
+    "b64 asym, head + layer 0 8-bit": (Q(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1), ""),
+    "b32 asym, head + layers 0-1 8-bit": (Q(4, symmetric=False, head_bits=8, wide_layers=2), ""),
+}
+QUALITY_WINDOWS = (64, 128)
+
+
+def make_export(fp32_dir: Path, out: Path, recipe, source: str) -> dict:
+    """A copy of the fp32 export quantized with `recipe`, the pre-preset int4 pipeline, or an fp16 export."""
+    import onnx
+
+    from gpt_export.export import export
+    from gpt_export.optimize import optimize_export, quantize_weights, save_graph
+    from runtime.manifest import load_manifest
+
+    shutil.rmtree(out, ignore_errors=True)
+    if recipe == FP16:
+        return export(source, out, dtype="fp16", force=True, progress=False, validate=False)
+    shutil.copytree(fp32_dir, out)
+    if recipe != BEFORE:
+        return optimize_export(out, preset=recipe)
+    manifest = load_manifest(out)
+    proto = onnx.load(str(out / manifest["model_file"]))
+    proto, manifest["quantization"] = quantize_weights(proto, Q(4, embedding="fp32"), manifest)
+    save_graph(proto, out, manifest)
+    return manifest
+
+
+def quality(work: Path, names, llama: H.LlamaCpp | None) -> dict:
+    from gpt_export.validate import logit_agreement, merge_agreement, sample_windows, text_agreement
+    from runtime.backends import create_backend
+    from runtime.manifest import load_manifest
+    from runtime.tokenizer import Tokenizer
+
+    fp32 = work / "shakespeare-fp32"
+    H.export_variant("shakespeare", fp32)
+    ref = create_backend("onnxruntime", load_manifest(fp32), fp32)
+    windows = sample_windows(Tokenizer(), *QUALITY_WINDOWS)
+    out = {}
+    for name in names:
+        d = work / f"shakespeare-{slug(name)}"
+        make_export(fp32, d, CANDIDATES[name][0], "shakespeare")
+        out[name] = text_agreement(ref, create_backend("onnxruntime", load_manifest(d), d), windows, H.VOCAB)
+        H.log(f"quality {name}: top-1 {out[name]['top1_agreement']:.4f}, ppl ratio {out[name]['perplexity_ratio']:.4f}")
+    if llama is not None:
+        from gpt_export.weights import load_any
+
+        H.hf_directory(load_any("shakespeare").float().eval(), work / "hf-shakespeare")
+        gguf = llama.gguf_files(work / "hf-shakespeare", work / "gguf-shakespeare", types=("f32", "q8_0", "q4_0"))
+        engines = {t: H.LlamaCppEngine("", p, "", llama, False, n_ctx=windows.shape[1], logits_all=True)
+                   for t, p in gguf.items()}
+        ref_logits = [engines["f32"].logits(w.tolist()) for w in windows]
+        for t in ("q8_0", "q4_0"):
+            parts = [logit_agreement(r[:-1], engines[t].logits(w.tolist())[:-1], w[1:])
+                     for r, w in zip(ref_logits, windows)]
+            out[f"llama.cpp {t} (vs llama.cpp f32)"] = merge_agreement(parts)
+    return out
+
+
+def speed(work: Path, names, rounds: int) -> dict:
+    fp32 = work / "gpt2-fp32"
+    H.export_variant("random:gpt2", fp32)
+    engines, dirs = [], {}
+    for name in names:
+        dirs[name] = d = work / f"gpt2-{slug(name)}"
+        make_export(fp32, d, CANDIDATES[name][0], "random:gpt2")
+    for name, d in dirs.items():  # each in its own process, like compare_peers.py
+        engines.append(H.Remote(name, "gptx", "?", ("GptxEngine", (name, d, "?"), {}), B.usable_cores()))
+    prompts = B.synthetic_prompts(1, 32, H.VOCAB)
+    try:
+        got = H.interleaved(engines, H.decode_task(prompts, 128), rounds, warmup=1)
+    finally:
+        for e in engines:
+            e.close()
+    base = got.raw["int4"]
+    return {"others_cpu": got.others_cpu, "results": {
+        e.label: {"rate": H.median_rate(got.raw[e.label]), "vs_int4": H.paired_ratio(got.raw[e.label], base),
+                  "mb_per_token": e.weight_bytes_per_token / 1e6,
+                  "file_mb": sum(f.stat().st_size for f in dirs[e.label].glob("*.onnx*")) / 1e6}
+        for e in engines}}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    q, s = res["quality"], res.get("speed", {}).get("results", {})
+    L = ["# Weight-only quantization: quality x speed\n",
+         "Generated by `benchmarks/quant_sweep.py` (raw numbers in `docs/quantization.json`); do not edit by hand.\n",
+         f"- **Run:** {res['started']}, {res['machine']['cpu']}, {res['machine']['cores']} cores; load average "
+         f"{', '.join(f'{x:.2f}' for x in res['loadavg'])}; other processes' CPU share per speed round: "
+         + ", ".join(fmt(None if x is None else x * 100, ".0f", "%") for x in res.get("speed", {}).get("others_cpu", [])),
+         f"- **Quality:** the bundled `shakespeare` model; top-1 agreement and perplexity ratio against its fp32 "
+         f"export, teacher-forced over {QUALITY_WINDOWS[0]} x {QUALITY_WINDOWS[1]} tokens of the held-out last 10% "
+         "of the bundled text. Target: top-1 >= 97%, perplexity ratio <= 1.01.",
+         "- **Speed:** the same recipe on GPT-2-124M shapes (random weights), batch-1 greedy decode, prompt 32 + 128 "
+         f"new, {res['rounds']} interleaved rounds; 'vs int4' is the median of per-round ratios to the default.",
+         "- **Method names:** blockwise = onnxruntime's default MatMulNBits quantizer (per-block min/max, round to "
+         "nearest); sym = no zero points; head 8-bit = the tied embedding / LM head at 8 bits (the token lookup, a "
+         "GatherBlockQuantized, reads a copy of the head's blocks unless they have zero points, in which case the "
+         "fp32 table stays); layer 0 8-bit = the first block's four matrices too.",
+         f"- **Reproduce:** `{res['command']}`\n",
+         "| recipe | top-1 | perplexity ratio | decode tok/s | vs int4 | MB read / token | weights MB | note |",
+         "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in q.items():
+        sp = s.get(name, {})
+        note = CANDIDATES[name][1] if name in CANDIDATES else "the same weights in GGUF, llama.cpp's own quantizer"
+        L.append(f"| {name} | {fmt(r['top1_agreement'] * 100, '.2f', '%')} | {fmt(r['perplexity_ratio'], '.4f')} | "
+                 f"{fmt(sp.get('rate'))} | {fmt(sp.get('vs_int4'), '.2f', '×')} | {fmt(sp.get('mb_per_token'), '.0f')} | "
+                 f"{fmt(sp.get('file_mb'), '.0f')} | {note} |")
+    L += ["", "## Findings (computed from the table)\n", *[f"- {n}" for n in findings(res)]]
+    L += [*[f"- {n}" for n in res.get("notes", [])]]
+    path.write_text("\n".join(L) + "\n")
+
+
+def findings(res: dict) -> list[str]:
+    q, s = res["quality"], res.get("speed", {}).get("results", {})
+    ok = [n for n, r in q.items() if n in CANDIDATES and CANDIDATES[n][0] != FP16
+          and r["top1_agreement"] >= 0.97 and r["perplexity_ratio"] <= 1.01]
+    out = [f"Recipes meeting top-1 >= 97% and perplexity ratio <= 1.01: {', '.join(ok) or 'none'}."]
+    timed = [n for n in ok if s.get(n, {}).get("vs_int4")]
+    if timed:
+        best = max(timed, key=lambda n: s[n]["vs_int4"])
+        out.append(f"Fastest of them: {best} ({s[best]['vs_int4']:.2f}x the default's decode rate).")
+    slow = [n for n, r in s.items() if r.get("vs_int4") and r["vs_int4"] < 0.5]
+    causes = {"fp16": "an fp16 MatMul runs no faster than fp32 here, as this CPU has no AVX512-FP16",
+              "HQQ": "HQQ's float zero points leave MatMulNBits's int8 fast path"}
+    if slow:
+        known = [text for key, text in causes.items() if any(key in n for n in slow)]
+        out.append(f"Less than half the default's speed: {', '.join(slow)}" + (f" ({'; '.join(known)})" if known else "")
+                   + ".")
+    llama = [n for n in q if n.startswith("llama.cpp q4_0")]
+    if llama and "int4" in q:
+        out.append(f"Same weights, same text: gptx int4 top-1 {q['int4']['top1_agreement']:.2%} vs "
+                   f"{llama[0]} {q[llama[0]]['top1_agreement']:.2%}.")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    p.add_argument("--no-speed", action="store_true", help="quality only")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--llama-src", type=Path, default=None, help="llama.cpp source tree, for its q4_0 / q8_0 rows")
+    p.add_argument("--llama-bin", type=Path, default=None)
+    p.add_argument("--md", type=Path, default=H.ROOT / "docs" / "quantization.md")
+    p.add_argument("--json", type=Path, default=H.ROOT / "docs" / "quantization.json")
+    a = p.parse_args(argv)
+    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(CANDIDATES)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        p.error(f"unknown recipes {unknown}; known: {', '.join(CANDIDATES)}")
+    if "int4" not in names:
+        names.insert(0, "int4")  # the speed baseline
+    llama = H.LlamaCpp(a.llama_src, a.llama_bin) if a.llama_src else None
+    res = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": B.machine_info(), "rounds": a.rounds,
+           "command": "python benchmarks/quant_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "notes": []}
+    with H.scratch_dir(a.workdir) as work:
+        res["quality"] = quality(work, names, llama)
+        if not a.no_speed:
+            res["speed"] = speed(work, names, a.rounds)
+    res["loadavg"] = list(os.getloadavg())
+    a.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_markdown(res, a.md)
+    H.log(f"wrote {a.md} and {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
