@@ -254,6 +254,7 @@ def run_in(venv: Path, *args, timeout=300) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=str(venv.parent))
 
 
+@pytest.mark.slow
 def test_runtime_only_install_runs_info_generate_and_bench(runtime_venv, export_dir, tmp_path):
     no_torch = run_in(runtime_venv, "python", "-c", "import torch")
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
@@ -272,6 +273,7 @@ def test_runtime_only_install_runs_info_generate_and_bench(runtime_venv, export_
     assert [r["backend_name"] for r in results] == ["onnxruntime"] and results[0]["decode_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["export", "shakespeare", "--out", "x"], ["verify", "{export}"],
                                   ["generate", "{export}", "hi", "--backend", "torch"]])
 def test_commands_that_need_torch_say_which_extra(runtime_venv, export_dir, args):

@@ -68,6 +68,7 @@ def wandb_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_wandb_and_mlflow_offline_read_back_what_train_printed(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -14,7 +14,8 @@ import httpx
 import pytest
 from server_process import ServerProcess
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="gptx serve --ray needs gptx[ray]")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="gptx serve --ray needs gptx[ray]")]
 
 CLIENTS = 4             # concurrent clients during the kill
 MAX_FAILED = 2 * CLIENTS  # requests in flight on the killed replica, and a few routed to it before it is noticed
