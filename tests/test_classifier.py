@@ -32,16 +32,7 @@ def contains_task(n, seed):
     return seqs, labels
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops: one thread is faster than two fighting (and than two on a busy CI box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_learns_contains_token_task(one_thread):
+def test_learns_contains_token_task(one_torch_thread):
     train_x, train_y = contains_task(800, seed=1)
     test_x, test_y = contains_task(400, seed=2)
     model = GPTClassifier(tiny_gpt(), num_classes=2, pad_token_id=PAD, dropout=0.0)
