@@ -87,17 +87,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def download_hub_model(repo_id: str) -> Path:
     """Fetch config + safetensors into the standard HF cache (reused by transformers and friends)."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json"]
     try:  # already cached: no network at all
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
+    except LocalEntryNotFoundError:
         pass
     if not hub_reachable():
         raise ModelLoadError(f"cannot reach the Hugging Face Hub to download '{repo_id}' (offline?); {ALTERNATIVES}")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # network errors, gated repos, disk full...
+    except OSError as e:  # huggingface_hub's HTTP errors (gated, missing repo), connection errors, disk full
         raise ModelLoadError(f"download of '{repo_id}' failed: {e}; {ALTERNATIVES}") from e
 
 

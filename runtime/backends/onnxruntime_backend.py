@@ -19,6 +19,16 @@ from .base import Backend, Capabilities
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
+def ort_load_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises for a graph it cannot load: its own pybind types (they derive from Exception
+    directly), plus RuntimeError for what its Python layer raises."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented",
+             "RuntimeException", "EPFail")
+    return (RuntimeError, *(getattr(state, n) for n in names if hasattr(state, n)))
+
+
 def session_options(threads: int | None = None):
     import onnxruntime as ort
 
@@ -50,7 +60,7 @@ class OnnxRuntimeBackend(Backend):
         model_path = Path(directory) / manifest["model_file"]
         try:
             self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers)
-        except Exception as e:  # ORT raises its own assorted types for unreadable graphs
+        except ort_load_errors() as e:  # its message names the problem and the path, never the file's bytes
             raise GptxError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
         check_graph(manifest, self.session, str(model_path))
         self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, devices=("cpu", "cuda"))
