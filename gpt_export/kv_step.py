@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from runtime.io_names import input_names, output_names
 
-from .model import GPT, attention_allowed, cast_to
+from .model import GPT, attention_allowed, attention_bias, cast_to
 
 __all__ = ["KVStep", "input_names", "output_names"]
 
@@ -55,8 +55,8 @@ class KVStep(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         past_len, new_len = past[0].shape[2], input_ids.shape[1]
-        allowed = attention_allowed(attention_mask, past_len, new_len)
-        x, presents = self.gpt.body(input_ids, position_ids, allowed, list(zip(past[0::2], past[1::2])))
+        bias = attention_bias(attention_allowed(attention_mask, past_len, new_len))
+        x, presents = self.gpt.body(input_ids, position_ids, bias, list(zip(past[0::2], past[1::2])))
         head = self.gpt.lm_head
         last = cast_to(self.gpt.transformer.ln_f(x[:, -1, :]), head.weight.dtype)
         logits = cast_to(head(last), torch.float32)

@@ -38,6 +38,18 @@ def test_graph_io_matches_manifest_and_is_dynamic(export_dir):
     assert not ops & {"If", "Loop", "Scan"}  # no control flow (TensorRT-friendly)
 
 
+def test_the_mask_is_one_additive_bias_for_every_layer(export_dir):
+    """ONNX Runtime's broadcast Where is single-threaded: the graph builds the mask bias once (one Where, on a
+    single head's worth of slots) and each layer adds it to its scores."""
+    graph = onnx.load(str(export_dir / "model.onnx"), load_external_data=False).graph
+    wheres = [n for n in graph.node if n.op_type == "Where"]
+    softmax_inputs = {n.input[0] for n in graph.node if n.op_type == "Softmax"}
+    adds_into_softmax = [n for n in graph.node if n.op_type == "Add" and n.output[0] in softmax_inputs]
+    assert len(wheres) == 1
+    assert len(adds_into_softmax) == len(softmax_inputs) == 2  # one per layer (the fixture has 2)
+    assert all(wheres[0].output[0] in n.input for n in adds_into_softmax)
+
+
 def test_tied_embedding_is_stored_once(export_dir):
     graph = onnx.load(str(export_dir / "model.onnx"), load_external_data=False).graph
     big = [t for t in graph.initializer if 50257 in t.dims]
