@@ -27,6 +27,7 @@ from runtime.fsutil import (
     debris_path,
     debris_target,
     follow_umask,
+    interrupts_deferred,
     make_dir,
     remove_tree,
     replace_dir,
@@ -129,7 +130,7 @@ def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAU
     n_layer = model.config.n_layer
     with tempfile.TemporaryDirectory(dir=onnx_path.parent) as scratch:
         raw = Path(scratch) / "raw.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), interrupts_deferred():
             warnings.simplefilter("ignore")
             # The TorchScript exporter gives a plain, control-flow-free graph with symbolic dims, which
             # both ONNX Runtime and TensorRT's parser take as is.
