@@ -34,9 +34,9 @@ class QuantPreset:
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (MLAS's fast path), 1 = fp32
-    # the token lookup: "copy" = GatherBlockQuantized over its own copy of the LM head's quantized blocks (only the
-    # rows looked up become resident: see quantized_embedding), "shared" = over the head's very initializer (a
-    # smaller file, but prepacking the head reads every page of it), "fp32" = keep the fp32 table
+    # the token lookup: "copy" = GatherBlockQuantized over its own copy of the LM head's quantized blocks (paged in
+    # as rows are looked up: see quantized_embedding), "shared" = over the head's very initializer (a smaller
+    # file, but prepacking the head reads every page of it), "fp32" = keep the fp32 table
     embedding: str = "copy"
     head_bits: int | None = None  # the tied embedding / LM head at other bits (blockwise, symmetric); None = bits
     wide_layers: int = 0  # the first N transformer layers' matrices at head_bits too (the most sensitive ones)
@@ -325,8 +325,10 @@ def quantized_embedding(model, lm_head: str, bits: int, shared: bool) -> str:
 
     Measured (docs/quantization.md): sharing the initializer saves file size but not memory. ONNX Runtime maps
     external weights from the file and reads all of the head's pages to prepack them, and those pages stay
-    resident while the lookup still points at them; a copy that only the lookup reads stays paged out except
-    the rows actually looked up (38 MB less RSS for GPT-2 at 8 bits).
+    resident while the lookup still points at them. A copy that only the lookup reads starts paged out (38 MB
+    less RSS after load for GPT-2 at 8 bits), but where the kernel maps page-cache folios whole (this machine:
+    Linux 6.18, ext4, 8 MB readahead) 32 random token lookups already make 36 of its 43 MB resident, so the
+    peak ends up near the shared layout's (benchmarks/README.md, "Where int4's peak RSS goes").
     """
     from onnx import helper, numpy_helper
 
