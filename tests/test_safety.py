@@ -192,7 +192,7 @@ def _wait_for_partial(parent: Path, proc: subprocess.Popen, timeout: float = 120
 def test_a_signal_during_the_trace_waits_for_it_to_finish():
     """SIGTERM inside torch's JIT tracer segfaulted the export (about 1 in 20): the trace holds signals back and
     delivers them after, to the handler they would have met (here the CLI's: Terminated)."""
-    steps = []
+    steps, before = [], signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated):
         with terminate_as_interrupt():
             with interrupts_deferred():
@@ -201,12 +201,16 @@ def test_a_signal_during_the_trace_waits_for_it_to_finish():
                 steps.append("trace finished")
             steps.append("not reached")
     assert steps == ["trace finished"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # everything put back
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            steps.append("held")
+    assert signal.getsignal(signal.SIGTERM) is before  # everything put back
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                steps.append("held")
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     assert steps[-1] == "held"
 
 
