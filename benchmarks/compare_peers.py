@@ -37,6 +37,7 @@ import judge
 import report
 
 from runtime import benchmark as B
+from runtime.kv_cache import window_for
 
 GPTX_MODES = {"gptx ORT fp32": ("fp32", None), "gptx ORT int8": ("8-bit", "int8"), "gptx ORT int4": ("4-bit", "int4")}
 LLAMA_MODES = {"f32": "fp32", "f16": "16-bit", "q8_0": "8-bit", "q4_0": "4-bit"}
@@ -164,9 +165,9 @@ def load_engines(a, files: dict, res: dict) -> list[H.Engine]:
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def quality(a, files: dict, res: dict) -> None:
+def quality(files: dict, res: dict) -> None:
     """Top-1 agreement and perplexity ratio of each mode against the same engine's full precision."""
-    from gpt_export.validate import logit_agreement, merge_agreement, sample_windows, text_agreement
+    from gpt_export.validate import sample_windows, text_agreement
     from runtime.backends import create_backend
     from runtime.manifest import load_manifest
     from runtime.tokenizer import Tokenizer
@@ -182,18 +183,8 @@ def quality(a, files: dict, res: dict) -> None:
                 H.log(f"quality ({model}): {label}")
                 rows[label] = text_agreement(backend["gptx ORT fp32"], backend[label], windows, H.VOCAB)
         if gguf:
-            ref = H.LlamaCppEngine("", gguf["f32"], "fp32", files["llama"], False, n_ctx=windows.shape[1],
-                                   logits_all=True)
-            ref_logits = [ref.logits(w.tolist()) for w in windows]
-            for ftype, path in gguf.items():
-                if ftype == "f32":
-                    continue
-                H.log(f"quality ({model}): llama.cpp {ftype}")
-                cand = H.LlamaCppEngine("", path, "", files["llama"], False, n_ctx=windows.shape[1], logits_all=True)
-                parts = [logit_agreement(r[:-1], cand.logits(w.tolist())[:-1], w[1:]) for r, w in zip(ref_logits, windows)]
-                rows[f"llama.cpp {ftype}"] = merge_agreement(parts)
-                cand.close()
-            ref.close()
+            for ftype, agreement in H.llama_agreement(files["llama"], gguf, windows).items():
+                rows[f"llama.cpp {ftype}"] = agreement
         del backend
         gc.collect()
 
@@ -211,7 +202,7 @@ def greedy_check(engines: list[H.Engine], a, res: dict) -> None:
                            "first_difference": diff}
 
 
-def memory_probes(files: dict, res: dict, a) -> None:
+def memory_probes(files: dict, res: dict) -> None:
     """Load time and peak RSS of each gptx and llama.cpp mode, alone in a fresh process."""
     specs = {label: {"kind": "gptx", "dir": str(d)} for label, d in files["exports"].items()}
     for ftype, path in files["gguf"].items():
@@ -308,8 +299,8 @@ def profiles(files: dict, a, res: dict, work: Path) -> None:
             continue
         H.log(f"ORT profile: {label}")
         try:
-            # past = the 64-slot window bucket (the runtime's) holding the mean decode context
-            past = -(-(a.prompt_len + a.new_tokens // 2) // 64) * 64
+            # past = the runtime's window bucket holding the mean decode context
+            past = window_for(a.prompt_len + a.new_tokens // 2, 1024)
             p = H.ort_op_profile(files["exports"][label], past, workdir=work)
         except Exception as e:  # noqa: BLE001  a profile is a diagnostic: the run goes on without it
             res["profiles"][label] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -382,7 +373,7 @@ def main(argv=None) -> int:
     with H.scratch_dir(a.workdir) as work:
         res["bandwidth"] = H.read_bandwidth_gbs(threads)
         files = prepare(a, work, res)
-        quality(a, files, res)
+        quality(files, res)
         engines = load_engines(a, files, res)
         res["machine"] = B.machine_info()  # after the imports, so every engine's library version is listed
         if files["llama"]:
@@ -395,7 +386,7 @@ def main(argv=None) -> int:
             e.close()
         del engines
         gc.collect()
-        memory_probes(files, res, a)
+        memory_probes(files, res)
         profiles(files, a, res, work)
         again = H.read_bandwidth_gbs(threads)  # the machine's bandwidth drifts: the bound uses the highest reading
         per_round = res.get("bandwidth_per_round", [])

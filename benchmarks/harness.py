@@ -69,20 +69,18 @@ def hf_directory(gpt, hf_dir: Path) -> dict:
     return {"hf_dir": str(hf_dir), "hf_vs_gptx_max_abs_logit_diff": diff}
 
 
-def export_variant(source: str, out_dir: Path, quantize: str | None = None, preset: str | None = None,
-                   optimize: bool = False, reuse: bool = False) -> dict:
-    """An fp32 export of `source`, then (in place) gptx's own optimize/quantize pass; the manifest."""
+def export_variant(source: str, out_dir: Path, quantize: str | None = None, reuse: bool = False) -> dict:
+    """An fp32 export of `source`, then (in place, with quantize) gptx's own fuse + quantize pass; the manifest.
+    With reuse, an export already in out_dir is kept."""
     from gpt_export.export import export
     from gpt_export.optimize import optimize_export
     from runtime.manifest import load_manifest
 
     if reuse and (out_dir / "manifest.json").is_file():
         return load_manifest(out_dir)
-    t = time.perf_counter()
     manifest = export(source, out_dir, force=True, progress=False, validate=False)
-    if optimize or quantize or preset:
-        manifest = optimize_export(out_dir, fuse_graph=True, quantize=quantize, preset=preset)
-    manifest["export_s"] = time.perf_counter() - t
+    if quantize:
+        manifest = optimize_export(out_dir, fuse_graph=True, quantize=quantize)
     return manifest
 
 
@@ -260,16 +258,16 @@ class CT2Engine(Engine):
         self.spell = lambda t: "".join(byte_map[b] for b in tok.decode_bytes([t]))
 
     def run(self, prompts, new_tokens):
-        tokens = [[self.spell(t) for t in p] for p in prompts]
-        stamps, count = [], [0] * len(prompts)
+        if len(prompts) != 1:
+            raise ValueError("the CTranslate2 engine measures batch 1")
+        stamps = []
         t0 = time.perf_counter()
-        for step in self.generator.generate_tokens(tokens[0], max_length=new_tokens, min_length=new_tokens,
-                                                   sampling_topk=1):
+        for _ in self.generator.generate_tokens([self.spell(t) for t in prompts[0]], max_length=new_tokens,
+                                                min_length=new_tokens, sampling_topk=1):
             stamps.append(time.perf_counter())
-            count[getattr(step, "batch_id", 0)] += 1
         lat = list(np.diff(stamps))
         return {"ttft": stamps[0] - t0, "prefill": stamps[0] - t0, "decode": float(sum(lat)), "latencies": lat,
-                "tokens": count}
+                "tokens": [len(stamps)]}
 
 
 class LlamaCppEngine(Engine):
@@ -593,6 +591,29 @@ def ort_op_profile(directory: Path, past_len: int, steps: int = 64, workdir: Pat
             "nodes": sum(len(v[1]) for v in by_op.values()),
             "top_ops": [{"op": op, "share": us / total, "us_per_step": us / steps, "nodes": len(names)}
                         for op, (us, names) in ops[:12]]}
+
+
+def llama_agreement(llama: LlamaCpp, gguf: dict, windows) -> dict:
+    """{ftype: merged top-1 / perplexity agreement} of each GGUF type against the f32 one, teacher-forced over
+    `windows` (token id rows) with gptx's own comparison (gpt_export.validate); every engine is closed."""
+    from gpt_export.validate import logit_agreement, merge_agreement
+
+    def engine(path):
+        return LlamaCppEngine("", path, "", llama, False, n_ctx=windows.shape[1], logits_all=True)
+
+    ref = engine(gguf["f32"])
+    ref_logits = [ref.logits(w.tolist()) for w in windows]
+    ref.close()
+    out = {}
+    for ftype, path in gguf.items():
+        if ftype == "f32":
+            continue
+        log(f"quality: llama.cpp {ftype}")
+        cand = engine(path)
+        out[ftype] = merge_agreement([logit_agreement(r[:-1], cand.logits(w.tolist())[:-1], w[1:])
+                                      for r, w in zip(ref_logits, windows)])
+        cand.close()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- probes

@@ -40,12 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from harness import export_variant, hf_directory, log  # after the sys.path lines
+
 BEGIN, END = "<!-- serve_load:begin -->", "<!-- serve_load:end -->"
 TARGETS = {"scaling_at_8": 3.5, "ttft_ratio_at_8": 3.0}
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- servers
@@ -92,8 +90,7 @@ def start_gptx(export_dir: Path, max_batch: int, threads: int | None, logfile: P
            "--max-batch", str(max_batch), "--max-queue", str(4 * max_batch)]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen(cmd, stdout=logfile.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=logfile.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
     return Server("gptx serve", f"http://127.0.0.1:{port}", export_dir.name, proc)
 
 
@@ -108,25 +105,18 @@ def start_llama(binary: Path, gguf: Path, parallel: int, context: int, threads: 
 # ---------------------------------------------------------------------------------------------- weights
 def prepare_weights(work: Path, seed: int, convert: Path | None, gguf: Path | None) -> tuple[Path, Path | None]:
     """random:gpt2 as a HF directory (shared with compare_peers), its gptx export, and an f32 GGUF of it."""
-    from harness import hf_directory
-
-    from gpt_export.export import export
     from gpt_export.weights import random_model
 
     hf_dir, export_dir = work / "hf-gpt2-random", work / "gptx-fp32"
     if not (hf_dir / "config.json").exists():
         log("building random GPT-2-124M weights (HF directory)")
         hf_directory(random_model("random:gpt2", seed), hf_dir)
-    if not (export_dir / "manifest.json").exists():
-        log("exporting them with gptx")
-        export(str(hf_dir), export_dir, validate=False, progress=False)
+    log("exporting them with gptx (kept in --workdir)")
+    export_variant(str(hf_dir), export_dir, reuse=True)
     if gguf is None and convert is not None:
         gguf = work / "gpt2-random-f32.gguf"
         if not gguf.exists():
             log("converting them to GGUF (f32) with llama.cpp's converter")
-            config = json.loads((hf_dir / "config.json").read_text())
-            config.setdefault("n_ctx", config["n_positions"])  # newer transformers no longer write it
-            (hf_dir / "config.json").write_text(json.dumps(config, indent=2))
             env = {**os.environ, "PYTHONPATH": str(convert.parent / "gguf-py")}
             subprocess.run([sys.executable, str(convert), str(hf_dir), "--outfile", str(gguf), "--outtype", "f32"],
                            check=True, env=env, stdout=subprocess.DEVNULL)

@@ -89,32 +89,44 @@ def dynamic_axes(n_layer: int) -> dict:
     return axes
 
 
-def share_tied_embedding(proto, wte_name: str = "gpt.transformer.wte.weight") -> bool:
-    """Point the LM head at the token embedding instead of a transposed copy (saves vocab x n_embd weights).
+WTE = "gpt.transformer.wte.weight"  # the token embedding's initializer (tied to the LM head)
 
-    The tracer folds `lm_head.weight.T` into a second initializer; Gemm(transB=1) reads wte directly.
-    Weight-only quantizers only handle MatMul, so quantized exports keep the MatMul form.
-    """
-    from onnx import helper, numpy_helper
+
+def find_tied_head(proto, wte_name: str = WTE):
+    """(MatMul node, its weight initializer) of the LM head whose weight is the token embedding transposed (the
+    copy the tracer folds `lm_head.weight.T` into), or None."""
+    from onnx import numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
     if wte_name not in inits:
-        return False
+        return None
     wte = numpy_helper.to_array(inits[wte_name])
     for node in proto.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue
-        weight = inits[node.input[1]]
-        if list(weight.dims) != [wte.shape[1], wte.shape[0]] or not (numpy_helper.to_array(weight) == wte.T).all():
-            continue
-        gemm = helper.make_node("Gemm", [node.input[0], wte_name], list(node.output), name=node.name + "_tied",
-                                transB=1)
-        proto.graph.node.insert(list(proto.graph.node).index(node), gemm)
-        proto.graph.node.remove(node)
-        if not any(weight.name in n.input for n in proto.graph.node):
-            proto.graph.initializer.remove(weight)
-        return True
-    return False
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if (weight is not None and list(weight.dims) == [wte.shape[1], wte.shape[0]]
+                and (numpy_helper.to_array(weight) == wte.T).all()):
+            return node, weight
+    return None
+
+
+def share_tied_embedding(proto, wte_name: str = WTE) -> bool:
+    """Point the LM head at the token embedding instead of a transposed copy (saves vocab x n_embd weights).
+
+    Gemm(transB=1) reads wte directly. Weight-only quantizers only handle MatMul, so quantized exports keep the
+    MatMul form.
+    """
+    from onnx import helper
+
+    found = find_tied_head(proto, wte_name)
+    if found is None:
+        return False
+    node, weight = found
+    gemm = helper.make_node("Gemm", [node.input[0], wte_name], list(node.output), name=node.name + "_tied", transB=1)
+    proto.graph.node.insert(list(proto.graph.node).index(node), gemm)
+    proto.graph.node.remove(node)
+    if not any(weight.name in n.input for n in proto.graph.node):
+        proto.graph.initializer.remove(weight)
+    return True
 
 
 def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET,

@@ -19,11 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from runtime.io_names import input_names, output_names
-
 from .model import GPT, attention_allowed, attention_bias, cast_to
 
-__all__ = ["KVStep", "input_names", "output_names"]
+__all__ = ["KVStep"]
 
 
 class KVStep(nn.Module):

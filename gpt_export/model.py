@@ -465,23 +465,17 @@ class GPT(nn.Module):
         return load_pretrained(name_or_path, override_args)
 
     def new_token_count(self, prompt_len: int, max_new_tokens, max_length) -> int:
-        """max_new_tokens, or max_length (the total, prompt included, as in transformers) minus the prompt."""
-        if max_new_tokens is not None and max_length is not None:
-            raise InvalidInput("give max_new_tokens or max_length, not both (max_length counts the prompt too)")
-        if max_new_tokens is None and max_length is None:
+        """max_new_tokens, or max_length (the total, prompt included, as in transformers) minus the prompt: the
+        runtime's rule. max_new_tokens alone may run past the context (the reference crops it, as nanoGPT does)."""
+        from runtime.generation import resolve_new_tokens
+        from runtime.sampler import validate_sampling
+
+        if max_length is not None:
+            return resolve_new_tokens(max_new_tokens, max_length, prompt_len, self.config.block_size)
+        if max_new_tokens is None:
             raise InvalidInput("give max_new_tokens (tokens to add) or max_length (total length, prompt included)")
-        value = max_new_tokens if max_length is None else max_length
-        label = "max_new_tokens" if max_length is None else "max_length"
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise InvalidInput(f"{label} must be an integer >= 0, got {value!r}")
-        if max_length is None:
-            return int(max_new_tokens)
-        if max_length > self.config.block_size:
-            raise InvalidInput(f"max_length {max_length} exceeds the model's context of "
-                               f"{self.config.block_size} tokens")
-        if max_length < prompt_len:
-            raise InvalidInput(f"max_length {max_length} is shorter than the prompt ({prompt_len} tokens)")
-        return int(max_length) - prompt_len
+        validate_sampling(max_new_tokens=max_new_tokens)
+        return int(max_new_tokens)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import GptxError, InvalidInput
+from runtime.fsutil import atomic_path
+from runtime.io_names import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names
 from runtime.manifest import QUANT_SCHEMES, load_manifest, record_files, save_manifest
 
-WTE = "gpt.transformer.wte.weight"
+from .export import WTE, find_tied_head
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def fuse(proto, n_head: int, n_embd: int):
     return optimized.model, [f"{op} x{count}" for op, count in sorted(stats.items())]
 
 
-def fewer_ops(proto, n_embd: int) -> list[str]:
+def fewer_ops(proto, n_layer: int, n_embd: int) -> list[str]:
     """Two graph edits ORT's optimizer does not make, each removing one op per layer and step (measured in
     docs/quantization.md's notes: about 45 of 394 nodes and 5-8% of an int4 decode step on GPT-2):
 
@@ -92,8 +94,9 @@ def fewer_ops(proto, n_embd: int) -> list[str]:
 
     g = proto.graph
     done = []
-    first = "past_key_values.0.key"
-    shapes = [n for n in g.node if n.op_type == "Shape" and n.input[0].startswith("past_key_values.")]
+    pasts = past_names(n_layer)
+    first = pasts[0]
+    shapes = [n for n in g.node if n.op_type == "Shape" and n.input[0] in pasts]
     for n in shapes:
         n.input[0] = first
     if shapes:
@@ -177,9 +180,9 @@ class _Calibration:
         length = min(length, cfg["block_size"])
         ids = sample_windows(Tokenizer(), windows, length, held_out=False)
         empty = np.zeros((1, cfg["n_head"], 0, cfg["n_embd"] // cfg["n_head"]), np.float32)
-        past = {i["name"]: empty for i in manifest["inputs"] if i["name"].startswith("past_key_values.")}
-        self.feeds = [{"input_ids": row[None], "attention_mask": np.ones((1, length), np.int64),
-                       "position_ids": np.arange(length, dtype=np.int64)[None], **past} for row in ids]
+        past = dict.fromkeys(past_names(cfg["n_layer"]), empty)
+        self.feeds = [{INPUT_IDS: row[None], ATTENTION_MASK: np.ones((1, length), np.int64),
+                       POSITION_IDS: np.arange(length, dtype=np.int64)[None], **past} for row in ids]
 
     def __iter__(self):
         return iter(self.feeds)
@@ -204,9 +207,9 @@ def _algo_config(preset: QuantPreset, manifest: dict):
     raise InvalidInput(f"unknown quantization method {preset.method!r}")
 
 
-def untie_lm_head(proto) -> None:
+def untie_lm_head(proto) -> str | None:
     """Gemm(x, wte, transB=1) (how fp32 exports share the tied embedding) back to MatMul(x, wte^T): the weight-only
-    quantizers only take MatMul."""
+    quantizers only take MatMul. The new MatMul's name, or None when there was no such Gemm."""
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
@@ -221,29 +224,21 @@ def untie_lm_head(proto) -> None:
         matmul = helper.make_node("MatMul", [node.input[0], weight.name], list(node.output), name=node.name + "_untied")
         proto.graph.node.insert(list(proto.graph.node).index(node), matmul)
         proto.graph.node.remove(node)
+        return matmul.name
+    return None
 
 
 def tied_lm_head(proto) -> str | None:
     """Name of the MatMul whose weight is the token embedding transposed (GPT-2's tied LM head), if any."""
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in proto.graph.initializer}
-    if WTE not in inits:
-        return None
-    wte = numpy_helper.to_array(inits[WTE])
-    for node in proto.graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" else None
-        if w is not None and list(w.dims) == [wte.shape[1], wte.shape[0]] and (numpy_helper.to_array(w) == wte.T).all():
-            return node.name
-    return None
+    found = find_tied_head(proto)
+    return None if found is None else found[0].name
 
 
 def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     """Weight-only int8/int4 for every MatMul with constant weights, the LM head included."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    untie_lm_head(proto)
-    lm_head = tied_lm_head(proto)
+    lm_head = untie_lm_head(proto) or tied_lm_head(proto)
     head_bits = preset.head_bits or preset.bits
     inits = {t.name for t in proto.graph.initializer}
     layer_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits
@@ -378,7 +373,7 @@ def optimize_export(directory: str | Path, fuse_graph: bool = True, quantize: st
     cfg = manifest["config"]
     if fuse_graph or chosen:  # quantized exports get the fusions too: they must run on the fp32 MatMuls
         proto, fused = fuse(proto, cfg["n_head"], cfg["n_embd"])
-        manifest["optimizations"] = [*manifest.get("optimizations", []), *fused, *fewer_ops(proto, cfg["n_embd"])]
+        manifest["optimizations"] = [*manifest.get("optimizations", []), *fused, *fewer_ops(proto, cfg["n_layer"], cfg["n_embd"])]
     if chosen:
         name, settings = chosen
         proto, manifest["quantization"] = quantize_weights(proto, settings, manifest)
@@ -393,19 +388,17 @@ def save_graph(proto, directory: Path, manifest: dict) -> None:
 
     model_path = directory / manifest["model_file"]
     data_file = directory / manifest["weights_file"]
-    tmp_model = model_path.with_name(model_path.name + ".new")
-    tmp_data = data_file.name + ".new"
-    onnx.save_model(proto, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=tmp_data, size_threshold=1024)
-    # re-point the model at the final data file name, then swap both into place
-    proto = onnx.load(str(tmp_model), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = data_file.name
-    (directory / tmp_data).replace(data_file)
-    onnx.save_model(proto, str(model_path))
-    tmp_model.unlink()
+    # gptx's own temporary names (.NAME.tmp-PID): removed on failure, and by the next run after a crash
+    with atomic_path(data_file) as tmp_data, atomic_path(model_path) as tmp_model:
+        onnx.save_model(proto, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=tmp_data.name, size_threshold=1024)
+        # re-point the model at the final data file name; both swap into place as the blocks end
+        proto = onnx.load(str(tmp_model), load_external_data=False)
+        for tensor in proto.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_file.name
+        onnx.save_model(proto, str(tmp_model))
     if manifest.get("files"):  # the manifest records sizes and hashes: the rewritten files get new ones
         record_files(manifest, directory, [model_path.name, data_file.name])
     save_manifest(manifest, directory)

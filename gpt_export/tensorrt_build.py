@@ -25,7 +25,7 @@ import re
 import time
 from pathlib import Path
 
-from runtime.backends.tensorrt_backend import INSTALL_HINT, check_engine_compat, normalize_cc  # noqa: F401
+from runtime.backends.tensorrt_backend import INSTALL_HINT, normalize_cc
 from runtime.errors import BuildError, GptxError, InvalidInput
 from runtime.fsutil import atomic_write
 from runtime.manifest import ENGINE_PRECISIONS, load_manifest, record_files, save_manifest

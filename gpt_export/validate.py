@@ -135,14 +135,6 @@ def greedy(backend: Backend, prompts: list[list[int]], steps: int, pad_id: int) 
     return np.array(gen.tokens)
 
 
-def perplexity(backend: Backend, tokens: list[int], vocab: int) -> float:
-    """Teacher-forced perplexity of a token sequence, one token per step (the graph returns last-position logits)."""
-    seq = np.asarray(tokens, dtype=np.int64)[None, :]
-    steps = teacher_forced(backend, [tokens[:1]], seq[:, 1:-1], pad_id=0)
-    total = sum(float(nll(logits[:, :vocab], seq[:, k + 1])[0]) for k, logits in enumerate(steps))
-    return float(math.exp(total / (seq.shape[1] - 1)))
-
-
 def check_decode_steps(decode_steps, block_size: int) -> None:
     """Each case needs a prompt token, `decode_steps` fed tokens and the one sampled after them in the context."""
     most = block_size - 2
@@ -195,9 +187,9 @@ def compare(directory: str | Path, backend: str = "onnxruntime", device: str = "
     if ppl_tokens:
         text = SAMPLE_TEXT.read_text(encoding="utf-8")[:20000]
         sample = tokenizer.encode(text)[: min(ppl_tokens, manifest["config"]["block_size"])]
-        report["perplexity"] = {"tokens": len(sample), "reference": perplexity(ref, sample, vocab),
-                                "candidate": perplexity(cand, sample, vocab)}
-        report["perplexity"]["ratio"] = report["perplexity"]["candidate"] / report["perplexity"]["reference"]
+        agreement = text_agreement(ref, cand, np.asarray([sample], dtype=np.int64), vocab)
+        report["perplexity"] = {"tokens": len(sample), "reference": agreement["ref_perplexity"],
+                                "candidate": agreement["cand_perplexity"], "ratio": agreement["perplexity_ratio"]}
     report["failures"] = judge(report, limits)
     report["passed"] = not report["failures"]
     return report

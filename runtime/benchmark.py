@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import GptxError, InvalidInput
+from .kv_cache import window_for
 
 PROMPT_SEED = 1234
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -134,12 +135,12 @@ def available_memory(device: str) -> int | None:
 
 
 def estimate_bytes(manifest: dict, batch: int, prompt_len: int, new_tokens: int) -> int:
-    """What one config allocates beyond the weights: the KV cache (window rounded up to 64 slots), the prefill's
+    """What one config allocates beyond the weights: the KV cache (the runtime's window bucket), the prefill's
     presents, attention scores and MLP activations, and the logits. An estimate, to refuse absurd batches."""
     cfg = manifest["config"]
     n_layer, n_head, n_embd, block = cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"]
     kv_bytes = 2 if manifest.get("dtype") == "float16" else 4
-    window = min(-(-(prompt_len + new_tokens) // 64) * 64, block)
+    window = window_for(prompt_len + new_tokens, block)
     per_slot = 2 * n_layer * n_embd * kv_bytes                       # key + value of every layer
     cache = batch * window * per_slot
     presents = batch * prompt_len * per_slot

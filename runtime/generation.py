@@ -8,17 +8,15 @@ machinery the continuous-batching scheduler uses. `on_step(kind, seconds, batch)
 
 from __future__ import annotations
 
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .backends.base import Backend
 from .errors import InvalidInput
-from .kv_cache import KVCache, left_pad  # noqa: F401 (left_pad re-exported: it used to live here)
+from .kv_cache import KVCache, OnStep
 from .sampler import Sampler, SamplingParams, validate_sampling
 
-OnStep = Callable[[str, float, int], None]
 
 
 def check_prompt_ids(prompt, vocab_size: int) -> list[int]:
@@ -71,11 +69,10 @@ class Generator:
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
         self.eos_token_id = eos_token_id
-        self.on_step = on_step
         self.sampler = Sampler(params, vocab_size)
         self.batch = len(prompts)
         # the window starts at the bucket holding the prompts and grows as tokens come (attention covers ~filled slots)
-        self.cache = KVCache(backend, self.batch, longest + 1, pad_id=pad_id)
+        self.cache = KVCache(backend, self.batch, longest + 1, pad_id=pad_id, on_step=on_step)
         self.rows = [self.cache.claim() for _ in prompts]
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.steps = 0
@@ -89,18 +86,10 @@ class Generator:
         self.last_ids: np.ndarray | None = None
 
     def prefill(self) -> np.ndarray:
-        t = time.perf_counter()
-        logits = self.cache.prefill(self.rows, self.prompts)
-        if self.on_step is not None:
-            self.on_step("prefill", time.perf_counter() - t, self.batch)
-        return logits
+        return self.cache.prefill(self.rows, self.prompts)
 
     def decode_one_token(self, ids: np.ndarray) -> np.ndarray:
-        t = time.perf_counter()
-        logits = self.cache.decode(ids)
-        if self.on_step is not None:
-            self.on_step("decode", time.perf_counter() - t, self.batch)
-        return logits
+        return self.cache.decode(ids)
 
     def is_done(self) -> bool:
         return bool(self.finished.all()) or self.steps >= self.max_new_tokens

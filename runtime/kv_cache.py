@@ -13,7 +13,8 @@ positions are what the exported graph already takes: continuous batching needs n
 
 from __future__ import annotations
 
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -21,6 +22,12 @@ from .backends.base import Array, Backend
 from .errors import GptxError
 
 WINDOW_STEP = 64
+OnStep = Callable[[str, float, int], None]  # ("prefill" | "decode", seconds, rows in the graph call)
+
+
+def window_for(slots: int, max_seq: int) -> int:
+    """The cache window holding `slots`: the next WINDOW_STEP bucket, capped at the context."""
+    return min(-(-max(slots, 1) // WINDOW_STEP) * WINDOW_STEP, max_seq)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,8 +45,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 class KVCache:
     """rows x window slots per layer; row r holds lengths[r] tokens at [0, lengths[r]); rows [0, active) in use."""
 
-    def __init__(self, backend: Backend, rows: int, window: int = WINDOW_STEP, pad_id: int = 0):
+    def __init__(self, backend: Backend, rows: int, window: int = WINDOW_STEP, pad_id: int = 0,
+                 on_step: OnStep | None = None):
         self.backend = backend
+        self.on_step = on_step  # timing hook for benchmarks: each prefill / decode, cache writes included
         self.rows = rows
         self.max_seq = backend.capabilities.max_seq
         self.pad_id = pad_id
@@ -74,7 +83,6 @@ class KVCache:
             buf[row] = buf[last]
         self.lengths[row] = self.lengths[last]
         self._mask[row] = self._mask[last]
-        self._views = None
         return last
 
     # ------------------------------------------------------------------------------------------ steps
@@ -83,6 +91,7 @@ class KVCache:
 
         The past is empty, or `min_past` masked dummy slots where the backend cannot take an empty one
         (TensorRT); each row's real tokens' keys/values are then copied into its slots [0, len)."""
+        start = time.perf_counter()
         lens = np.array([len(p) for p in prompts], dtype=np.int64)
         if lens.min(initial=1) < 1:
             raise GptxError("every prompt needs at least one token")
@@ -105,11 +114,13 @@ class KVCache:
         rows = np.asarray(rows, dtype=np.int64)
         self.lengths[rows] = lens
         self._mask[rows, : self.window] = np.arange(self.window)[None, :] < lens[:, None]
+        self._report("prefill", start, k)
         return logits
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One token for every active row (tokens: (active,)); (active, V) logits. Each row attends to its own
         filled slots, sits at its own position and has its new keys/values written at its own offset."""
+        start = time.perf_counter()
         a = self.active
         lengths = self.lengths[:a]
         longest = int(lengths.max())
@@ -132,7 +143,12 @@ class KVCache:
                 buf[rows, :, lengths] = new[:, :, 0]
             self._mask[rows, lengths] = 1
         lengths += 1
+        self._report("decode", start, a)
         return logits
+
+    def _report(self, kind: str, start: float, rows: int) -> None:
+        if self.on_step is not None:
+            self.on_step(kind, time.perf_counter() - start, rows)
 
     # ------------------------------------------------------------------------------------------ window
     def _grow_to(self, slots: int) -> None:
@@ -141,7 +157,7 @@ class KVCache:
 
     def _resize(self, slots: int) -> None:
         """Reallocate to the next WINDOW_STEP bucket holding `slots` (capped at the context); copy active rows."""
-        window = min(-(-max(slots, 1) // WINDOW_STEP) * WINDOW_STEP, self.max_seq)
+        window = window_for(slots, self.max_seq)
         old, old_window, a = self.buffers, self.window, self.active
         self.buffers = self.backend.allocate(self.rows, window)
         for buf, prev in zip(self.buffers, old):

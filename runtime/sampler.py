@@ -202,11 +202,6 @@ class Sampler:
         logits = np.asarray(logits)[:, : self.vocab_size]
         if seen is not None:
             seen = seen[:, : self.vocab_size]
-        if self.params.greedy and (seen is None or self.params.repetition_penalty == 1.0):  # the hot path: argmax
-            ids = np.argmax(logits, axis=-1)
-            if not np.isfinite(logits[np.arange(rows), ids]).all():  # argmax picks any NaN / inf there is
-                raise non_finite_error()
-            return ids
         ids = sample(logits, [self.params] * rows, self.rngs, seen)
         if (ids < 0).any():
             raise non_finite_error()

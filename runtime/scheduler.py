@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .backends.base import Backend
 from .errors import InvalidInput, QueueFull
 from .generation import check_prompt_ids
-from .kv_cache import KVCache
+from .kv_cache import KVCache, OnStep
 from .sampler import SamplingParams, _is_int, non_finite_error, sample
 from .text import TextStream, normalize_stop
 from .tokenizer import Tokenizer
@@ -89,7 +88,7 @@ class _Row:
 class Scheduler:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, *, eos_token_id: int, vocab_size: int,
                  max_batch: int = 8, max_queue: int = 64, max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
-                 on_step: Callable[[str, float, int], None] | None = None):
+                 on_step: OnStep | None = None):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
                             ("max_prefill_tokens", max_prefill_tokens)):
             if not _is_int(value) or value < 1:
@@ -104,8 +103,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.context = backend.capabilities.max_seq
-        self.on_step = on_step
-        self.cache = KVCache(backend, max_batch, pad_id=eos_token_id)
+        self.cache = KVCache(backend, max_batch, pad_id=eos_token_id, on_step=on_step)
         self.steps = 0
         self._rows: list[_Row] = []          # aligned with the cache's rows [0, active)
         self._lock = threading.Lock()        # guards the two below (add_request comes from other threads)
@@ -191,14 +189,11 @@ class Scheduler:
     def _decode(self, outputs: list[StepOutput]) -> None:
         rows = range(len(self._rows))
         tokens = np.fromiter((r.last_token for r in self._rows), dtype=np.int64, count=len(self._rows))
-        t = time.perf_counter()
         try:
             logits = self.cache.decode(tokens)
         except Exception as e:  # a failed graph call fails the rows in it, not the scheduler (traceback kept)
             self._fail(list(rows), e, outputs)
             return
-        if self.on_step is not None:
-            self.on_step("decode", time.perf_counter() - t, len(tokens))
         self._sample_and_emit(list(rows), logits, outputs)
 
     def _pop_admissible(self) -> list[Request]:
@@ -220,14 +215,11 @@ class Scheduler:
         for request in requests:
             eos = self.eos_token_id if request.stop_at_eos else None
             self._rows.append(_Row(request, TextStream(self.tokenizer, request.stop, eos), self.vocab_size))
-        t = time.perf_counter()
         try:
             logits = self.cache.prefill(rows, [r.prompt_ids for r in requests])
         except Exception as e:  # as in _decode: only these requests fail
             self._fail(rows, e, outputs)
             return
-        if self.on_step is not None:
-            self.on_step("prefill", time.perf_counter() - t, len(rows))
         self._sample_and_emit(rows, logits, outputs)
 
     def _sample_and_emit(self, rows: list[int], logits: np.ndarray, outputs: list[StepOutput]) -> None:

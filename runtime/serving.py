@@ -21,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Sequence
 
 from .errors import GptxError
+from .kv_cache import OnStep
 from .sampler import SamplingParams
 from .scheduler import DEFAULT_PREFILL_TOKENS, Request, Scheduler, SchedulerStats, StepOutput
 
@@ -94,7 +95,7 @@ PoolStats = SchedulerStats  # waiting, active, max_batch, max_queue, steps
 class Pool:
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64,
                  max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
-                 on_step: Callable[[str, float, int], None] | None = None):
+                 on_step: OnStep | None = None):
         """on_step(kind, seconds, batch) runs in the worker thread after each graph call ("prefill" | "decode")."""
         self.engine = engine
         self.scheduler = Scheduler(engine.backend, engine.tokenizer, eos_token_id=engine.eos_token_id,

@@ -177,8 +177,6 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> Path:
         """Write the ranks as a .tiktoken file (what export puts beside the ONNX model)."""
-        import base64
-
         path = Path(path)
         lines = [
             base64.b64encode(token).decode() + " " + str(rank)

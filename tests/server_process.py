@@ -6,6 +6,7 @@ session so that stop() can end it and anything it started (Ray's processes) by i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -69,12 +70,15 @@ class ServerProcess:
         return samples
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then SIGKILL to the whole process group if it does not exit in time; the exit code."""
+        """SIGTERM, then SIGKILL if it does not exit in time; the exit code. Whatever else is left in its process
+        group (Ray's processes with --ray) is killed either way."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
         return self.proc.returncode

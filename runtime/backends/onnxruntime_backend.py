@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GptxError, InvalidInput
-from ..io_names import LOGITS
+from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from ..manifest import check_graph, kv_names
 from .base import Backend, Capabilities
 
@@ -78,7 +78,7 @@ class OnnxRuntimeBackend(Backend):
     def run(self, input_ids, attention_mask, position_ids, past):
         if self.cuda:
             return self.cuda.run(input_ids, attention_mask, position_ids, past)
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
         feeds.update(zip(self.past_names, past))
         logits, *presents = self.session.run(self.output_names, feeds)
         return logits, presents
@@ -124,9 +124,9 @@ class CudaBinding:
         # the cache writes of the previous step were queued on torch's stream; ORT runs on its own
         torch.cuda.current_stream().synchronize()
         io = b.session.io_binding()
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+        io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids))
+        io.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(attention_mask))
+        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids))
         batch, new = input_ids.shape
         for name, buf in zip(b.past_names, past):
             self.bind(io, name, buf)

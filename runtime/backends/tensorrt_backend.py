@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GptxError
-from ..io_names import LOGITS, input_names, output_names
+from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, input_names, output_names
 from ..manifest import kv_names
 from .base import Backend, Capabilities
 
@@ -184,9 +184,9 @@ class TensorRTBackend(Backend):
             raise GptxError("the TensorRT engine takes several tokens only onto an empty cache (prefill)")
         ctx = self.contexts[profile]
         feeds = {
-            "input_ids": self._to_device(input_ids, "input_ids"),
-            "attention_mask": self._to_device(attention_mask, "attention_mask"),
-            "position_ids": self._to_device(position_ids, "position_ids"),
+            INPUT_IDS: self._to_device(input_ids, INPUT_IDS),
+            ATTENTION_MASK: self._to_device(attention_mask, ATTENTION_MASK),
+            POSITION_IDS: self._to_device(position_ids, POSITION_IDS),
             **dict(zip(self.past_names, past)),
         }
         for name, tensor in feeds.items():

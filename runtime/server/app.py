@@ -324,7 +324,6 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="gptx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Frontdoor, api_key=config.api_key, max_body_bytes=config.max_body_bytes, replica=replica,
                        metrics=metrics)
-    app.state.metrics = metrics
 
     # -- errors: every refusal in OpenAI's shape ------------------------------------------------
     @app.exception_handler(APIError)

@@ -33,7 +33,7 @@ def run_serve(directory: Path, host: str, port: int, max_batch: int, max_queue: 
 
         run_on_ray(directory, load_options, config, host=host, port=port, replicas=replicas,
                    autoscale=parse_autoscale(autoscale), address=ray_address, replica_cpus=replica_cpus,
-                   shutdown_timeout=shutdown_timeout, announce=announce)
+                   shutdown_timeout=shutdown_timeout)
         return
     if autoscale or ray_address or replica_cpus or replicas != 1:
         raise InvalidInput("--replicas, --autoscale, --ray-address and --replica-cpus need --ray")

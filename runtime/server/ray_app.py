@@ -17,7 +17,6 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 from ray import serve
@@ -25,6 +24,7 @@ from ray import serve
 from ..errors import InvalidInput
 from ..manifest import load_manifest
 from .app import ServerConfig, create_app
+from .command import announce, setup_logging
 
 APP_NAME = "gptx"
 HEALTH_CHECK_PERIOD_S = 2.0   # a dead replica is noticed (and replaced) within about this
@@ -36,8 +36,6 @@ REQUEST_SLACK = 8             # requests a full replica still takes in (to answe
 class GptxReplica:
     def __init__(self, directory: str, load_options: dict, config: ServerConfig):
         import runtime
-
-        from .command import setup_logging
 
         setup_logging()  # the one line per request, in the replica's log (Ray forwards it to the driver)
         self.engine = runtime.load(directory, **load_options)
@@ -65,7 +63,7 @@ def deployment(directory: str | Path, load_options: dict, config: ServerConfig, 
 
 def run_on_ray(directory: Path, load_options: dict, config: ServerConfig, *, host: str, port: int, replicas: int,
                autoscale: tuple[int, int] | None, address: str | None, replica_cpus: float | None,
-               shutdown_timeout: float, announce: Callable) -> None:
+               shutdown_timeout: float) -> None:
     """Deploy, print the URL, wait for SIGTERM / Ctrl-C, then remove the app (and stop a Ray we started)."""
     import ray
 
@@ -117,17 +115,17 @@ def build(args: dict) -> serve.Application:
                            + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
     directory = Path(str(args["directory"]))
 
-    def number(key, default=None):
-        value = args.get(key, default)
+    def number(key):
+        value = args[key]
         try:
-            return None if value is None else int(value)
+            return int(value)
         except (TypeError, ValueError):
             raise InvalidInput(f"{key} must be an integer, got {value!r}") from None
 
-    config = ServerConfig(model_name=str(args.get("model_name") or directory.name), max_batch=number("max_batch", 8),
-                          max_queue=number("max_queue", 64), max_tokens_limit=number("max_tokens_limit"),
-                          max_body_bytes=number("max_body_bytes", 1 << 20),
-                          api_key=os.environ.get("GPTX_API_KEY") or None)
+    given = {key: number(key) for key in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes")
+             if args.get(key) is not None}  # the rest keep ServerConfig's defaults
+    config = ServerConfig(model_name=str(args.get("model_name") or directory.name),
+                          api_key=os.environ.get("GPTX_API_KEY") or None, **given)
     load_options = {"backend": str(args.get("backend", "auto")), "device": str(args.get("device", "cpu"))}
     if args.get("threads") is not None:
         load_options["threads"] = number("threads")
