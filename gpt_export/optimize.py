@@ -21,8 +21,8 @@ import numpy as np
 
 from runtime.errors import GptxError, InvalidInput
 from runtime.fsutil import atomic_path
-from runtime.io_names import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names
-from runtime.manifest import QUANT_SCHEMES, load_manifest, record_files, save_manifest
+from runtime.io_names import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names, present_names
+from runtime.manifest import IN_PLACE, QUANT_SCHEMES, load_manifest, record_files, save_manifest
 
 from .export import WTE, find_tied_head
 
@@ -81,26 +81,14 @@ def fuse(proto, n_head: int, n_embd: int):
     return optimized.model, [f"{op} x{count}" for op, count in sorted(stats.items())]
 
 
-def fewer_ops(proto, n_layer: int, n_embd: int) -> list[str]:
-    """Two graph edits ORT's optimizer does not make, each removing one op per layer and step (measured in
-    docs/quantization.md's notes: about 45 of 394 nodes and 5-8% of an int4 decode step on GPT-2):
-
-    - every layer's past has the same length (the cache contract), so all `Shape(past_key_values.i.key)` read
-      layer 0's past and ONNX Runtime's common-subexpression pass keeps one Shape/Gather/Unsqueeze chain;
-    - the attention scale 1/sqrt(head_dim) moves from the scores (a Mul per layer) into the query columns of the
-      qkv projection, done on the fp32 weights before any quantization (exact when head_dim is a power of two).
-    """
+def fewer_ops(proto, n_embd: int) -> list[str]:
+    """A graph edit ORT's optimizer does not make: the attention scale 1/sqrt(head_dim) moves from the scores
+    (a Mul per layer and step) into the query columns of the qkv projection, done on the fp32 weights before
+    any quantization (exact when head_dim is a power of two)."""
     from onnx import numpy_helper
 
     g = proto.graph
     done = []
-    pasts = past_names(n_layer)
-    first = pasts[0]
-    shapes = [n for n in g.node if n.op_type == "Shape" and n.input[0] in pasts]
-    for n in shapes:
-        n.input[0] = first
-    if shapes:
-        done.append(f"shared past length x{len(shapes)}")
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     consumers = collections.defaultdict(list)
@@ -147,6 +135,116 @@ def fewer_ops(proto, n_layer: int, n_embd: int) -> list[str]:
         add.input[k] = scaled.name
     done.append(f"attention scale folded into the query x{len(qkv)}")
     return done
+
+
+def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
+    """Each layer's attention (split, head reshapes, two score matmuls, mask, softmax, two value matmuls,
+    merge) becomes one com.microsoft GroupQueryAttention over the packed qkv, which reads the cache and writes
+    the new keys/values into it in place. Written here because no ORT fusion targets our cache contract.
+
+    The graph then follows the `in_place` cache contract (runtime/manifest.py): `present.i.*` are the past
+    buffers themselves (the runtime binds both names to one array), each row's tokens are a prefix of its
+    slots (`attention_mask` is 1 on them, and prefill pads on the right), and row b's logits come from its last
+    real position. seqlens_k / total_sequence_length are derived once from the mask. Measured on GPT-2 int4
+    (docs/benchmarks.md): about 180 of 350 nodes go, and attention reads only each row's filled slots.
+    `scale` is the score scale GroupQueryAttention applies (1.0 when fewer_ops folded it into the query).
+    Returns what was done; [] (graph untouched) when the graph is not the one this pass knows.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    pasts, presents = past_names(n_layer), present_names(n_layer)
+    layers = []
+    for i in range(n_layer):
+        split = next((n for n in g.node if n.op_type == "Split" and n.name.startswith(f"/h.{i}/attn/")), None)
+        c_proj = next((n for n in g.node if n.name.startswith(f"/h.{i}/attn/c_proj/")
+                       and n.op_type in ("MatMul", "MatMulNBits")), None)
+        if split is None or c_proj is None or producer.get(presents[2 * i]) is None:
+            return []
+        layers.append((split.input[0], c_proj.input[0]))
+    last = next((n for n in g.node if n.op_type == "Gather" and n.output[0] in
+                 {i for m in g.node if m.name == "/ln_f/LayerNormalization" for i in m.input}), None)
+    if last is None:
+        return []
+    keep = {o for pair in layers for o in pair}
+    # rows are prefixes: row b holds sum(mask[b]) tokens, the new one(s) included
+    ints = lambda name, values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    g.initializer.extend([ints("gqa/one", [1]), ints("gqa/axis1", [1])])
+    prelude = [
+        helper.make_node("Cast", [ATTENTION_MASK], ["gqa/mask32"], to=TensorProto.INT32, name="gqa/Cast"),
+        helper.make_node("ReduceSum", ["gqa/mask32", "gqa/axis1"], ["gqa/lengths"], keepdims=0, name="gqa/Lengths"),
+        helper.make_node("Sub", ["gqa/lengths", "gqa/one32"], ["gqa/seqlens_k"], name="gqa/SeqlensK"),
+        helper.make_node("ReduceMax", ["gqa/lengths"], ["gqa/total"], keepdims=0, name="gqa/Total"),
+        # logits position of row b: its last real token (prefill, right-padded) or 0 (decode, one new token)
+        helper.make_node("Shape", [INPUT_IDS], ["gqa/ids_shape"], start=1, end=2, name="gqa/NewLen"),
+        helper.make_node("Sub", ["gqa/ids_shape", "gqa/one"], ["gqa/last_new"], name="gqa/LastNew"),
+        helper.make_node("Cast", ["gqa/seqlens_k"], ["gqa/seqlens64"], to=TensorProto.INT64, name="gqa/Cast64"),
+        helper.make_node("Min", ["gqa/seqlens64", "gqa/last_new"], ["gqa/last_index"], name="gqa/LastIndex"),
+        helper.make_node("Unsqueeze", ["gqa/last_index", "gqa/axis1"], ["gqa/last_index2"], name="gqa/Index2"),
+    ]
+    g.initializer.append(numpy_helper.from_array(np.array([1], np.int32), "gqa/one32"))
+    attention = [helper.make_node("GroupQueryAttention", [qkv, "", "", pasts[2 * i], pasts[2 * i + 1],
+                                                          "gqa/seqlens_k", "gqa/total"],
+                                  [out, presents[2 * i], presents[2 * i + 1]], name=f"/h.{i}/attn/GroupQueryAttention",
+                                  domain="com.microsoft", num_heads=n_head, kv_num_heads=n_head, scale=scale)
+                 for i, (qkv, out) in enumerate(layers)]
+    replaced = {*keep - {qkv for qkv, _ in layers}, *presents}  # outputs the old attention nodes produced
+    for n in list(g.node):
+        if set(n.output) & replaced:
+            g.node.remove(n)
+    gather = helper.make_node("GatherND", [last.input[0], "gqa/last_index2"], list(last.output), batch_dims=1,
+                              name="/GatherLastReal")
+    position = list(g.node).index(last)
+    g.node.remove(last)
+    g.node.insert(position, gather)
+    for n in reversed(prelude):
+        g.node.insert(0, n)
+    for i, node in enumerate(attention):
+        c_proj_in = layers[i][1]
+        consumer = next(k for k, n in enumerate(g.node) if c_proj_in in n.input)
+        g.node.insert(consumer, node)
+    if not any(op.domain == "com.microsoft" for op in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    removed = remove_dead_nodes(proto)
+    for out in g.output:  # present.i.* now have the past's shape: the whole buffer
+        if out.name in presents:
+            dims = out.type.tensor_type.shape.dim
+            dims[2].Clear()
+            dims[2].dim_param = "past_sequence"
+    return [f"GroupQueryAttention (in-place cache) x{n_layer}, {removed} nodes removed"]
+
+
+def use_in_place_cache(manifest: dict) -> None:
+    """Record the in-place cache contract of fuse_attention's graph: presents are the whole past buffers."""
+    for spec in manifest["outputs"]:
+        if spec["name"] != "logits":
+            spec["shape"][2] = "past_sequence"
+    manifest["kv_cache"] = {
+        "layout": "batch, n_head, past_sequence, head_dim",
+        "present": IN_PLACE,
+        "note": "present.i.* are the past buffers, written in place by the graph at each row's length (bind "
+                "both names to one array); each row's tokens are a prefix of its slots, marked by "
+                "attention_mask; prompts are right-padded",
+    }
+
+
+def remove_dead_nodes(proto) -> int:
+    """Drop nodes (and initializers) nothing reads any more, until none is left; how many nodes went."""
+    g = proto.graph
+    removed = 0
+    while True:
+        used = {o.name for o in g.output} | {i for n in g.node for i in n.input}
+        dead = [n for n in g.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+        removed += len(dead)
+    used = {i for n in g.node for i in n.input}
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
+    return removed
 
 
 def resolve_preset(quantize: str | None, preset: str | QuantPreset | None) -> tuple[str, QuantPreset] | None:
@@ -373,7 +471,13 @@ def optimize_export(directory: str | Path, fuse_graph: bool = True, quantize: st
     cfg = manifest["config"]
     if fuse_graph or chosen:  # quantized exports get the fusions too: they must run on the fp32 MatMuls
         proto, fused = fuse(proto, cfg["n_head"], cfg["n_embd"])
-        manifest["optimizations"] = [*manifest.get("optimizations", []), *fused, *fewer_ops(proto, cfg["n_layer"], cfg["n_embd"])]
+        fewer = fewer_ops(proto, cfg["n_embd"])
+        folded = any(step.startswith("attention scale folded") for step in fewer)
+        head_dim = cfg["n_embd"] // cfg["n_head"]
+        attention = fuse_attention(proto, cfg["n_layer"], cfg["n_head"], 1.0 if folded else head_dim ** -0.5)
+        if attention:
+            use_in_place_cache(manifest)
+        manifest["optimizations"] = [*manifest.get("optimizations", []), *fused, *fewer, *attention]
     if chosen:
         name, settings = chosen
         proto, manifest["quantization"] = quantize_weights(proto, settings, manifest)

@@ -98,6 +98,8 @@ class KVCache:
         if lens.max() > self.max_seq:
             raise GptxError(f"a prompt of {lens.max()} tokens exceeds the context of {self.max_seq}")
         self._grow_to(int(lens.max()))
+        if self.backend.capabilities.writes_cache:
+            return self._prefill_in_place(rows, prompts, lens, start)
         ids, mask = left_pad(prompts, self.pad_id)
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         k, width = ids.shape
@@ -117,6 +119,27 @@ class KVCache:
         self._report("prefill", start, k)
         return logits
 
+    def _prefill_in_place(self, rows: Sequence[int], prompts, lens: np.ndarray, start: float) -> np.ndarray:
+        """Prefill where the graph writes the cache (in-place attention): the prompts, right-padded, run over
+        their own rows' buffers, which must be one contiguous block of rows (claimed one after another, as the
+        scheduler and Generator do); any other set of rows is prefilled one row at a time."""
+        first = int(rows[0])
+        if list(rows) != list(range(first, first + len(rows))):
+            return np.concatenate([self.prefill([r], [p]) for r, p in zip(rows, prompts)])
+        k, width = len(prompts), int(lens.max())
+        ids = np.full((k, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((k, width), dtype=np.int64)
+        for i, prompt in enumerate(prompts):
+            ids[i, : len(prompt)] = prompt
+            mask[i, : len(prompt)] = 1
+        positions = np.broadcast_to(np.arange(width, dtype=np.int64), (k, width))
+        logits, _ = self.backend.run(ids, mask, positions, [buf[first:first + k] for buf in self.buffers])
+        block = slice(first, first + k)
+        self.lengths[block] = lens
+        self._mask[block, : self.window] = np.arange(self.window)[None, :] < lens[:, None]
+        self._report("prefill", start, k)
+        return logits
+
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One token for every active row (tokens: (active,)); (active, V) logits. Each row attends to its own
         filled slots, sits at its own position and has its new keys/values written at its own offset."""
@@ -132,7 +155,9 @@ class KVCache:
             self._views = [buf[:a] for buf in self.buffers]
         ids = np.asarray(tokens, dtype=np.int64).reshape(a, 1)
         logits, presents = self.backend.run(ids, self._mask[:a], lengths[:, None], self._views)
-        if a == 1 or lengths[0] == lengths[-1] and (lengths == lengths[0]).all():
+        if self.backend.capabilities.writes_cache:  # the graph wrote slot lengths[r] of each row itself
+            self._mask[self._row_index[:a], lengths] = 1
+        elif a == 1 or lengths[0] == lengths[-1] and (lengths == lengths[0]).all():
             slot = int(lengths[0])  # one slot column for every row: a plain slice, ~4x cheaper than indexing
             for buf, new in zip(self.buffers, presents):
                 buf[:a, :, slot:slot + 1] = new

@@ -32,6 +32,11 @@ EXPORT_DTYPES = {"fp32": "float32", "fp16": "float16"}
 QUANT_SCHEMES = ("int8", "int4")
 ENGINE_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+# the cache contracts a graph can follow (manifest "kv_cache.present"): the portable one (gpt_export/kv_step.py,
+# every backend), or gpt_export.optimize.fuse_attention (ONNX Runtime CPU only, the graph writes the cache itself)
+NEW_TOKENS = "new_tokens_only"
+IN_PLACE = "in_place"
+KV_CONTRACTS = (NEW_TOKENS, IN_PLACE)
 GRAPH_METADATA_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # written into model.onnx
 
 
@@ -66,6 +71,11 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class KVCacheSpec:
+    present: str = NEW_TOKENS
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     file: str
 
@@ -88,6 +98,7 @@ class Manifest:
     seed: int = 0
     files: dict[str, FileRecord] = field(default_factory=dict)
     engines: list[EngineSpec] = field(default_factory=list)
+    kv_cache: KVCacheSpec = KVCacheSpec()
 
 
 def _type_name(value) -> str:
@@ -139,6 +150,11 @@ def parse(cls, value, key: str, where: str):
     raise TypeError(f"no schema rule for {cls!r}")  # a bug in the schema above, not in the manifest
 
 
+def writes_cache_in_place(manifest: dict) -> bool:
+    """True for graphs whose attention writes the cache itself (the `in_place` contract: see KV_CONTRACTS)."""
+    return (manifest.get("kv_cache") or {}).get("present") == IN_PLACE
+
+
 def kv_names(manifest: dict) -> tuple[list[str], list[str]]:
     """Past input names and present output names, layer by layer, key before value."""
     n_layer = manifest["config"]["n_layer"]
@@ -179,6 +195,8 @@ def check_consistency(m: Manifest, where: str) -> None:
             raise ManifestError(f"{where}: '{key}' ({len(names)} names: {_names_summary(names)}) do not match "
                                 f"'config.n_layer' {cfg.n_layer}, which needs {len(expected[key])} "
                                 f"({_names_summary(expected[key])})")
+    if m.kv_cache.present not in KV_CONTRACTS:
+        raise ManifestError(f"{where}: 'kv_cache.present' must be one of {', '.join(KV_CONTRACTS)}")
     head_dim = cfg.n_embd // cfg.n_head
     for spec in (*m.inputs[3:], *m.outputs[1:]):
         if len(spec.shape) != 4 or spec.shape[1] != cfg.n_head or spec.shape[3] != head_dim:

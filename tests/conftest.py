@@ -85,6 +85,23 @@ def shakespeare(shakespeare_dir):
     return runtime.load(shakespeare_dir, backend="onnxruntime")
 
 
+@pytest.fixture(scope="session")
+def shakespeare_fused(tmp_path_factory):
+    """The bundled model with `--optimize`: in-place attention (GroupQueryAttention writes the cache itself)."""
+    import runtime
+    from gpt_export.export import export
+
+    out = tmp_path_factory.mktemp("exports") / "shakespeare-fused"
+    export("shakespeare", out, optimize=True, validate=False, progress=False)
+    return runtime.load(out, backend="onnxruntime")
+
+
+@pytest.fixture(params=["new_tokens_only", "in_place"])
+def shakespeare_any(request):
+    """The bundled model under each cache contract: the portable graph and the fused in-place one."""
+    return request.getfixturevalue("shakespeare" if request.param == "new_tokens_only" else "shakespeare_fused")
+
+
 EOS_PROBABILITY = 0.25
 
 

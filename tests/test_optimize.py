@@ -98,11 +98,31 @@ def test_optimize_fuses_gelu_and_layernorm_and_records_it(hf_dir, gpt, tmp_path)
     ops = op_counts(out)
     assert ops["FastGelu"] == N_LAYER and ops["SkipLayerNormalization"] == 2 * N_LAYER
     assert any(o.startswith("FastGelu") for o in manifest["optimizations"])
-    # the attention scale lives in the query weights, and one past length serves every layer
+    # the attention scale lives in the query weights; each layer's attention is one in-place op over the cache
     assert ops["Mul"] == 0
-    assert {n.input[0] for n in graph(out).node if n.op_type == "Shape"} == {"past_key_values.0.key", "input_ids"}
-    report = compare(out, reference_model=gpt, batch_sizes=(2,), decode_steps=4, ppl_tokens=0)
-    assert report["passed"] and report["max_abs_diff"] < 1e-4
+    assert ops["GroupQueryAttention"] == N_LAYER and ops["Softmax"] == 0 and ops["Where"] == 0
+    assert manifest["kv_cache"]["present"] == "in_place"
+    assert all(o["shape"][2] == "past_sequence" for o in manifest["outputs"][1:])
+    # batches of different prompt lengths (right-padded prefill, per-row decode) match PyTorch
+    report = compare(out, reference_model=gpt, batch_sizes=(1, 3), decode_steps=6, ppl_tokens=0)
+    assert report["passed"] and report["max_abs_diff"] < 1e-4 and report["greedy_identical"]
+
+
+def test_in_place_graphs_refuse_cuda_and_bad_contracts(hf_dir, tmp_path):
+    import json
+
+    from runtime.backends import create_backend
+    from runtime.errors import ManifestError
+
+    out = tmp_path / "opt"
+    export(str(hf_dir), out, optimize=True, progress=False)
+    with pytest.raises(GptxError, match="CPU only"):
+        create_backend("onnxruntime", load_manifest(out), out, "cuda")
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["kv_cache"]["present"] = "sideways"
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="kv_cache.present"):
+        load_manifest(out)
 
 
 def test_a_quantized_fp32_export_with_a_tied_gemm_head(export_dir, tmp_path):

@@ -28,6 +28,8 @@ class Capabilities:
     devices: tuple[str, ...]   # where this backend can run: ("cpu",), ("cpu", "cuda"), ("cuda",)
     min_past: int = 0          # smallest past a call may take: TensorRT profiles cannot express 0, so prefill
                                # gets `min_past` masked dummy slots (added by kv_cache.py, nowhere else)
+    writes_cache: bool = False # the graph writes the new keys/values into the past buffers itself (the
+                               # manifest's `in_place` contract): `run` returns no presents, rows are prefixes
 
 
 class Backend(ABC):
@@ -50,7 +52,8 @@ class Backend(ABC):
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
             past: Sequence[Array]) -> tuple[np.ndarray, list[Array]]:
         """One graph call, nothing else: (B, V) float32 numpy logits of the last position, and the presents
-        (the new tokens' keys/values, [B, n_head, T, head_dim], native arrays). Never writes the cache."""
+        (the new tokens' keys/values, [B, n_head, T, head_dim], native arrays). Never writes the cache, except
+        where `capabilities.writes_cache`: then the graph itself writes into `past` and presents is []."""
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import GptxError, InvalidInput
 from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from ..manifest import check_graph, kv_names
+from ..manifest import check_graph, kv_names, writes_cache_in_place
 from .base import Backend, Capabilities
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -47,6 +47,10 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(manifest, directory, device)
         import onnxruntime as ort
 
+        in_place = writes_cache_in_place(manifest)
+        if in_place and device != "cpu":
+            raise GptxError(f"{directory} was optimized with in-place attention (GroupQueryAttention), which "
+                            "gptx runs on CPU only; export again without --optimize/--quantize for CUDA")
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise GptxError("onnxruntime has no CUDA execution provider here; pip install 'gptx[cuda]'")
@@ -63,11 +67,13 @@ class OnnxRuntimeBackend(Backend):
         except ort_load_errors() as e:  # its message names the problem and the path, never the file's bytes
             raise GptxError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
         check_graph(manifest, self.session, str(model_path))
-        self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, devices=("cpu", "cuda"))
+        self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, devices=("cpu", "cuda"),
+                                         writes_cache=in_place)
         self.past_names, self.present_names = kv_names(manifest)
         self.kv_dtype = DTYPES[next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0])]
         self.output_names = [LOGITS, *self.present_names]
         self.cuda = CudaBinding(self) if device == "cuda" else None
+        self.in_place = InPlaceBinding(self) if in_place else None
 
     def allocate(self, rows: int, window: int):
         if self.cuda:
@@ -78,10 +84,46 @@ class OnnxRuntimeBackend(Backend):
     def run(self, input_ids, attention_mask, position_ids, past):
         if self.cuda:
             return self.cuda.run(input_ids, attention_mask, position_ids, past)
+        if self.in_place:
+            return self.in_place.run(input_ids, attention_mask, position_ids, past), []
         feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
         feeds.update(zip(self.past_names, past))
         logits, *presents = self.session.run(self.output_names, feeds)
         return logits, presents
+
+
+class InPlaceBinding:
+    """I/O binding for in-place attention graphs on CPU: each layer's past and present name one numpy buffer,
+    so GroupQueryAttention writes the new keys/values straight into the cache (no copy back in kv_cache.py).
+
+    The cache buffers stay bound between calls while the same arrays (and row count) come back, as they do
+    for every decode step of a window; only the three small inputs are bound anew each step.
+    """
+
+    def __init__(self, backend: OnnxRuntimeBackend):
+        self.backend = backend
+        self.io = backend.session.io_binding()
+        self.bound: list[tuple[int, tuple]] = []
+
+    def run(self, input_ids, attention_mask, position_ids, past) -> np.ndarray:
+        b, io = self.backend, self.io
+        key = [(buf.__array_interface__["data"][0], buf.shape) for buf in past]
+        if key != self.bound:
+            for buf in past:
+                if not buf.flags.c_contiguous:
+                    raise GptxError("in-place attention needs contiguous cache rows")  # a bug in kv_cache.py
+            io.clear_binding_outputs()
+            io.bind_output(LOGITS, "cpu")  # first: get_outputs() lists outputs in binding order
+            for past_name, present_name, buf in zip(b.past_names, b.present_names, past):
+                ptr = buf.__array_interface__["data"][0]
+                io.bind_input(past_name, "cpu", 0, buf.dtype, buf.shape, ptr)
+                io.bind_output(present_name, "cpu", 0, buf.dtype, buf.shape, ptr)
+            self.bound = key
+        small = [np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids)]
+        for name, array in zip((INPUT_IDS, ATTENTION_MASK, POSITION_IDS), small):
+            io.bind_cpu_input(name, array)  # bound by address: `small` keeps them alive through the run
+        b.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
 
 
 class CudaBinding:
