@@ -541,14 +541,42 @@ def median_rate(runs: list[dict]) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- profile
 def decode_feeds(manifest: dict, past_len: int) -> dict:
-    """Inputs of one batch-1 decode step of an export at `past_len` filled cache slots (values do not matter)."""
+    """Inputs of one batch-1 decode step of an export at `past_len` filled cache slots (values do not matter),
+    shaped as the runtime feeds them: the whole window bucket for in-place graphs, `past_len` slots otherwise."""
+    from runtime.kv_cache import window_for
+    from runtime.manifest import writes_cache_in_place
+
     cfg = manifest["config"]
     dtype = np.float16 if manifest["dtype"] == "float16" else np.float32
-    past = np.zeros((1, cfg["n_head"], past_len, cfg["n_embd"] // cfg["n_head"]), dtype)
-    feeds = {"input_ids": np.array([[464]], np.int64), "attention_mask": np.ones((1, past_len + 1), np.int64),
+    in_place = writes_cache_in_place(manifest)
+    slots = window_for(past_len + 1, cfg["block_size"]) if in_place else past_len
+    mask = np.zeros((1, slots + 1), np.int64)
+    mask[0, :past_len] = mask[0, -1] = 1
+    feeds = {"input_ids": np.array([[464]], np.int64), "attention_mask": mask,
              "position_ids": np.array([[past_len]], np.int64)}
-    feeds.update({i["name"]: past for i in manifest["inputs"] if i["name"].startswith("past_key_values.")})
+    shape = (1, cfg["n_head"], slots, cfg["n_embd"] // cfg["n_head"])
+    feeds.update({i["name"]: np.zeros(shape, dtype) for i in manifest["inputs"]
+                  if i["name"].startswith("past_key_values.")})
     return feeds
+
+
+def bound_step(session, manifest: dict, feeds: dict):
+    """A no-argument callable running one step as the runtime does: in-place graphs get each past buffer bound as
+    its present output too (I/O binding), others a plain `session.run`."""
+    from runtime.manifest import writes_cache_in_place
+
+    if not writes_cache_in_place(manifest):
+        return lambda: session.run(None, feeds)
+    io = session.io_binding()
+    io.bind_output("logits", "cpu")
+    for name, value in feeds.items():
+        if name.startswith("past_key_values."):
+            ptr = value.__array_interface__["data"][0]
+            io.bind_input(name, "cpu", 0, value.dtype, value.shape, ptr)
+            io.bind_output(name.replace("past_key_values.", "present."), "cpu", 0, value.dtype, value.shape, ptr)
+        else:
+            io.bind_cpu_input(name, value)
+    return lambda: session.run_with_iobinding(io)
 
 
 def ort_op_profile(directory: Path, past_len: int, steps: int = 64, workdir: Path | None = None) -> dict:
@@ -563,19 +591,21 @@ def ort_op_profile(directory: Path, past_len: int, steps: int = 64, workdir: Pat
     model = str(directory / manifest["model_file"])
     feeds = decode_feeds(manifest, past_len)
     plain = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+    step = bound_step(plain, manifest, feeds)
     for _ in range(4):
-        plain.run(None, feeds)
+        step()
     t = time.perf_counter()
     for _ in range(steps):  # timed without profiling, which adds its own cost to every node
-        plain.run(None, feeds)
+        step()
     session_ms = (time.perf_counter() - t) / steps * 1e3
-    del plain
+    del plain, step
     opts = session_options()
     opts.enable_profiling = True
     opts.profile_file_prefix = str((workdir or Path(tempfile.gettempdir())) / f"ort_profile_{directory.name}")
     session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    step = bound_step(session, manifest, feeds)
     for _ in range(4 + steps):
-        session.run(None, feeds)
+        step()
     events = json.loads(Path(session.end_profiling()).read_text())
     by_op: dict[str, list] = {}
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]

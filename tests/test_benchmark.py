@@ -294,6 +294,13 @@ def test_ort_op_profile_counts_a_decode_step(tiny_export, tmp_path):
     p = harness.ort_op_profile(tiny_export, past_len=8, steps=3, workdir=tmp_path)
     assert p["session_ms"] > 0 and p["nodes"] > 10
     assert abs(sum(op["share"] for op in p["top_ops"]) - 1.0) < 0.2
+    # an in-place graph is profiled as the runtime runs it: its presents bound to the past buffers
+    fused = tmp_path / "fused"
+    shutil.copytree(tiny_export, fused)
+    optimize_export(fused)
+    q = harness.ort_op_profile(fused, past_len=8, steps=3, workdir=tmp_path)
+    ops = {op["op"]: op["nodes"] for op in q["top_ops"]}
+    assert ops.get("GroupQueryAttention") == 2 and "Softmax" not in ops and q["nodes"] < p["nodes"]
 
 
 def test_report_renders_a_small_run(tmp_path):

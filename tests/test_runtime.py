@@ -274,7 +274,7 @@ def alone_logits(backend, prompt, fed):
     return out
 
 
-@pytest.mark.parametrize("fixture", ["engine", "shakespeare"])
+@pytest.mark.parametrize("fixture", ["engine", "shakespeare", "shakespeare_fused"])
 def test_rows_of_different_lengths_decode_as_if_alone(fixture, request):
     """The exported graph takes per-row masks and positions: one decode call over rows of different lengths
     (prefilled together or at different times, moved by free) equals each row alone - no re-export needed."""
@@ -310,12 +310,32 @@ def test_rows_of_different_lengths_decode_as_if_alone(fixture, request):
     assert sorted(set(checked)) == [0, 1, 2, 3] and len(checked) == 14
 
 
-def test_window_grows_in_buckets_and_matches_a_full_prefill(shakespeare):
+def test_in_place_prefill_of_rows_in_any_order(shakespeare_fused):
+    """In-place graphs prefill a contiguous block of rows in one call; rows in another order one at a time."""
+    from runtime.kv_cache import KVCache
+
+    backend = shakespeare_fused.backend
+    assert backend.capabilities.writes_cache
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 50000, n).tolist() for n in (4, 11, 7)]
+    cache = KVCache(backend, 3)
+    for _ in prompts:
+        cache.claim()
+    logits = cache.prefill([2, 0], [prompts[2], prompts[0]])
+    logits = np.concatenate([logits, cache.prefill([1], [prompts[1]])])
+    for got, seq in zip(logits, (2, 0, 1)):
+        np.testing.assert_allclose(got, alone_logits(backend, prompts[seq], [])[0], atol=1e-5)
+    tokens = [5, 6, 7]
+    for row, got in zip((0, 1, 2), cache.decode(np.array(tokens))):
+        np.testing.assert_allclose(got, alone_logits(backend, prompts[row], [tokens[row]])[1], atol=1e-5)
+
+
+def test_window_grows_in_buckets_and_matches_a_full_prefill(shakespeare_any):
     """The window starts at 64 slots and grows (reallocating, keeping the rows) only when a row needs slot 64;
     logits after the growth equal a prefill of the whole sequence."""
     from runtime.kv_cache import KVCache
 
-    backend = shakespeare.backend
+    backend = shakespeare_any.backend
     seq = np.random.default_rng(1).integers(0, 50000, 80).tolist()
     cache = KVCache(backend, 2)
     cache.claim()
