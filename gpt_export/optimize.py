@@ -177,8 +177,9 @@ def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
         helper.make_node("Sub", ["gqa/lengths", "gqa/one32"], ["gqa/seqlens_k"], name="gqa/SeqlensK"),
         helper.make_node("ReduceMax", ["gqa/lengths"], ["gqa/total"], keepdims=0, name="gqa/Total"),
         # logits position of row b: its last real token (prefill, right-padded) or 0 (decode, one new token)
-        helper.make_node("Shape", [INPUT_IDS], ["gqa/ids_shape"], start=1, end=2, name="gqa/NewLen"),
-        helper.make_node("Sub", ["gqa/ids_shape", "gqa/one"], ["gqa/last_new"], name="gqa/LastNew"),
+        helper.make_node("Shape", [INPUT_IDS], ["gqa/ids_shape"], name="gqa/IdsShape"),
+        helper.make_node("Gather", ["gqa/ids_shape", "gqa/axis1"], ["gqa/new_len"], axis=0, name="gqa/NewLen"),
+        helper.make_node("Sub", ["gqa/new_len", "gqa/one"], ["gqa/last_new"], name="gqa/LastNew"),
         helper.make_node("Cast", ["gqa/seqlens_k"], ["gqa/seqlens64"], to=TensorProto.INT64, name="gqa/Cast64"),
         helper.make_node("Min", ["gqa/seqlens64", "gqa/last_new"], ["gqa/last_index"], name="gqa/LastIndex"),
         helper.make_node("Unsqueeze", ["gqa/last_index", "gqa/axis1"], ["gqa/last_index2"], name="gqa/Index2"),
