@@ -291,6 +291,8 @@ def test_onnx_weight_bytes_skips_tables_only_gathered(tiny_export, tmp_path):
 def test_ort_op_profile_counts_a_decode_step(tiny_export, tmp_path):
     import harness
 
+    from gpt_export.optimize import optimize_export
+
     p = harness.ort_op_profile(tiny_export, past_len=8, steps=3, workdir=tmp_path)
     assert p["session_ms"] > 0 and p["nodes"] > 10
     assert abs(sum(op["share"] for op in p["top_ops"]) - 1.0) < 0.2
