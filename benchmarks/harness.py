@@ -8,6 +8,7 @@ use it: greedy decode of synthetic prompt ids, one token at a time, argmax over 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -190,9 +191,13 @@ class GptxEngine(Engine):
         self.engine = load(directory, backend, **backend_options)
         self.vocab = self.engine.vocab_size
         cfg = self.engine.manifest["config"]
-        self.weight_bytes_per_token = onnx_weight_bytes(self.directory, self.engine.manifest)
         kv_dtype = 2 if self.engine.manifest["dtype"] == "float16" else 4
         self.kv_bytes_per_slot = 2.0 * cfg["n_layer"] * cfg["n_embd"] * kv_dtype
+
+    @functools.cached_property
+    def weight_bytes_per_token(self) -> float:
+        # computed on first use: it imports onnx (~15 MiB), which must not count in a memory probe's peak RSS
+        return onnx_weight_bytes(self.directory, self.engine.manifest)
 
     def run(self, prompts, new_tokens):
         return B.one_run(self.engine.backend, prompts, new_tokens, self.vocab)

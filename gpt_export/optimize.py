@@ -53,6 +53,7 @@ PRESETS = {
     "int4-pure": QuantPreset(4, block_size=32),  # every matrix at 4 bits: smallest and fastest, ~91% top-1
 }
 QUANT_BITS = {name: PRESETS[name].bits for name in QUANT_SCHEMES}  # every scheme the CLI offers has a preset
+HEAD_PARTS = 4  # the quantized LM head in 4 column slices (split_lm_head): a lower load-time peak RSS
 MATRICES_PER_LAYER = 4  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
 GPTQ_CALIBRATION = (8, 64)  # windows x tokens of the bundled text's training part
 
@@ -367,10 +368,12 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     embedding = "fp32 Gather"
     if preset.embedding != "fp32" and lm_head is not None:
         embedding = quantized_embedding(model, lm_head + f"_Q{head_bits}", head_bits, preset.embedding == "shared")
+    head_parts = split_lm_head(model, lm_head + f"_Q{head_bits}", HEAD_PARTS) if lm_head else 1
     info = {"method": f"MatMulNBits (weight-only, {preset.method}, {'symmetric' if preset.symmetric else 'asymmetric'})",
             "bits": preset.bits, "lm_head_bits": head_bits, "block_size": preset.block_size, "accuracy_level": preset.accuracy_level,
             "quantized_matmuls": counts["MatMulNBits"], "remaining_fp32_matmuls": counts["MatMul"],
-            "biases_folded": folded, "embedding": embedding, "preset_settings": asdict(preset)}
+            "biases_folded": folded, "embedding": embedding, "lm_head_parts": head_parts,
+            "preset_settings": asdict(preset)}
     return model, info
 
 
@@ -419,9 +422,10 @@ def quantized_embedding(model, lm_head: str, bits: int, shared: bool) -> str:
     Measured (docs/quantization.md): sharing the initializer saves file size but not memory. ONNX Runtime maps
     external weights from the file and reads all of the head's pages to prepack them, and those pages stay
     resident while the lookup still points at them. A copy that only the lookup reads starts paged out (38 MB
-    less RSS after load for GPT-2 at 8 bits), but where the kernel maps page-cache folios whole (this machine:
-    Linux 6.18, ext4, 8 MB readahead) 32 random token lookups already make 36 of its 43 MB resident, so the
-    peak ends up near the shared layout's (benchmarks/README.md, "Where int4's peak RSS goes").
+    less RSS after load for GPT-2 at 8 bits), and only looked-up rows become resident once its pages are faulted
+    in from disk; pages a read() left in the cache are mapped a whole folio at a time, so the CPU backend evicts
+    the file's cached pages before it loads (fsutil.drop_cached_pages; benchmarks/README.md, "Where int4's peak
+    RSS goes").
     """
     from onnx import helper, numpy_helper
 
@@ -455,6 +459,46 @@ def quantized_embedding(model, lm_head: str, bits: int, shared: bool) -> str:
     model.graph.initializer.extend([gather_scales, shape])
     model.graph.initializer.remove(inits[WTE])
     return f"GatherBlockQuantized over {'the LM head' if shared else 'a copy of the LM head'}'s {bits}-bit blocks"
+
+
+def split_lm_head(model, lm_head: str, parts: int) -> int:
+    """The LM head's MatMulNBits becomes `parts` slices of its vocabulary columns and one Concat of their logits.
+
+    Why: ONNX Runtime prepacks each MatMulNBits weight into its own layout and frees the original only once
+    that node is packed, so the largest matrix sets the load-time peak RSS. On GPT-2 that is the 8-bit head
+    (43 MB with its scales): in slices only a quarter of it is held twice at a time (benchmarks/README.md,
+    "Where int4's peak RSS goes"). A step pays one Concat of a (batch, 1, vocab) row. Returns the number of
+    head nodes: 1 when the head is not a plain [A, B, scales] MatMulNBits, which then stays as it is."""
+    from onnx import helper, numpy_helper
+
+    head = next((n for n in model.graph.node if n.name == lm_head and n.op_type == "MatMulNBits"), None)
+    if head is None or len(head.input) != 3 or parts < 2:
+        return 1
+    if any(head.input[1] in n.input for n in model.graph.node if n is not head):
+        return 1  # the lookup shares the head's blocks (embedding="shared"): slices would hold them twice
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    inits = {t.name: t for t in model.graph.initializer}
+    data, scales = (numpy_helper.to_array(inits[name]) for name in head.input[1:3])
+    n = attrs["N"]
+    scales = scales.reshape(n, data.shape[1])
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    position = list(model.graph.node).index(head)
+    outputs = []
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        names = [f"{head.input[1]}_part{i}", f"{head.input[2]}_part{i}"]
+        model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(data[lo:hi]), names[0]),
+                                        numpy_helper.from_array(scales[lo:hi].reshape(-1), names[1])])
+        outputs.append(f"{head.output[0]}_part{i}")
+        part = helper.make_node("MatMulNBits", [head.input[0], *names], [outputs[-1]], name=f"{head.name}_part{i}",
+                                domain=head.domain, **{**attrs, "N": int(hi - lo)})
+        model.graph.node.insert(position + i, part)
+    concat = helper.make_node("Concat", outputs, [head.output[0]], axis=-1, name=f"{head.name}_concat")
+    model.graph.node.insert(position + parts, concat)
+    model.graph.node.remove(head)
+    for name in head.input[1:3]:
+        if not any(name in node.input for node in model.graph.node):
+            model.graph.initializer.remove(inits[name])
+    return parts
 
 
 def optimize_export(directory: str | Path, fuse_graph: bool = True, quantize: str | None = None,

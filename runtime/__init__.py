@@ -4,8 +4,18 @@ from .engine import Engine, load
 from .errors import GenerationError, GptxError, InvalidInput, QueueFull
 from .sampler import SamplingParams
 from .scheduler import Request, Scheduler, StepOutput
-from .serving import Completion, Event, Pool
 from .tokenizer import Tokenizer
+
+SERVING_NAMES = ("Completion", "Event", "Pool")
+
+
+def __getattr__(name: str):
+    # runtime.serving imports asyncio, and asyncio imports ssl (~4 MiB of RSS): only apps that serve load it
+    if name in SERVING_NAMES:
+        from . import serving
+
+        return getattr(serving, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["Completion", "Engine", "Event", "GenerationError", "GptxError", "InvalidInput", "Pool", "QueueFull",
            "Request", "SamplingParams", "Scheduler", "StepOutput", "Tokenizer", "load"]

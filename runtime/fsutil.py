@@ -158,6 +158,25 @@ def disk_error(path: Path, e: OSError) -> GptxError:
     return GptxError(f"cannot write {path}: {e.strerror or e}")
 
 
+def drop_cached_pages(path: Path) -> None:
+    """Ask the kernel to evict a file's unmapped pages from the page cache (a hint: nothing on disk changes, and
+    pages another process maps stay). Why: pages that a read() brought in (a checksum, a copy, the export's own
+    write) sit in the cache as large folios, and a process that maps the file (ONNX Runtime maps external
+    weights) gets a whole folio resident for each row it gathers. Measured on the GPT-2 int4 export (Linux 6.18,
+    ext4, 8 MB readahead): 32 token lookups made 33 MiB of the lookup's table resident from such a cache, and
+    under 1 MiB once its pages are faulted in from disk, for a decode peak RSS of 251 vs 222 MiB."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # the caller's own open reports a missing or unreadable file in its own words
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; when the block succeeds it replaces `target` in one rename.

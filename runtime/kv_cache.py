@@ -56,6 +56,7 @@ class KVCache:
         self.active = 0
         self.window = 0
         self.buffers: list[Array] = []
+        self._handed: list[Array] = []  # the cache views last handed to the backend
         self._row_index = np.arange(rows)
         self._resize(window)
 
@@ -133,7 +134,8 @@ class KVCache:
             ids[i, : len(prompt)] = prompt
             mask[i, : len(prompt)] = 1
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), (k, width))
-        logits, _ = self.backend.run(ids, mask, positions, [buf[first:first + k] for buf in self.buffers])
+        self._handed = [buf[first:first + k] for buf in self.buffers]
+        logits, _ = self.backend.run(ids, mask, positions, self._handed)
         block = slice(first, first + k)
         self.lengths[block] = lens
         self._mask[block, : self.window] = np.arange(self.window)[None, :] < lens[:, None]
@@ -152,7 +154,7 @@ class KVCache:
                 raise GptxError(f"a row is full: {longest} tokens fill the context of {self.max_seq}")
             self._grow_to(longest + 1)
         if self._views is None or len(self._views[0]) != a:
-            self._views = [buf[:a] for buf in self.buffers]
+            self._views = self._handed = [buf[:a] for buf in self.buffers]
         ids = np.asarray(tokens, dtype=np.int64).reshape(a, 1)
         logits, presents = self.backend.run(ids, self._mask[:a], lengths[:, None], self._views)
         if self.backend.capabilities.writes_cache:  # the graph wrote slot lengths[r] of each row itself
@@ -184,9 +186,11 @@ class KVCache:
         """Reallocate to the next WINDOW_STEP bucket holding `slots` (capped at the context); copy active rows."""
         window = window_for(slots, self.max_seq)
         old, old_window, a = self.buffers, self.window, self.active
+        self._handed.clear()  # the backend may hold the last views it got (InPlaceBinding): let go of them
         self.buffers = self.backend.allocate(self.rows, window)
-        for buf, prev in zip(self.buffers, old):
-            buf[:a, :, :old_window] = prev[:a]
+        for i, prev in enumerate(old):
+            self.buffers[i][:a, :, :old_window] = prev[:a]
+            old[i] = prev = None  # each old layer goes once copied: growth holds one layer twice, not all
         mask = np.zeros((self.rows, window + 1), dtype=np.int64)
         mask[:, window] = 1  # the column of the token being decoded
         if old_window:

@@ -271,6 +271,15 @@ def test_machine_probes_give_plausible_numbers():
     assert share is None or 0.0 <= share <= 1.0
 
 
+def test_memory_probe_measures_the_runtime_alone(tiny_export):
+    """The probe's process loads a gptx engine without the benchmark's own helpers (onnx: ~15 MiB of RSS)."""
+    harness = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
+    code = (f"import sys, runpy; h = runpy.run_path({str(harness)!r}); "
+            f"e = h['GptxEngine']('probe', __import__('pathlib').Path({str(tiny_export)!r}), '?'); "
+            "assert 'onnx' not in sys.modules, 'onnx imported'; assert e.weight_bytes_per_token > 0")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_onnx_weight_bytes_skips_tables_only_gathered(tiny_export, tmp_path):
     import harness
     import onnx

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import textwrap
@@ -349,6 +350,52 @@ def test_window_grows_in_buckets_and_matches_a_full_prefill(shakespeare_any):
     np.testing.assert_allclose(logits[0], alone_logits(backend, seq[:79], [])[0], atol=1e-4)
 
 
+def test_growing_the_window_lets_go_of_the_old_one(shakespeare_any):
+    """Each outgrown layer buffer dies as soon as it is copied, and the views last handed to the backend (the
+    in-place binding keeps them bound) are emptied, so nothing keeps the old window resident."""
+    import weakref
+
+    from runtime.kv_cache import KVCache
+
+    backend = shakespeare_any.backend
+    cache = KVCache(backend, 1)
+    cache.claim()
+    cache.prefill([0], [list(range(100, 160))])
+    cache.decode(np.array([7]))
+    handed = cache._handed
+    old = [weakref.ref(buf) for buf in cache.buffers]
+    for tok in range(8):  # slot 64 and beyond: the window grows to 128
+        cache.decode(np.array([tok]))
+    assert cache.window == 128 and handed == [] and all(ref() is None for ref in old)
+
+
+def test_cache_buffers_are_private_zeroed_mappings():
+    """The CPU cache lives in anonymous private mappings: zeroed, writable, and copied (not shared) by a fork."""
+    from runtime.backends.onnxruntime_backend import mapped_zeros
+
+    buf = mapped_zeros((2, 3, 4, 5), np.float32)
+    assert buf.shape == (2, 3, 4, 5) and buf.dtype == np.float32 and not buf.any() and buf.flags.writeable
+    assert mapped_zeros((0, 3, 4, 5), np.float16).shape == (0, 3, 4, 5)
+    if not hasattr(os, "fork"):
+        return
+    pid = os.fork()
+    if pid == 0:  # the child writes its copy, then leaves without running the test session's cleanup
+        buf[:] = 1.0
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert not buf.any()
+
+
+def test_importing_the_runtime_leaves_asyncio_until_serving_is_used():
+    code = ("import sys, runtime; assert 'asyncio' not in sys.modules and 'ssl' not in sys.modules; "
+            "from runtime import Pool; assert Pool.__module__ == 'runtime.serving'; runtime.Completion, runtime.Event")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import runtime
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        runtime.Nope
+
+
 def test_claim_and_free_keep_rows_contiguous(engine):
     from runtime.errors import GptxError
     from runtime.kv_cache import KVCache
@@ -520,3 +567,4 @@ def test_bench_defaults_fit_a_short_context(shakespeare_dir):
         benchmark.run_bench_command(shakespeare_dir, prompt_lens=[32], new_tokens=128, runs=1, compare="none")
     with pytest.raises(InvalidInput, match="pass --prompt-len 127 or less"):
         benchmark.run_bench_command(shakespeare_dir, prompt_lens=[128], runs=1, compare="none")
+

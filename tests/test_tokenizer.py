@@ -168,3 +168,24 @@ def test_stream_decoder_never_splits_characters():
     assert all("\ufffd" not in p for p in pieces)
     # at least one emoji spans several tokens, so something was held back
     assert any(p == "" for p in pieces[:-1])
+
+
+def test_ranks_save_and_pickle_come_from_the_encoder(tmp_path):
+    """The Python ranks dict is let go after building (tiktoken keeps it only for pickling): ranks(), save and
+    pickle rebuild the same vocabulary from the encoder, and unpickling never reads the vocab file again."""
+    import pickle
+
+    from runtime.tokenizer import DEFAULT_VOCAB, _load_ranks
+
+    default = Tokenizer()
+    assert default.ranks() == _load_ranks(DEFAULT_VOCAB)
+    assert default.save(tmp_path / "copy.tiktoken").read_bytes() == DEFAULT_VOCAB.read_bytes()
+    vocab = tmp_path / "mine.tiktoken"
+    vocab.write_bytes(DEFAULT_VOCAB.read_bytes())
+    mine = Tokenizer(vocab)
+    vocab.unlink()
+    copy = pickle.loads(pickle.dumps(mine))
+    text = CORPUS[4] + CORPUS[8]
+    assert copy.vocab_size == mine.vocab_size and copy.vocab_file == vocab
+    assert copy.encode(text, allow_special=True) == mine.encode(text, allow_special=True)
+    assert copy.decode(copy.encode(text)) == text

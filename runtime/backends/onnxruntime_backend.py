@@ -7,11 +7,13 @@ and token 1000 of the same window.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import GptxError, InvalidInput
+from ..fsutil import drop_cached_pages
 from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from ..manifest import check_graph, kv_names, writes_cache_in_place
 from .base import Backend, Capabilities
@@ -27,6 +29,19 @@ def ort_load_errors() -> tuple[type[Exception], ...]:
     names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented",
              "RuntimeException", "EPFail")
     return (RuntimeError, *(getattr(state, n) for n in names if hasattr(state, n)))
+
+
+def mapped_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array in its own anonymous memory mapping: its pages become resident only as they are written,
+    and they go back to the OS when the array dies. Why not np.zeros: once a large free has raised glibc's
+    mmap threshold (ORT frees big initializers while loading), arrays of a cache layer's size come from the
+    heap, and heap memory freed in its middle stays resident: every outgrown cache window would (measured on
+    GPT-2 int4: 9 MiB more peak RSS at 160 tokens)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: no flags, np.zeros as before
+        return np.zeros(shape, dtype)
+    private = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: a fork gets a copy
+    return np.frombuffer(private, dtype).reshape(shape)
 
 
 def session_options(threads: int | None = None):
@@ -62,6 +77,8 @@ class OnnxRuntimeBackend(Backend):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise InvalidInput(f"threads must be an integer >= 0 (0 = onnxruntime's default), got {threads!r}")
         model_path = Path(directory) / manifest["model_file"]
+        if device == "cpu" and manifest.get("weights_file"):  # the session maps it: see drop_cached_pages
+            drop_cached_pages(Path(directory) / manifest["weights_file"])
         try:
             self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers)
         except ort_load_errors() as e:  # its message names the problem and the path, never the file's bytes
@@ -79,7 +96,7 @@ class OnnxRuntimeBackend(Backend):
         if self.cuda:
             return self.cuda.allocate(rows, window)
         shape = (rows, self.n_head, window, self.head_dim)
-        return [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
+        return [mapped_zeros(shape, self.kv_dtype) for _ in self.past_names]
 
     def run(self, input_ids, attention_mask, position_ids, past):
         if self.cuda:
