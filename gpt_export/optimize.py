@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import itertools
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -484,7 +485,7 @@ def split_lm_head(model, lm_head: str, parts: int) -> int:
     bounds = np.linspace(0, n, parts + 1).astype(int)
     position = list(model.graph.node).index(head)
     outputs = []
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         names = [f"{head.input[1]}_part{i}", f"{head.input[2]}_part{i}"]
         model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(data[lo:hi]), names[0]),
                                         numpy_helper.from_array(scales[lo:hi].reshape(-1), names[1])])

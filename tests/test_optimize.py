@@ -1,7 +1,6 @@
 import collections
 import gc
 import re
-import os
 import shutil
 import sys
 
@@ -178,12 +177,13 @@ def test_bad_quantize_value_leaves_nothing(tmp_path):
 def mapped_kib(path) -> int:
     """How much of `path` this process has resident through its mappings (smaps Rss), KiB."""
     total, current = 0, None
-    for line in open("/proc/self/smaps"):
-        fields = line.split()
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+$", fields[0]):
-            current = fields[5] if len(fields) > 5 else None
-        elif fields[0] == "Rss:" and current == str(path):
-            total += int(fields[1])
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+$", fields[0]):
+                current = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and current == str(path):
+                total += int(fields[1])
     return total
 
 

@@ -393,7 +393,7 @@ def test_importing_the_runtime_leaves_asyncio_until_serving_is_used():
     import runtime
 
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        runtime.Nope
+        _ = runtime.Nope
 
 
 def test_claim_and_free_keep_rows_contiguous(engine):
