@@ -224,7 +224,9 @@ def export(
     optimize: Annotated[bool, typer.Option(
         "--optimize/--no-optimize", help="Apply ONNX Runtime graph fusions and save the optimized graph.")] = False,
     quantize: Annotated[Quantize | None, typer.Option(
-        help="Weight-only quantization (MatMulNBits, LM head included).", show_default=False)] = None,
+        help="Quantize every matrix, LM head included: int8 / int4 weights only (MatMulNBits); int8-dynamic "
+             "also quantizes activations per call (MatMulInteger: faster, slightly lower agreement).",
+        show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace OUT if it holds an earlier gptx export (and nothing else).")] = False,
     validate: Annotated[bool, typer.Option(

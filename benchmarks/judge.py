@@ -51,6 +51,10 @@ TARGETS = (
            source="issue 12"),
     Target("prefill 512: gptx int8 vs llama.cpp's best q8_0", "prefill_ratio:gptx ORT int8/llama.cpp q8_0", 1.0,
            source="issue 12"),
+    Target("prefill 512: gptx int8-dynamic vs llama.cpp's best q8_0",
+           "prefill_ratio:gptx ORT int8-dynamic/llama.cpp q8_0", 1.0, source="issue 12"),
+    Target("gptx int8-dynamic top-1 agreement with the fp32 export (Shakespeare sample)",
+           "top1:shakespeare:gptx ORT int8-dynamic", 0.97, source="issue 12 (the int4 quality bar, for 8 bits)"),
     Target("prefill 512: gptx int4 vs llama.cpp's best q4_0", "prefill_ratio:gptx ORT int4/llama.cpp q4_0", 1.0,
            source="issue 12"),
 )

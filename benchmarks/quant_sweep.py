@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quality x speed of ONNX Runtime weight-only quantization recipes: the measurement behind `--quantize`'s presets.
+"""Quality x speed of ONNX Runtime quantization recipes: the measurement behind `--quantize`'s presets.
 
     python benchmarks/quant_sweep.py --llama-src /path/to/llama.cpp     # writes docs/quantization.md / .json
 
@@ -36,6 +36,7 @@ CANDIDATES = {
     "before (b32 sym, no fusions, fp32 table)": (BEFORE, "int4 as exported before these presets"),
     "fp16 weights": (FP16, "--dtype fp16: the 16-bit CPU mode candidate"),
     "int8": (PRESETS["int8"], "the int8 default"),
+    "int8-dynamic": (PRESETS["int8-dynamic"], "int8 weights per tensor and int8 activations per call (MatMulInteger)"),
     "int4": (PRESETS["int4"], "the int4 default: b64 asym, embedding/LM head and layer 0 at 8 bits"),
     "int4-pure (b32 sym)": (PRESETS["int4-pure"], "every matrix 4-bit, the lookup reads the 4-bit head blocks"),
     "b16 sym": (Q(4, block_size=16), "smaller blocks"),

@@ -29,7 +29,7 @@ NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64"}
 # What an export can be and record, by the names the CLI accepts (kept here, torch-free, so the CLI's choices
 # and the exporter's checks come from one table). QUANT_SCHEMES are gpt_export.optimize.QUANT_BITS's keys.
 EXPORT_DTYPES = {"fp32": "float32", "fp16": "float16"}
-QUANT_SCHEMES = ("int8", "int4")
+QUANT_SCHEMES = ("int8", "int8-dynamic", "int4")
 ENGINE_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 # the cache contracts a graph can follow (manifest "kv_cache.present"): the portable one (gpt_export/kv_step.py,

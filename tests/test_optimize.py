@@ -47,6 +47,20 @@ def test_weight_only_quantization_includes_lm_head(hf_dir, gpt, tmp_path, scheme
     assert report["thresholds"]["max_abs_diff"] is None  # quantized: judged on quality, not raw logits
 
 
+def test_int8_dynamic_quantizes_activations_too(hf_dir, gpt, tmp_path):
+    out = tmp_path / "dyn"
+    manifest = export(str(hf_dir), out, quantize="int8-dynamic", progress=False)
+    ops = op_counts(out)
+    # 4 matrices per layer + the LM head: integer GEMMs over activations quantized on every call, after the fusions
+    assert ops["MatMulInteger"] == 4 * N_LAYER + 1 and ops["DynamicQuantizeLinear"] == 4 * N_LAYER + 1
+    assert ops["MatMul"] == ops["MatMulNBits"] == 0 and ops["GroupQueryAttention"] == N_LAYER
+    q = load_manifest(out)["quantization"]
+    assert q == manifest["quantization"] and q["preset"] == "int8-dynamic" and q["bits"] == 8
+    assert q["quantized_matmuls"] == 4 * N_LAYER + 1 and q["embedding"] == "fp32 Gather"
+    report = compare(out, reference_model=gpt, batch_sizes=(1, 2), decode_steps=4, ppl_tokens=48)
+    assert report["perplexity"]["ratio"] < 1.05 and report["top1_agreement"] >= 0.9
+
+
 def test_int4_default_keeps_the_sensitive_matrices_at_8_bits(hf_dir, tmp_path):
     export(str(hf_dir), tmp_path / "q4", quantize="int4", progress=False)
     # layer 0's four matrices and the (tied) LM head's slices at 8 bits, everything else at 4
@@ -155,7 +169,7 @@ def test_custom_preset_and_asymmetric_blocks_keep_the_fp32_table(export_dir, tmp
 
 
 @pytest.mark.parametrize("quantize, preset, message", [
-    ("int2", None, "int8, int4"),
+    ("int2", None, "int8, int8-dynamic, int4"),
     (None, "int4-nope", "unknown quantization preset"),
     ("int8", "int4-pure", "4-bit"),
 ])
@@ -169,7 +183,7 @@ def test_bad_quantize_or_preset(export_dir, tmp_path, quantize, preset, message)
 
 
 def test_bad_quantize_value_leaves_nothing(tmp_path):
-    with pytest.raises(GptxError, match="int8, int4"):
+    with pytest.raises(GptxError, match="int8, int8-dynamic, int4"):
         export("random:gpt2", tmp_path / "x", quantize="int2", progress=False)
     assert not (tmp_path / "x").exists()
 
