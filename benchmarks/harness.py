@@ -71,8 +71,8 @@ def hf_directory(gpt, hf_dir: Path) -> dict:
 
 
 def export_variant(source: str, out_dir: Path, quantize: str | None = None, reuse: bool = False) -> dict:
-    """An fp32 export of `source`, then (in place, with quantize) gptx's own fuse + quantize pass; the manifest.
-    With reuse, an export already in out_dir is kept."""
+    """An fp32 export of `source`, then (in place, with quantize: a gpt_export.optimize.PRESETS name) gptx's own
+    fuse + quantize pass; the manifest. With reuse, an export already in out_dir is kept."""
     from gpt_export.export import export
     from gpt_export.optimize import optimize_export
     from runtime.manifest import load_manifest
@@ -81,7 +81,7 @@ def export_variant(source: str, out_dir: Path, quantize: str | None = None, reus
         return load_manifest(out_dir)
     manifest = export(source, out_dir, force=True, progress=False, validate=False)
     if quantize:
-        manifest = optimize_export(out_dir, fuse_graph=True, quantize=quantize)
+        manifest = optimize_export(out_dir, fuse_graph=True, preset=quantize)
     return manifest
 
 

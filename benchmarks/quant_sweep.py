@@ -39,6 +39,7 @@ CANDIDATES = {
     "int8-dynamic": (PRESETS["int8-dynamic"], "int8 weights per tensor and int8 activations per call (MatMulInteger)"),
     "int4": (PRESETS["int4"], "the int4 default: b64 asym, embedding/LM head and layer 0 at 8 bits"),
     "int4-pure (b32 sym)": (PRESETS["int4-pure"], "every matrix 4-bit, the lookup reads the 4-bit head blocks"),
+    "int4-dynamic-head": (PRESETS["int4-dynamic-head"], "int4 with its LM head and layer 0 as dynamic int8"),
     "b16 sym": (Q(4, block_size=16), "smaller blocks"),
     "b64 sym": (Q(4, block_size=64), "larger blocks"),
     "b32 sym, fp32 accumulate": (Q(4, accuracy_level=1), "accuracy_level 1: fp32 activations"),

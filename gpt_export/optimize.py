@@ -46,6 +46,10 @@ class QuantPreset:
     embedding: str = "copy"
     head_bits: int | None = None  # the tied embedding / LM head at other bits (blockwise, symmetric); None = bits
     wide_layers: int = 0  # the first N transformer layers' matrices at head_bits too (the most sensitive ones)
+    # how those head_bits matrices are quantized: "blockwise" (MatMulNBits) or "dynamic" (8 bits only: int8 weights
+    # and activations, MatMulInteger, whose kernel is faster than MatMulNBits's 8-bit one; the lookup then keeps
+    # the fp32 table)
+    wide_method: str = "blockwise"
 
 
 # `--quantize int8|int4` use the measured winners (docs/quantization.md: quality on the Shakespeare sample,
@@ -56,6 +60,9 @@ PRESETS = {
     "int8-dynamic": QuantPreset(8, method="dynamic"),
     "int4": QuantPreset(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1),
     "int4-pure": QuantPreset(4, block_size=32),  # every matrix at 4 bits: smallest and fastest, ~91% top-1
+    # int4 with its 8-bit matrices (LM head, layer 0) as dynamic int8: faster decode, slightly lower agreement
+    "int4-dynamic-head": QuantPreset(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1,
+                                     wide_method="dynamic"),
 }
 QUANT_BITS = {name: PRESETS[name].bits for name in QUANT_SCHEMES}  # every scheme the CLI offers has a preset
 HEAD_PARTS = 4  # the quantized LM head in 4 column slices (split_lm_head): a lower load-time peak RSS
@@ -349,26 +356,33 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
-def quantize_dynamic_int8(proto, preset: QuantPreset):
-    """int8 weights (per tensor) and int8 activations quantized on every call, for every MatMul with constant
-    weights, the LM head included: onnxruntime's quantize_dynamic (DynamicQuantizeLinear + MatMulInteger, which
-    the session fuses). It runs MLAS's integer GEMM, which is faster here than MatMulNBits's 8-bit kernel (about
-    2x the 512-token prefill and 1.2x the decode rate on GPT-2-124M shapes) for slightly lower agreement with fp32
-    (docs/quantization.md). Per-tensor weights: per-channel ones measured far worse (93% top-1). The token lookup
-    keeps the fp32 table, mapped from the file, so only looked-up rows become resident."""
+def dynamic_int8(proto, nodes: list[str] | None = None):
+    """int8 weights (per tensor) and int8 activations quantized on every call for the MatMuls named in `nodes`
+    (None: every MatMul with constant weights): onnxruntime's quantize_dynamic (DynamicQuantizeLinear +
+    MatMulInteger, which the session fuses). It runs MLAS's integer GEMM, faster here than MatMulNBits's 8-bit
+    kernel: about 2x the 512-token prefill and 1.2x the decode rate of the weight-only int8 on GPT-2-124M shapes,
+    for slightly lower agreement with fp32 (benchmarks/README.md). Per-tensor weights: per-channel ones measured
+    far worse (93% top-1)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    untie_lm_head(proto)
     with tempfile.TemporaryDirectory(prefix="gptx-quantize-") as scratch:
         out = Path(scratch) / "model.onnx"
         with _quiet():  # the input proto may exceed 2 GB: quantize_dynamic saves it with external data itself
-            quantize_dynamic(proto, out, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=False,
-                             weight_type=QuantType.QInt8, use_external_data_format=True,
+            quantize_dynamic(proto, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
+                             per_channel=False, reduce_range=False, weight_type=QuantType.QInt8,
+                             use_external_data_format=True,
                              extra_options={"MatMulConstBOnly": True,
                                             # contrib ops (GroupQueryAttention...) carry no type information
                                             "DefaultTensorType": onnx.TensorProto.FLOAT})
-        model = onnx.load(str(out))
+        return onnx.load(str(out))
+
+
+def quantize_dynamic_int8(proto, preset: QuantPreset):
+    """Every MatMul, the LM head included, as dynamic int8 (`dynamic_int8`). The token lookup keeps the fp32
+    table, mapped from the file, so only looked-up rows become resident."""
+    untie_lm_head(proto)
+    model = dynamic_int8(proto)
     counts = collections.Counter(n.op_type for n in model.graph.node)
     if counts["MatMulInteger"] == 0:
         raise GptxError("quantization found no MatMul weights to quantize")
@@ -387,16 +401,21 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
         return quantize_dynamic_int8(proto, preset)
     lm_head = untie_lm_head(proto) or tied_lm_head(proto)
     head_bits = preset.head_bits or preset.bits
+    if preset.wide_method not in ("blockwise", "dynamic") or (preset.wide_method == "dynamic" and head_bits != 8):
+        raise InvalidInput(f"wide_method must be 'blockwise' or (with head_bits=8) 'dynamic', got "
+                           f"{preset.wide_method!r} with head_bits={head_bits}")
     inits = {t.name for t in proto.graph.initializer}
     layer_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                      and n.name != lm_head]  # in graph order: layer 0's four matrices first
     wide = layer_matmuls[:MATRICES_PER_LAYER * preset.wide_layers]
     if head_bits != preset.bits and lm_head:
         wide.append(lm_head)
+    model = proto
+    if wide and preset.wide_method == "dynamic":  # they become MatMulInteger, which MatMulNBitsQuantizer skips
+        model, wide = dynamic_int8(proto, wide), []
     passes = [(preset, wide)]
     if wide:
         passes.append((QuantPreset(head_bits, accuracy_level=preset.accuracy_level), []))
-    model = proto
     for settings, exclude in passes:
         quantizer = MatMulNBitsQuantizer(model, bits=settings.bits, block_size=settings.block_size,
                                          is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
@@ -413,9 +432,12 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     if preset.embedding != "fp32" and lm_head is not None:
         embedding = quantized_embedding(model, lm_head + f"_Q{head_bits}", head_bits, preset.embedding == "shared")
     head_parts = split_lm_head(model, lm_head + f"_Q{head_bits}", HEAD_PARTS) if lm_head else 1
-    info = {"method": f"MatMulNBits (weight-only, {preset.method}, {'symmetric' if preset.symmetric else 'asymmetric'})",
+    method = f"MatMulNBits (weight-only, {preset.method}, {'symmetric' if preset.symmetric else 'asymmetric'})"
+    if counts["MatMulInteger"]:
+        method += f"; LM head and first {preset.wide_layers} layer(s) dynamic int8 (MatMulInteger)"
+    info = {"method": method,
             "bits": preset.bits, "lm_head_bits": head_bits, "block_size": preset.block_size, "accuracy_level": preset.accuracy_level,
-            "quantized_matmuls": counts["MatMulNBits"], "remaining_fp32_matmuls": counts["MatMul"],
+            "quantized_matmuls": counts["MatMulNBits"] + counts["MatMulInteger"], "remaining_fp32_matmuls": counts["MatMul"],
             "biases_folded": folded, "embedding": embedding, "lm_head_parts": head_parts,
             "preset_settings": asdict(preset)}
     return model, info

@@ -61,6 +61,25 @@ def test_int8_dynamic_quantizes_activations_too(hf_dir, gpt, tmp_path):
     assert report["perplexity"]["ratio"] < 1.05 and report["top1_agreement"] >= 0.9
 
 
+def test_int4_dynamic_head_runs_its_8_bit_matrices_as_integer_gemms(export_dir, gpt, tmp_path):
+    out = tmp_path / "hybrid"
+    shutil.copytree(export_dir, out)
+    q = optimize_export(out, quantize="int4", preset="int4-dynamic-head")["quantization"]
+    # layer 0's four matrices and the LM head as MatMulInteger over int8 activations, the other layers at 4 bits
+    assert op_counts(out)["MatMulInteger"] == 4 + 1 and matmulnbits_bits(out) == [4] * 4 * (N_LAYER - 1)
+    assert q["quantized_matmuls"] == 4 * N_LAYER + 1 and q["lm_head_parts"] == 1 and q["embedding"] == "fp32 Gather"
+    assert "dynamic int8" in q["method"] and q["preset"] == "int4-dynamic-head"
+    report = compare(out, reference_model=gpt, batch_sizes=(1, 2), decode_steps=4, ppl_tokens=48)
+    assert report["perplexity"]["ratio"] < 1.25 and report["top1_agreement"] >= 0.7
+
+    bad = tmp_path / "bad"
+    shutil.copytree(export_dir, bad)
+    before = (bad / "model.onnx").read_bytes()
+    with pytest.raises(InvalidInput, match="wide_method"):  # dynamic matrices are int8: head_bits must be 8
+        optimize_export(bad, preset=QuantPreset(4, wide_layers=1, wide_method="dynamic"))
+    assert (bad / "model.onnx").read_bytes() == before
+
+
 def test_int4_default_keeps_the_sensitive_matrices_at_8_bits(hf_dir, tmp_path):
     export(str(hf_dir), tmp_path / "q4", quantize="int4", progress=False)
     # layer 0's four matrices and the (tied) LM head's slices at 8 bits, everything else at 4
