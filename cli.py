@@ -224,8 +224,9 @@ def export(
     optimize: Annotated[bool, typer.Option(
         "--optimize/--no-optimize", help="Apply ONNX Runtime graph fusions and save the optimized graph.")] = False,
     quantize: Annotated[Quantize | None, typer.Option(
-        help="Quantize every matrix, LM head included: int8 / int4 weights only (MatMulNBits); int8-dynamic "
-             "also quantizes activations per call (MatMulInteger: faster, slightly lower agreement).",
+        help="Quantize every matrix, LM head included. int8: 8-bit weights (MatMulNBits, closest to fp32); "
+             "int8-dynamic: int8 weights and activations (MatMulInteger, fastest 8-bit); int4: 4-bit weights, "
+             "the LM head and first layer as dynamic int8.",
         show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace OUT if it holds an earlier gptx export (and nothing else).")] = False,

@@ -5,7 +5,7 @@
     python benchmarks/compare_peers.py --quick                            # smoke run (2 rounds, short generations)
 
 Engines (batch 1, greedy): Hugging Face transformers (SDPA and eager attention), the gptx torch backend, gptx
-ONNX Runtime fp32 / int8 / int8-dynamic / int4 (the `--quantize` schemes) / int4-dynamic-head (a preset), CTranslate2 fp32 / int8 and llama.cpp f32 / f16 /
+ONNX Runtime fp32 / int8 / int8-dynamic / int4 (the `--quantize` schemes) / int4-weight-only (a preset), CTranslate2 fp32 / int8 and llama.cpp f32 / f16 /
 q8_0 / q4_0 with flash attention off and on, each when installed. Measured: decode (prompt 32 + 128 new), prefill
 of a 512-token prompt, batch 8 vs 1, first vs last 100 tokens of 512 + 512, peak RSS and load time (each engine
 alone in a fresh process), top-1 agreement and perplexity against each engine's own full-precision model, the
@@ -41,7 +41,7 @@ from runtime.kv_cache import window_for
 
 GPTX_MODES = {"gptx ORT fp32": ("fp32", None), "gptx ORT int8": ("8-bit", "int8"),
               "gptx ORT int8-dynamic": ("8-bit", "int8-dynamic"), "gptx ORT int4": ("4-bit", "int4"),
-              "gptx ORT int4-dynamic-head": ("4-bit", "int4-dynamic-head")}
+              "gptx ORT int4-weight-only": ("4-bit", "int4-weight-only")}
 LLAMA_MODES = {"f32": "fp32", "f16": "16-bit", "q8_0": "8-bit", "q4_0": "4-bit"}
 QUALITY_WINDOWS = {"shakespeare": (64, 128), "random": (8, 128)}  # windows x tokens of the held-out text
 

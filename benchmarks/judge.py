@@ -55,12 +55,6 @@ TARGETS = (
            "prefill_ratio:gptx ORT int8-dynamic/llama.cpp q8_0", 1.0, source="issue 12"),
     Target("gptx int8-dynamic top-1 agreement with the fp32 export (Shakespeare sample)",
            "top1:shakespeare:gptx ORT int8-dynamic", 0.97, source="issue 12 (the int4 quality bar, for 8 bits)"),
-    Target("gptx ORT int4-dynamic-head decode vs llama.cpp's best q4_0 (FA on or off)",
-           "decode_ratio:gptx ORT int4-dynamic-head/llama.cpp q4_0", 1.5, source="issue 12 (the int4 target)"),
-    Target("gptx int4-dynamic-head top-1 agreement with the fp32 export (Shakespeare sample)",
-           "top1:shakespeare:gptx ORT int4-dynamic-head", 0.97, source="issue 12 (the int4 target)"),
-    Target("gptx int4-dynamic-head peak RSS / llama.cpp q4_0 peak RSS",
-           "rss_ratio:gptx ORT int4-dynamic-head/llama.cpp q4_0", 1.0, "<=", source="issue 12 (the int4 target)"),
     Target("prefill 512: gptx int4 vs llama.cpp's best q4_0", "prefill_ratio:gptx ORT int4/llama.cpp q4_0", 1.0,
            source="issue 12"),
 )

@@ -33,12 +33,13 @@ def matmulnbits_bits(directory) -> list[int]:
             for n in graph(directory).node if n.op_type == "MatMulNBits"]
 
 
-@pytest.mark.parametrize("scheme,bits", [("int8", 8), ("int4", 4)])
-def test_weight_only_quantization_includes_lm_head(hf_dir, gpt, tmp_path, scheme, bits):
-    out = tmp_path / scheme
-    manifest = export(str(hf_dir), out, quantize=scheme, progress=False)
+@pytest.mark.parametrize("preset,bits", [("int8", 8), ("int4-weight-only", 4)])
+def test_weight_only_quantization_includes_lm_head(export_dir, gpt, tmp_path, preset, bits):
+    out = tmp_path / preset
+    shutil.copytree(export_dir, out)
+    manifest = optimize_export(out, preset=preset)
     # 4 matrices per layer (qkv, attn proj, fc, mlp proj) + the LM head, in HEAD_PARTS column slices
-    assert op_counts(out)["MatMulNBits"] == 4 * N_LAYER + HEAD_PARTS
+    assert op_counts(out)["MatMulNBits"] == 4 * N_LAYER + HEAD_PARTS and op_counts(out)["MatMulInteger"] == 0
     assert manifest["quantization"]["bits"] == bits
     assert load_manifest(out)["quantization"]["quantized_matmuls"] == 9
     report = compare(out, reference_model=gpt, batch_sizes=(1, 2), decode_steps=4, ppl_tokens=48)
@@ -61,14 +62,13 @@ def test_int8_dynamic_quantizes_activations_too(hf_dir, gpt, tmp_path):
     assert report["perplexity"]["ratio"] < 1.05 and report["top1_agreement"] >= 0.9
 
 
-def test_int4_dynamic_head_runs_its_8_bit_matrices_as_integer_gemms(export_dir, gpt, tmp_path):
-    out = tmp_path / "hybrid"
-    shutil.copytree(export_dir, out)
-    q = optimize_export(out, quantize="int4", preset="int4-dynamic-head")["quantization"]
+def test_int4_runs_its_8_bit_matrices_as_integer_gemms(hf_dir, export_dir, gpt, tmp_path):
+    out = tmp_path / "q4"
+    q = export(str(hf_dir), out, quantize="int4", progress=False)["quantization"]
     # layer 0's four matrices and the LM head as MatMulInteger over int8 activations, the other layers at 4 bits
     assert op_counts(out)["MatMulInteger"] == 4 + 1 and matmulnbits_bits(out) == [4] * 4 * (N_LAYER - 1)
     assert q["quantized_matmuls"] == 4 * N_LAYER + 1 and q["lm_head_parts"] == 1 and q["embedding"] == "fp32 Gather"
-    assert "dynamic int8" in q["method"] and q["preset"] == "int4-dynamic-head"
+    assert "dynamic int8" in q["method"] and q["preset"] == "int4" and q["bits"] == 4
     report = compare(out, reference_model=gpt, batch_sizes=(1, 2), decode_steps=4, ppl_tokens=48)
     assert report["perplexity"]["ratio"] < 1.25 and report["top1_agreement"] >= 0.7
 
@@ -80,11 +80,13 @@ def test_int4_dynamic_head_runs_its_8_bit_matrices_as_integer_gemms(export_dir, 
     assert (bad / "model.onnx").read_bytes() == before
 
 
-def test_int4_default_keeps_the_sensitive_matrices_at_8_bits(hf_dir, tmp_path):
-    export(str(hf_dir), tmp_path / "q4", quantize="int4", progress=False)
+def test_int4_weight_only_keeps_the_sensitive_matrices_at_8_bits(export_dir, tmp_path):
+    out = tmp_path / "q4"
+    shutil.copytree(export_dir, out)
+    optimize_export(out, quantize="int4", preset="int4-weight-only")
     # layer 0's four matrices and the (tied) LM head's slices at 8 bits, everything else at 4
-    assert matmulnbits_bits(tmp_path / "q4") == [8, 8, 8, 8, 4, 4, 4, 4] + [8] * HEAD_PARTS
-    assert load_manifest(tmp_path / "q4")["quantization"]["preset"] == "int4"
+    assert matmulnbits_bits(out) == [8, 8, 8, 8, 4, 4, 4, 4] + [8] * HEAD_PARTS
+    assert load_manifest(out)["quantization"]["preset"] == "int4-weight-only"
 
 
 def test_the_token_lookup_reads_the_lm_head_blocks(hf_dir, export_dir, tmp_path):
@@ -116,8 +118,8 @@ def test_the_token_lookup_reads_the_lm_head_blocks(hf_dir, export_dir, tmp_path)
 
 
 def test_quantized_exports_get_the_fusions_too(hf_dir, tmp_path):
-    out = tmp_path / "q4"
-    manifest = export(str(hf_dir), out, quantize="int4", progress=False)  # no --optimize
+    out = tmp_path / "q8"
+    manifest = export(str(hf_dir), out, quantize="int8", progress=False)  # no --optimize
     ops = op_counts(out)
     assert ops["SkipLayerNormalization"] == 2 * N_LAYER and ops["FastGelu"] == N_LAYER
     assert any(o.startswith("SkipLayerNormalization") for o in manifest["optimizations"])
