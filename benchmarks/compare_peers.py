@@ -5,11 +5,12 @@
     python benchmarks/compare_peers.py --quick                            # smoke run (2 rounds, short generations)
 
 Engines (batch 1, greedy): Hugging Face transformers (SDPA and eager attention), the gptx torch backend, gptx
-ONNX Runtime fp32 / int8 / int8-dynamic / int4 (the `--quantize` schemes) / int4-weight-only (a preset), CTranslate2 fp32 / int8 and llama.cpp f32 / f16 /
-q8_0 / q4_0 with flash attention off and on, each when installed. Measured: decode (prompt 32 + 128 new), prefill
-of a 512-token prompt, batch 8 vs 1, first vs last 100 tokens of 512 + 512, peak RSS and load time (each engine
-alone in a fresh process), top-1 agreement and perplexity against each engine's own full-precision model, the
-machine's memory-read bandwidth (so every decode rate gets a memory-bound share), and a per-op profile.
+ONNX Runtime fp32 / int8 / int8-dynamic / int4 (the `--quantize` schemes) and int4-weight-only (a preset),
+CTranslate2 fp32 / int8 and llama.cpp f32 / f16 / q8_0 / q4_0 with flash attention off and on, each when
+installed. Measured: decode (prompt 32 + 128 new), prefill of a 512-token prompt, batch 8 vs 1, first vs last
+100 tokens of 512 + 512, peak RSS and load time (each engine alone in a fresh process), top-1 agreement and
+perplexity against each engine's own full-precision model, the machine's memory-read bandwidth (so every decode
+rate gets a memory-bound share), and a per-op profile.
 
 Layout: harness.py measures, judge.py holds the targets, report.py writes the markdown and the plot; this file
 only decides what to run, in which order, and which numbers the targets read.

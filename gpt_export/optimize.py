@@ -261,8 +261,8 @@ def remove_dead_nodes(proto) -> int:
 
 
 def resolve_preset(quantize: str | None, preset: str | QuantPreset | None) -> tuple[str, QuantPreset] | None:
-    """(name, preset) for `quantize` (one of QUANT_SCHEMES) and/or a preset (a PRESETS name or a QuantPreset); None when
-    nothing is quantized."""
+    """(name, preset) for `quantize` (one of QUANT_SCHEMES) and/or a preset (a PRESETS name or a QuantPreset);
+    None when nothing is quantized."""
     if quantize is not None and quantize not in QUANT_SCHEMES:
         raise InvalidInput(f"--quantize must be one of {', '.join(QUANT_SCHEMES)}, got {quantize!r}")
     if preset is None:
@@ -360,9 +360,9 @@ def dynamic_int8(proto, nodes: list[str] | None = None):
     """int8 weights (per tensor) and int8 activations quantized on every call for the MatMuls named in `nodes`
     (None: every MatMul with constant weights): onnxruntime's quantize_dynamic (DynamicQuantizeLinear +
     MatMulInteger, which the session fuses). It runs MLAS's integer GEMM, faster here than MatMulNBits's 8-bit
-    kernel: about 2x the 512-token prefill and 1.2x the decode rate of the weight-only int8 on GPT-2-124M shapes,
-    for slightly lower agreement with fp32 (benchmarks/README.md). Per-tensor weights: per-channel ones measured
-    far worse (93% top-1)."""
+    kernel: about 2x the 512-token prefill and 1.2-1.3x the decode rate of the weight-only int8 on GPT-2-124M
+    shapes, for slightly lower agreement with fp32 (benchmarks/README.md). Per-tensor weights: per-channel ones
+    measured far worse (93% top-1)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -434,12 +434,13 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     head_parts = split_lm_head(model, lm_head + f"_Q{head_bits}", HEAD_PARTS) if lm_head else 1
     method = f"MatMulNBits (weight-only, {preset.method}, {'symmetric' if preset.symmetric else 'asymmetric'})"
     if counts["MatMulInteger"]:
-        method += f"; LM head and first {preset.wide_layers} layer(s) dynamic int8 (MatMulInteger)"
-    info = {"method": method,
-            "bits": preset.bits, "lm_head_bits": head_bits, "block_size": preset.block_size, "accuracy_level": preset.accuracy_level,
-            "quantized_matmuls": counts["MatMulNBits"] + counts["MatMulInteger"], "remaining_fp32_matmuls": counts["MatMul"],
-            "biases_folded": folded, "embedding": embedding, "lm_head_parts": head_parts,
-            "preset_settings": asdict(preset)}
+        layers = f" and the first {preset.wide_layers} layer(s)" if preset.wide_layers else ""
+        method += f"; the LM head{layers} as dynamic int8 (MatMulInteger)"
+    info = {"method": method, "bits": preset.bits, "lm_head_bits": head_bits, "block_size": preset.block_size,
+            "accuracy_level": preset.accuracy_level,
+            "quantized_matmuls": counts["MatMulNBits"] + counts["MatMulInteger"],
+            "remaining_fp32_matmuls": counts["MatMul"], "biases_folded": folded, "embedding": embedding,
+            "lm_head_parts": head_parts, "preset_settings": asdict(preset)}
     return model, info
 
 
