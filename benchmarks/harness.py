@@ -547,14 +547,16 @@ def median_rate(runs: list[dict]) -> float | None:
 # ---------------------------------------------------------------------------------------------- profile
 def decode_feeds(manifest: dict, past_len: int) -> dict:
     """Inputs of one batch-1 decode step of an export at `past_len` filled cache slots (values do not matter),
-    shaped as the runtime feeds them: the whole window bucket for in-place graphs, `past_len` slots otherwise."""
-    from runtime.kv_cache import window_for
+    shaped as the runtime feeds them: a batch-1 cache's whole window for in-place graphs, `past_len` slots
+    otherwise."""
+    from runtime.kv_cache import first_window
     from runtime.manifest import writes_cache_in_place
 
     cfg = manifest["config"]
     dtype = np.float16 if manifest["dtype"] == "float16" else np.float32
     in_place = writes_cache_in_place(manifest)
-    slots = window_for(past_len + 1, cfg["block_size"]) if in_place else past_len
+    block = cfg["block_size"]
+    slots = first_window(past_len + 1, block, True, 1, cfg["n_layer"], cfg["n_embd"]) if in_place else past_len
     mask = np.zeros((1, slots + 1), np.int64)
     mask[0, :past_len] = mask[0, -1] = 1
     feeds = {"input_ids": np.array([[464]], np.int64), "attention_mask": mask,

@@ -3,7 +3,10 @@
 Row r holds lengths[r] tokens in slots [0, lengths[r]); rows [0, active) are in use and kept contiguous
 (`free` moves the last active row into the hole), so the past of a step is `buf[:active]`: a view, no copy.
 The window grows in WINDOW_STEP buckets up to the model's context by reallocating (an amortised copy), so
-attention only covers about the filled slots instead of the whole context.
+attention only covers about the filled slots instead of the whole context. In-place graphs
+(GroupQueryAttention) read only each row's filled slots whatever the window, so theirs is the whole context from
+the start when that fits WHOLE_CONTEXT_BYTES: no reallocation, no copy, and only written pages become resident
+(see `first_window`).
 
 This is the only place that knows the graph's cache contract (see gpt_export/kv_step.py): the past is fed
 whole with `attention_mask` marking filled slots, each row's position is its own length, and the graph returns
@@ -22,12 +25,26 @@ from .backends.base import Array, Backend
 from .errors import GptxError
 
 WINDOW_STEP = 64
+# the largest cache (virtual size, 4-byte values) allocated at the whole context up front: GPT-2 124M takes
+# 75 MiB a row, gpt2-xl 629 MiB; beyond this, in-place caches grow in buckets like the others
+WHOLE_CONTEXT_BYTES = 1 << 30
 OnStep = Callable[[str, float, int], None]  # ("prefill" | "decode", seconds, rows in the graph call)
 
 
 def window_for(slots: int, max_seq: int) -> int:
     """The cache window holding `slots`: the next WINDOW_STEP bucket, capped at the context."""
     return min(-(-max(slots, 1) // WINDOW_STEP) * WINDOW_STEP, max_seq)
+
+
+def first_window(slots: int, max_seq: int, writes_cache: bool, rows: int, n_layer: int, n_embd: int) -> int:
+    """The window a cache of `rows` rows starts with, holding `slots`. Measured on GPT-2 int4
+    (benchmarks/README.md): growing in buckets costs about 100 us a token at 128 new tokens (every layer
+    reallocated and copied, mostly page faults), more as the context grows, while GroupQueryAttention runs no
+    slower over a whole-context buffer. So in-place graphs take the whole context at once when its virtual size
+    (keys and values of every layer, 4 bytes each) fits WHOLE_CONTEXT_BYTES."""
+    if writes_cache and 2 * n_layer * rows * max_seq * n_embd * 4 <= WHOLE_CONTEXT_BYTES:
+        return max_seq
+    return window_for(slots, max_seq)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +75,8 @@ class KVCache:
         self.buffers: list[Array] = []
         self._handed: list[Array] = []  # the cache views last handed to the backend
         self._row_index = np.arange(rows)
-        self._resize(window)
+        self._resize(first_window(window, self.max_seq, backend.capabilities.writes_cache, rows, backend.n_layer,
+                                  backend.n_head * backend.head_dim))
 
     # ------------------------------------------------------------------------------------------ rows
     def claim(self) -> int:
@@ -80,8 +98,9 @@ class KVCache:
         self.active = last
         if row == last:
             return None
-        for buf in self.buffers:
-            buf[row] = buf[last]
+        filled = int(self.lengths[last])
+        for buf in self.buffers:  # only the filled slots: the rest of a whole-context row is unwritten pages
+            buf[row, :, :filled] = buf[last, :, :filled]
         self.lengths[row] = self.lengths[last]
         self._mask[row] = self._mask[last]
         return last

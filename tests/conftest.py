@@ -149,6 +149,7 @@ class PoisonedBackend:
     def __init__(self, backend, nan_token: int = 50000, boom_token: int = 50001):
         self.inner, self.nan_token, self.boom_token = backend, nan_token, boom_token
         self.name, self.capabilities, self.manifest = backend.name, backend.capabilities, backend.manifest
+        self.n_layer, self.n_head, self.head_dim = backend.n_layer, backend.n_head, backend.head_dim
 
     def allocate(self, rows, window):
         return self.inner.allocate(rows, window)

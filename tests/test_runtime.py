@@ -331,14 +331,16 @@ def test_in_place_prefill_of_rows_in_any_order(shakespeare_fused):
         np.testing.assert_allclose(got, alone_logits(backend, prompts[row], [tokens[row]])[1], atol=1e-5)
 
 
-def test_window_grows_in_buckets_and_matches_a_full_prefill(shakespeare_any):
+def test_window_grows_in_buckets_and_matches_a_full_prefill(shakespeare_any, monkeypatch):
     """The window starts at 64 slots and grows (reallocating, keeping the rows) only when a row needs slot 64;
-    logits after the growth equal a prefill of the whole sequence."""
-    from runtime.kv_cache import KVCache
+    logits after the growth equal a prefill of the whole sequence. (In-place graphs grow so only when their
+    whole-context cache would exceed WHOLE_CONTEXT_BYTES, set to 0 here.)"""
+    from runtime import kv_cache
 
+    monkeypatch.setattr(kv_cache, "WHOLE_CONTEXT_BYTES", 0)
     backend = shakespeare_any.backend
     seq = np.random.default_rng(1).integers(0, 50000, 80).tolist()
-    cache = KVCache(backend, 2)
+    cache = kv_cache.KVCache(backend, 2)
     cache.claim()
     cache.prefill([0], [seq[:60]])
     windows = []
@@ -350,15 +352,52 @@ def test_window_grows_in_buckets_and_matches_a_full_prefill(shakespeare_any):
     np.testing.assert_allclose(logits[0], alone_logits(backend, seq[:79], [])[0], atol=1e-4)
 
 
-def test_growing_the_window_lets_go_of_the_old_one(shakespeare_any):
+def test_in_place_caches_take_the_whole_context_at_once(shakespeare, shakespeare_fused):
+    """In-place graphs read only each row's filled slots, so their cache is the whole context from the start and
+    never reallocated; the portable graph, whose attention covers the window, still starts at one bucket."""
+    from runtime.kv_cache import KVCache
+
+    seq = np.random.default_rng(2).integers(0, 50000, 100).tolist()
+    cache = KVCache(shakespeare_fused.backend, 2)
+    buffers = list(cache.buffers)
+    assert cache.window == shakespeare_fused.backend.capabilities.max_seq == 128
+    cache.claim()
+    cache.prefill([0], [seq[:10]])
+    for tok in seq[10:-1]:
+        logits = cache.decode(np.array([tok]))
+    assert all(a is b for a, b in zip(cache.buffers, buffers)) and cache.lengths[0] == 99
+    np.testing.assert_allclose(logits[0], alone_logits(shakespeare.backend, seq[:99], [])[0], atol=1e-4)
+    assert KVCache(shakespeare.backend, 2).window == 64
+
+
+def test_freeing_a_row_moves_only_its_filled_slots(shakespeare_any):
+    """The last row moves into the freed one slot by slot up to its length: the rest of a whole-context row
+    (pages never written) is not touched, and the moved row decodes as before."""
+    from runtime.kv_cache import KVCache
+
+    backend = shakespeare_any.backend
+    cache = KVCache(backend, 2)
+    a, b = cache.claim(), cache.claim()
+    cache.prefill([a, b], [[464, 2068, 7586], [40, 1101, 257, 1332, 13]])
+    for buf in cache.buffers:
+        buf[b, :, 5:] = 7.0  # beyond row b's 5 filled slots
+    assert cache.free(a) == b
+    for buf in cache.buffers:
+        assert not (buf[a, :, 5:] == 7.0).any() and np.array_equal(buf[a, :, :5], buf[b, :, :5])
+    logits = cache.decode(np.array([11]))
+    np.testing.assert_allclose(logits[0], alone_logits(backend, [40, 1101, 257, 1332, 13], [11])[1], atol=1e-4)
+
+
+def test_growing_the_window_lets_go_of_the_old_one(shakespeare_any, monkeypatch):
     """Each outgrown layer buffer dies as soon as it is copied, and the views last handed to the backend (the
     in-place binding keeps them bound) are emptied, so nothing keeps the old window resident."""
     import weakref
 
-    from runtime.kv_cache import KVCache
+    from runtime import kv_cache
 
+    monkeypatch.setattr(kv_cache, "WHOLE_CONTEXT_BYTES", 0)  # in-place graphs grow in buckets too
     backend = shakespeare_any.backend
-    cache = KVCache(backend, 1)
+    cache = kv_cache.KVCache(backend, 1)
     cache.claim()
     cache.prefill([0], [list(range(100, 160))])
     cache.decode(np.array([7]))
