@@ -226,7 +226,7 @@ def profile_tables(res: dict) -> list[str]:
               f"{p['past_len']}: {p['nodes']} nodes, {fmt(p['session_ms'], '.2f')} ms per `session.run` (timed "
               "without profiling; the op shares below come from a second, profiling session). For comparison, the "
               f"runtime's own loop took a median {fmt(p['loop_ms'], '.2f')} ms per token in the decode rounds (its "
-              "past grows in 64-slot windows, so the two are not subtracted).\n",
+              "past grows from 32 to 160 slots and it samples each token, so the two are not subtracted).\n",
               "| op | share of kernel time | µs per step | nodes |", "|---|---:|---:|---:|"]
         for op in p["top_ops"]:
             L.append(f"| {op['op']} | {pct(op['share'], '.1f')} | {fmt(op['us_per_step'], '.0f')} | {op['nodes']} |")
