@@ -393,9 +393,15 @@ def bench(
     device: DeviceOpt = Device.cpu,
     batch_size: Annotated[str, typer.Option("--batch-size", help="Comma-separated batch sizes.")] = "1",
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Comma-separated prompt lengths.")] = "32",
-    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run (greedy).")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 128,
     runs: Annotated[int, typer.Option(help="Timed runs per configuration (median reported), after one warm-up.")]
     = 3,
+    temperature: Annotated[float, typer.Option(
+        min=0, help="0 = greedy; above 0, sample (seed 0) and time the sampler too.")] = 0.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k most likely tokens (0 = off).")] = 0,
+    top_p: Annotated[float | None, typer.Option(
+        parser=above_zero(upper=1.0), metavar="FLOAT", help="Nucleus sampling mass in (0, 1].",
+        show_default=False)] = None,
     compare: Annotated[Compare | None, typer.Option(
         help="Also run this backend (default: torch when installed; none to skip).", show_default=False)] = None,
     json_path: JsonOut = None,
@@ -404,13 +410,18 @@ def bench(
 ):
     """Measure time to first token, prefill and decode tokens/s, per-token latency percentiles and peak memory."""
     from runtime.benchmark import run_bench_command
+    from runtime.sampler import SamplingParams
 
     writable(json_path, "--json")
     writable(plot, "--plot")
+    if temperature == 0 and (top_k or top_p is not None):
+        raise InvalidInput("--top-k and --top-p need --temperature above 0 (0 is greedy)")
+    sampling = SamplingParams(temperature, top_k or None, top_p, seed=0) if temperature > 0 else None
     report = run_bench_command(directory, backend=backend.value, device=device.value,
                                batch_sizes=int_list(batch_size, "--batch-size"),
                                prompt_lens=int_list(prompt_len, "--prompt-len"), new_tokens=new_tokens, runs=runs,
-                               compare=compare.value if compare else None, plot_path=plot, console=out)
+                               compare=compare.value if compare else None, plot_path=plot, console=out,
+                               sampling=sampling)
     write_json(json_path, report)
 
 

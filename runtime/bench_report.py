@@ -40,7 +40,7 @@ def results_table(results: list[dict], report: dict | None = None):
         st = report["settings"]
         title = (f"{m['cpu']}, {m['cores']} cores, load {m['loadavg'][0]:.2f} · {st['device']} · "
                  f"{report['manifest']['dtype']}" + (f" {quant.get('method', 'quantized')}" if quant else "")
-                 + f" · +{st['new_tokens']} tokens, median of {st['runs']}")
+                 + f" · +{st['new_tokens']} tokens, {st.get('sampling', 'greedy')}, median of {st['runs']}")
     t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     t.add_column("backend", no_wrap=True)
     t.add_column("config", no_wrap=True)

@@ -1,7 +1,7 @@
 """`gptx bench`: time to first token, prefill / decode throughput, per-token latency and peak memory.
 
-Measures the runtime's own generation loop (`Generator.generate_next`, greedy) on synthetic prompts, so the
-numbers are what an app embedding gptx sees. Torch-free at import: PyTorch is imported only to measure the
+Measures the runtime's own generation loop (`Generator.generate_next`; greedy unless sampling is asked for, then
+with a fixed seed) on synthetic prompts, so the numbers are what an app embedding gptx sees, sampler included. Torch-free at import: PyTorch is imported only to measure the
 torch backend (the backend does that) or CUDA memory (only when torch is already loaded).
 
 Per configuration: `warmup` untimed runs, then `runs` timed runs; scalars are the median over timed runs,
@@ -177,8 +177,9 @@ def _median(values):
 
 
 # ---------------------------------------------------------------------------------------------- one config
-def one_run(backend, prompts, new_tokens: int, vocab: int) -> dict:
-    """One greedy generation through the runtime's Generator; every token timed, prefill through its on_step hook."""
+def one_run(backend, prompts, new_tokens: int, vocab: int, sampling=None) -> dict:
+    """One generation through the runtime's Generator (greedy unless `sampling`, a SamplingParams, says otherwise);
+    every token timed, prefill through its on_step hook."""
     from .generation import Generator
     from .sampler import SamplingParams
 
@@ -188,8 +189,8 @@ def one_run(backend, prompts, new_tokens: int, vocab: int) -> dict:
         if kind == "prefill":
             timing["prefill"] = seconds
 
-    gen = Generator(backend, prompts, new_tokens, SamplingParams(temperature=0.0), None, vocab, pad_id=vocab - 1,
-                    on_step=on_step)
+    gen = Generator(backend, prompts, new_tokens, sampling or SamplingParams(temperature=0.0), None, vocab,
+                    pad_id=vocab - 1, on_step=on_step)
     clock = time.perf_counter
     t0 = clock()
     gen.generate_next()
@@ -203,8 +204,10 @@ def one_run(backend, prompts, new_tokens: int, vocab: int) -> dict:
             "tokens": [len(row) for row in gen.tokens]}
 
 
-def bench_config(backend, batch: int, prompt_len: int, new_tokens: int, runs: int, warmup: int = 1) -> dict:
-    """Benchmark one (batch, prompt_len) configuration; `backend` is an Engine or a runtime Backend."""
+def bench_config(backend, batch: int, prompt_len: int, new_tokens: int, runs: int, warmup: int = 1,
+                 sampling=None) -> dict:
+    """Benchmark one (batch, prompt_len) configuration; `backend` is an Engine or a runtime Backend; `sampling` a
+    SamplingParams (None: greedy)."""
     backend, vocab, block_size = _unpack(backend)
     validate_args([batch], [prompt_len], new_tokens, runs, block_size, warmup)
     check_memory(backend.manifest, [batch], [prompt_len], new_tokens, backend.device)
@@ -216,7 +219,7 @@ def bench_config(backend, batch: int, prompt_len: int, new_tokens: int, runs: in
         cuda.cuda.reset_peak_memory_stats()
     load_before = os.getloadavg()
     for _ in range(warmup):
-        one_run(backend, prompts, new_tokens, vocab)
+        one_run(backend, prompts, new_tokens, vocab, sampling)
     measured = []
     gc_was_enabled = gc.isenabled()
     try:
@@ -224,7 +227,7 @@ def bench_config(backend, batch: int, prompt_len: int, new_tokens: int, runs: in
             gc.collect()
             gc.disable()  # a collection in the middle of a token is noise, not the engine
             try:
-                measured.append(one_run(backend, prompts, new_tokens, vocab))
+                measured.append(one_run(backend, prompts, new_tokens, vocab, sampling))
             finally:
                 if gc_was_enabled:
                     gc.enable()
@@ -363,6 +366,16 @@ def manifest_summary(manifest: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- command
+def sampling_summary(sampling) -> str:
+    """'greedy', or the sampling settings a run used, as the report and its table title show them."""
+    if sampling is None or sampling.greedy:
+        return "greedy"
+    parts = [f"temperature {sampling.temperature:g}"]
+    parts += [f"top-k {sampling.top_k}"] if sampling.top_k else []
+    parts += [f"top-p {sampling.top_p:g}"] if sampling.top_p is not None and sampling.top_p < 1 else []
+    return ", ".join(parts) + f", seed {sampling.seed}"
+
+
 def _default_compare(primary: str) -> str:
     if primary != "torch" and importlib.util.find_spec("torch") is not None:
         return "torch"
@@ -372,8 +385,9 @@ def _default_compare(primary: str) -> str:
 def run_bench_command(directory, backend: str = "auto", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
                       prompt_lens: Sequence[int] = (32,), new_tokens: int | None = None, runs: int = 3,
                       compare: str | None = None, json_path: Path | None = None, plot_path: Path | None = None,
-                      console=None, warmup: int = 1) -> dict:
-    """Benchmark every (batch, prompt_len) on `backend` and, in the same process, on `compare`.
+                      console=None, warmup: int = 1, sampling=None) -> dict:
+    """Benchmark every (batch, prompt_len) on `backend` and, in the same process, on `compare`; `sampling` is a
+    SamplingParams (None: greedy).
 
     new_tokens None: DEFAULT_NEW_TOKENS, clamped (with a note) where the longest prompt leaves less room."""
     from .backends import BACKENDS, resolve
@@ -422,7 +436,7 @@ def run_bench_command(directory, backend: str = "auto", device: str = "cpu", bat
             if console is not None:
                 console.print(f"[dim]{engine.backend.describe()}: batch {batch}, prompt {prompt_len}, "
                               f"{new_tokens} new tokens x {runs} runs...[/dim]", highlight=False)
-            results.append(bench_config(engine, batch, prompt_len, new_tokens, runs, warmup))
+            results.append(bench_config(engine, batch, prompt_len, new_tokens, runs, warmup, sampling))
         del engine
         gc.collect()
 
@@ -433,7 +447,7 @@ def run_bench_command(directory, backend: str = "auto", device: str = "cpu", bat
         "manifest": manifest_summary(manifest),
         "settings": {"backend": primary, "compare": compare_name, "device": device, "batch_sizes": batch_sizes,
                      "prompt_lens": prompt_lens, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
-                     "prompt_seed": PROMPT_SEED, "sampling": "greedy"},
+                     "prompt_seed": PROMPT_SEED, "sampling": sampling_summary(sampling)},
         "results": results,
         "notes": notes,
     }

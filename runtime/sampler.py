@@ -6,7 +6,8 @@ continuous batching needs. A batch given one seed gives every row `default_rng(s
 
 Small pure functions (gpt-fast style: apply_repetition_penalty, top_k_filter, top_p_filter, softmax) state
 the rules; `sample_row` applies the same rules on a small candidate set so a step never sorts 50k logits
-when a top-m partition already holds the answer (it falls back to the full sort when it does not).
+when a top-m partition already holds the answer (it falls back to a value sort of the row when it does not),
+and never runs numpy's scalar cumsum over the whole vocabulary (`cumsum_search`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 
 from .errors import GenerationError, InvalidInput
 
-TOP_P_CANDIDATES = 64  # top-p first looks at the 64 most likely tokens; a full sort only if they hold < p
+TOP_P_CANDIDATES = 64  # top-p first looks at the 64 most likely tokens; the whole row only if they hold < p
+CUMSUM_BLOCK = 256  # weights per first-level sum in cumsum_search: about 200 blocks over GPT-2's vocabulary
 
 
 def _is_int(x) -> bool:
@@ -104,57 +106,86 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- per row
-def _nucleus(cand: np.ndarray, ids: np.ndarray, top_p: float, total: float, top: float):
-    """Sorted candidates cut to the top_p nucleus, or None when their mass (of `total`) is below top_p."""
-    order = np.argsort(-cand, kind="stable")
-    cand, ids = cand[order], ids[order]
-    probs = np.exp(cand - top).astype(np.float64) / total
-    mass_before = np.cumsum(probs) - probs
-    if mass_before[-1] + probs[-1] < top_p:
+def cumsum_search(weights: np.ndarray, fraction: float, total: float | None = None, side: str = "right") -> int:
+    """np.searchsorted(cdf, fraction * total, side), cdf = np.cumsum(weights, dtype=np.float64), total = cdf[-1]
+    unless given; len(weights) when the target is past the end.
+
+    Written by hand for speed: numpy's cumsum is a scalar loop (0.6 ms over GPT-2's 50k vocabulary in float64,
+    most of a sampled int4 step). Here sums of CUMSUM_BLOCK weights are vectorized and only the block that holds
+    the target is cumsummed; the result may differ from the full cumsum's only by rounding in the last bit."""
+    n = len(weights)
+    if n == 0:
+        return 0
+    starts = np.arange(0, n, CUMSUM_BLOCK)
+    block_cdf = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
+    target = fraction * (block_cdf[-1] if total is None else total)
+    b = int(np.searchsorted(block_cdf, target, side=side))
+    if b >= len(starts):
+        return n
+    inner = np.cumsum(weights[starts[b]: starts[b] + CUMSUM_BLOCK], dtype=np.float64)
+    inner += block_cdf[b - 1] if b else 0.0
+    return int(starts[b]) + min(int(np.searchsorted(inner, target, side=side)), len(inner) - 1)
+
+
+def _nucleus(weights: np.ndarray, ids: np.ndarray | None, top_p: float, total: float):
+    """The top_p nucleus of the candidates, as (ids, weights): the most likely ones whose mass before them (of
+    `total`) is < top_p, ties kept in index order as a stable sort would. ids None means ids are positions.
+    None when all the candidates hold less than top_p.
+
+    Sorts values only (numpy's SIMD sort: 0.3 ms over 50k, against 5.6 ms for a stable argsort) and keeps the
+    candidates above the cut value, then as many ties at the cut as the count asks for."""
+    desc = np.sort(weights)[::-1]
+    first = cumsum_search(desc, top_p, total, side="left")  # the mass through `first` reaches top_p
+    if first == len(desc):
         return None
-    keep = int(np.count_nonzero(mass_before < top_p))  # mass_before is increasing: a prefix
-    return cand[:keep], ids[:keep]
+    cut = desc[first]
+    keep = weights > cut
+    ties = np.flatnonzero(weights == cut)
+    keep[ties[: first + 1 - int(np.count_nonzero(keep))]] = True
+    chosen = np.flatnonzero(keep)
+    return (chosen if ids is None else ids[chosen]), weights[chosen]
 
 
 def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray | None, np.ndarray]:
-    """(ids, logits / T) of the tokens a draw may pick, ids None meaning the whole row; logits not finite -> ids
-    of length 0.
+    """(ids, weights) of the tokens a draw may pick: weights = exp(logits / T - max), ids None meaning the whole
+    row; logits not finite -> ids of length 0.
 
     The same rules as top_p_filter(top_k_filter(logits / T, k), p), applied to a candidate set: top-k
     partitions (ties at the k-th value stay, as in top_k_filter); top-p partitions the TOP_P_CANDIDATES best
-    and sorts the whole row only when those hold less than p of the mass."""
+    and cuts the whole row only when those hold less than p of the mass. Big temporaries are few and reused:
+    each new 50k array costs page faults when glibc hands freed blocks back to the OS, 0.4 ms a token here."""
     x = logits / np.float32(params.temperature)
     vocab = x.shape[0]
     k, top_p = params.top_k, params.top_p
-    ids, cand = None, x
+    ids = None
     if k and k < vocab:
         ids = np.argpartition(x, vocab - k)[vocab - k:]
         kth = x[ids].min()
         if np.count_nonzero(x >= kth) > k:  # ties at the k-th value all stay
             ids = np.flatnonzero(x >= kth)
-        cand = x[ids]
-    top = cand.max()
+        x = x[ids]
+    top = x.max()
     if not np.isfinite(top):
-        return np.empty(0, np.int64), cand[:0]
+        return np.empty(0, np.int64), x[:0]
+    weights = np.exp(np.subtract(x, top, out=x), out=x)  # x is a new array: ours to overwrite
     if top_p is not None and top_p < 1.0:
-        total = float(np.exp(cand - top).sum(dtype=np.float64))  # top-p mass is relative to the top-k set
+        total = float(weights.sum(dtype=np.float64))  # top-p mass is relative to the top-k set
         if ids is None:
             m = min(TOP_P_CANDIDATES, vocab)
-            part = np.argpartition(x, vocab - m)[vocab - m:]
-            kept = _nucleus(x[part], part, top_p, total, top) or _nucleus(x, np.arange(vocab), top_p, total, top)
+            part = np.sort(np.argpartition(weights, vocab - m)[vocab - m:])  # index order: ties as a stable sort
+            kept = _nucleus(weights[part], part, top_p, total) or _nucleus(weights, None, top_p, total)
         else:
-            kept = _nucleus(cand, ids, top_p, total, top)
-        cand, ids = kept
-    return ids, cand
+            kept = _nucleus(weights, ids, top_p, total)
+        ids, weights = kept
+    return ids, weights
 
 
 def sample_row(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """One draw (one uniform number from the row's own RNG) for one row of penalised logits; -1 if not finite."""
-    ids, cand = candidates(logits, params)
+    ids, weights = candidates(logits, params)
     if ids is not None and len(ids) == 0:
         return -1
-    cdf = np.cumsum(np.exp(cand - cand.max()), dtype=np.float64)  # exp in float32: 15x faster over 50k
-    pick = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+    pick = min(cumsum_search(weights, rng.random()), len(weights) - 1)  # inverse-CDF sampling
     return int(ids[pick]) if ids is not None else pick
 
 

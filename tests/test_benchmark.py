@@ -147,6 +147,23 @@ def test_run_bench_command_compares_and_writes_json_and_png(tiny_export, tmp_pat
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sampled_runs_go_through_the_sampler(tiny_export, monkeypatch):
+    """With a SamplingParams every decoded token is drawn by sample_row (greedy runs never call it)."""
+    from runtime import sampler
+    from runtime.sampler import SamplingParams
+
+    draws = []
+    real = sampler.sample_row
+    monkeypatch.setattr(sampler, "sample_row", lambda *args: draws.append(1) or real(*args))
+    report = benchmark.run_bench_command(tiny_export, backend="onnxruntime", prompt_lens=[4], new_tokens=5, runs=1,
+                                         warmup=0, compare="none", sampling=SamplingParams(0.8, top_k=20, seed=0))
+    assert report["settings"]["sampling"] == "temperature 0.8, top-k 20, seed 0"
+    assert len(draws) == 5 and report["results"][0]["tokens_generated_per_row"] == 5
+    benchmark.run_bench_command(tiny_export, backend="onnxruntime", prompt_lens=[4], new_tokens=5, runs=1, warmup=0,
+                                compare="none")
+    assert len(draws) == 5
+
+
 def test_compare_none_and_torch_primary(tiny_export):
     report = benchmark.run_bench_command(tiny_export, backend="onnxruntime", prompt_lens=[4], new_tokens=3, runs=1,
                                          compare="none")

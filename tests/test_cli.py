@@ -96,6 +96,20 @@ def test_invalid_option_values(export_dir):
     assert "PROMPT-NOT-ECHOED" not in result.output  # the prompt is printed only once the arguments are valid
 
 
+def test_bench_times_sampled_decoding(export_dir, tmp_path):
+    """--temperature > 0 samples (seed 0) through the runtime's sampler; top-k/top-p alone would be ignored by
+    greedy decoding, so they are refused before any work."""
+    report = tmp_path / "sampled.json"
+    result = runner.invoke(app, ["bench", str(export_dir), "--prompt-len", "4", "--new-tokens", "6", "--runs", "1",
+                                 "--compare", "none", "--temperature", "0.9", "--top-p", "0.9", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(report.read_text())
+    assert saved["settings"]["sampling"] == "temperature 0.9, top-p 0.9, seed 0"
+    assert saved["results"][0]["decode_tokens_per_s"] > 0
+    result = runner.invoke(app, ["bench", str(export_dir), "--top-k", "5", "--runs", "1"])
+    assert result.exit_code == 1 and "--temperature" in result.output and "Traceback" not in result.output
+
+
 def test_hub_offline_export_is_clear_and_quick(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     result = runner.invoke(app, ["export", "gpt2", "--out", str(tmp_path / "g")])

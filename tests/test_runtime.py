@@ -73,20 +73,51 @@ def test_sampler_rows_are_independent():
 @pytest.mark.parametrize("top_k, top_p", [(None, 0.9), (None, 0.999), (None, 0.3), (40, None), (40, 0.5), (1, 0.9),
                                           (None, 1.0), (None, None)])
 def test_candidate_set_follows_the_filter_rules(top_k, top_p):
-    """The fast path (argpartition a top-m set, sort the whole row only when it holds < p) keeps exactly the tokens
-    top_p_filter(top_k_filter(...)) keeps; 0.999 of a flat distribution forces the full-sort fallback."""
+    """The fast path (argpartition a top-m set, cut the whole row only when it holds < p) keeps exactly the tokens
+    top_p_filter(top_k_filter(...)) keeps; 0.999 of a flat distribution forces the whole-row fallback."""
     from runtime.sampler import candidates
 
     rng = np.random.default_rng(1)
     for scale in (0.5, 4.0):
         x = (rng.standard_normal(50257) * scale).astype(np.float32)
         params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
-        ids, cand = candidates(x, params)
+        ids, weights = candidates(x, params)
         ids = np.arange(len(x)) if ids is None else ids
         scaled = (x / np.float32(0.7)).astype(np.float64)  # the rules in float64: float32 sums drift over 50k
         expected = np.flatnonzero(np.isfinite(top_p_filter(top_k_filter(scaled, top_k), top_p)))
         assert sorted(ids.tolist()) == expected.tolist()
-        np.testing.assert_allclose(cand, x[ids] / np.float32(0.7), rtol=1e-6)
+        np.testing.assert_allclose(weights, np.exp(scaled[ids] - scaled.max()), rtol=1e-5)
+
+
+def test_top_p_ties_at_the_cut_are_kept_in_index_order():
+    """Five equal logits after the top one, p asking for three tokens: the first two tied ids stay, as a stable
+    sort would keep them, whether the partitioned set or the whole row answers."""
+    from runtime.sampler import candidates
+
+    for vocab in (10, 5000):
+        x = np.full(vocab, -30.0, np.float32)
+        x[7], x[[2, 3, 5, 8, 9]] = 2.0, 1.0
+        share = np.exp(np.float64(-1.0))  # a tied token's mass relative to the top one
+        p = (1 + 1.5 * share) / (1 + 5 * share + (vocab - 6) * np.exp(np.float64(-32.0)))
+        ids, weights = candidates(x, SamplingParams(temperature=1.0, top_p=float(p)))
+        assert ids.tolist() == [2, 3, 7] and weights.argmax() == 2
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 50257])
+def test_cumsum_search_matches_a_full_cumsum(n):
+    """The two-level search finds what searchsorted over the whole float64 cumsum finds, zero weights included."""
+    from runtime.sampler import cumsum_search
+
+    rng = np.random.default_rng(n)
+    weights = (rng.random(n) ** 6).astype(np.float32)
+    weights[rng.random(n) < 0.3] = 0.0
+    weights[-1] = 1.0
+    cdf = np.cumsum(weights, dtype=np.float64)
+    for u in [0.0, 0.5, 0.999999, *rng.random(300)]:
+        for side in ("left", "right"):
+            assert cumsum_search(weights, u, side=side) == np.searchsorted(cdf, u * cdf[-1], side=side)
+    assert cumsum_search(weights, 1.5, float(cdf[-1]), side="left") == n  # past the end
+    assert cumsum_search(weights[:0], 0.5) == 0
 
 
 def test_sampler_top_k_draws_only_the_k_best():
