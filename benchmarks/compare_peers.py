@@ -10,7 +10,8 @@ CTranslate2 fp32 / int8 and llama.cpp f32 / f16 / q8_0 / q4_0 with flash attenti
 installed. Measured: decode (prompt 32 + 128 new), prefill of a 512-token prompt, batch 8 vs 1, first vs last
 100 tokens of 512 + 512, peak RSS and load time (each engine alone in a fresh process), top-1 agreement and
 perplexity against each engine's own full-precision model, the machine's memory-read bandwidth (so every decode
-rate gets a memory-bound share), and a per-op profile.
+rate gets a memory-bound share), and a per-op profile. Like the `gptx` command, the script re-executes itself
+with glibc's huge-page tunable (launcher.py), so every engine's process runs with it (GPTX_HUGE_PAGES=0: without).
 
 Layout: harness.py measures, judge.py holds the targets, report.py writes the markdown and the plot; this file
 only decides what to run, in which order, and which numbers the targets read.
@@ -415,4 +416,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    import launcher
+
+    launcher.reexec_with_huge_pages()  # every engine's process runs as under the `gptx` command (launcher.py)
     raise SystemExit(main())

@@ -49,6 +49,8 @@ def header(res: dict) -> list[str]:
           "- **Versions:** " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
           f"- **Threads:** {s['threads']} everywhere (torch.set_num_threads, ONNX Runtime's default pool, "
           "CTranslate2 intra_threads, llama.cpp n_threads / n_threads_batch)",
+          f"- **Environment:** GLIBC_TUNABLES={m.get('glibc_tunables') or '(unset)'} in every engine's process "
+          "(the `gptx` command sets glibc.malloc.hugetlb=1 for itself where it helps: launcher.py)",
           f"- **Model:** GPT-2-124M shapes (12 layers, 12 heads, 768 wide, vocab 50257), random weights (gptx "
           f"`random:gpt2`, seed {s['seed']}) saved once as a Hugging Face directory that every engine loads or "
           f"converts (llama.cpp: its convert_hf_to_gguf.py, then its own quantizer); HF vs gptx max |logit diff| "

@@ -19,8 +19,8 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def _cuda_torch(device: str):
         return None
     try:
         return torch if torch.cuda.is_available() else None
-    except Exception:
+    except RuntimeError:  # a CUDA build on a machine whose driver cannot start
         return None
 
 
@@ -325,11 +325,11 @@ def library_versions() -> dict:
         mod = sys.modules.get(name)
         if mod is not None:
             out[name] = getattr(mod, "__version__", "?")
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         out["gptx"] = version("gptx")
-    except Exception:
+    except PackageNotFoundError:  # run from a source tree that was never installed
         pass
     return out
 
@@ -343,6 +343,7 @@ def machine_info() -> dict:
         "loadavg": list(os.getloadavg()),
         "platform": platform.platform(),
         "versions": library_versions(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages for the weights: launcher.py
     }
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -350,7 +351,7 @@ def machine_info() -> dict:
         try:
             if torch.cuda.is_available():
                 info["gpu"] = torch.cuda.get_device_name(0)
-        except Exception:
+        except RuntimeError:  # a CUDA build on a machine whose driver cannot start
             pass
     return info
 
