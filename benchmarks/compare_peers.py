@@ -357,8 +357,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.render_only:
         res = json.loads(a.json.read_text())
-        report.write_markdown(res, a.md)
-        with contextlib.suppress(Exception):
+        report.write_markdown(res, a.md, a.json)
+        with contextlib.suppress(ImportError):  # matplotlib is optional for re-rendering
             report.write_plot(res, a.plot)
         print(a.md.read_text())
         return 0
@@ -409,7 +409,7 @@ def main(argv=None) -> int:
     res["targets"] = judge.judge(res["metrics"])
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    report.write_markdown(res, a.md)
+    report.write_markdown(res, a.md, a.json)
     report.write_plot(res, a.plot)
     H.log(f"wrote {a.md}, {a.json} and {a.plot}")
     return 0

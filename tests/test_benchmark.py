@@ -367,6 +367,9 @@ def test_report_renders_a_small_run(tmp_path):
     assert "**MET**" in text and "n/a (not measured)" in text
     assert "CTranslate2 int8 | not available: not installed" in text
     assert "98.00%" in text and "10%, 50%, —" in text
+    assert "recorded in `docs/benchmarks.json`" in text  # the default results file
+    report.write_markdown(res, md, tmp_path / "other.json")  # a second machine's run names its own file
+    assert f"recorded in `{tmp_path / 'other.json'}`" in md.read_text()
     png = report.write_plot(res, tmp_path / "b.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
