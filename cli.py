@@ -226,7 +226,7 @@ def export(
     quantize: Annotated[Quantize | None, typer.Option(
         help="Quantize every matrix, LM head included. int8: 8-bit weights (MatMulNBits, closest to fp32); "
              "int8-dynamic: int8 weights and activations (MatMulInteger, fastest 8-bit); int4: 4-bit weights, "
-             "the LM head and first layer as dynamic int8.",
+             "the first layer as dynamic int8, the LM head's 64 best logits recomputed in fp32.",
         show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace OUT if it holds an earlier gptx export (and nothing else).")] = False,

@@ -37,7 +37,8 @@ CANDIDATES = {
     "fp16 weights": (FP16, "--dtype fp16: the 16-bit CPU mode candidate"),
     "int8": (PRESETS["int8"], "the int8 default"),
     "int8-dynamic": (PRESETS["int8-dynamic"], "int8 weights per tensor and int8 activations per call (MatMulInteger)"),
-    "int4": (PRESETS["int4"], "the int4 default: b64 asym; LM head and layer 0 as dynamic int8"),
+    "int4": (PRESETS["int4"], "the int4 default: b64 asym; layer 0 as dynamic int8; the LM head 4-bit with its "
+                              "64 best logits recomputed from the fp32 table"),
     "int4-weight-only": (PRESETS["int4-weight-only"], "the former default: LM head and layer 0 as 8-bit MatMulNBits"),
     "int4-pure (b32 sym)": (PRESETS["int4-pure"], "every matrix 4-bit, the lookup reads the 4-bit head blocks"),
     "b16 sym": (Q(4, block_size=16), "smaller blocks"),
@@ -55,6 +56,11 @@ CANDIDATES = {
     "b32 sym, head + layer 0 8-bit": (Q(4, head_bits=8, wide_layers=1), ""),
     "b64 asym, head + layer 0 8-bit": (Q(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1), ""),
     "b32 asym, head + layers 0-1 8-bit": (Q(4, symmetric=False, head_bits=8, wide_layers=2), ""),
+    "int4 with the head 8-bit": (Q(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1,
+                                   wide_method="dynamic"), "the int4 default until 2026-12-06: the LM head as "
+                                                           "dynamic int8 instead of 4-bit + exact top-64"),
+    "int4 with exact top-16": (Q(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1,
+                                 wide_method="dynamic", head_rescore=16), "16 best logits recomputed instead of 64"),
 }
 QUALITY_WINDOWS = (64, 128)
 
@@ -192,7 +198,7 @@ def findings(res: dict) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    p.add_argument("--only", default="", help="semicolon-separated recipe names (default: all; names hold commas)")
     p.add_argument("--no-speed", action="store_true", help="quality only")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--llama-src", type=Path, default=None, help="llama.cpp source tree, for its q4_0 / q8_0 rows")
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--md", type=Path, default=H.ROOT / "docs" / "quantization.md")
     p.add_argument("--json", type=Path, default=H.ROOT / "docs" / "quantization.json")
     a = p.parse_args(argv)
-    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(CANDIDATES)
+    names = [n.strip() for n in a.only.split(";") if n.strip()] or list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         p.error(f"unknown recipes {unknown}; known: {', '.join(CANDIDATES)}")

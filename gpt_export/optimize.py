@@ -50,17 +50,22 @@ class QuantPreset:
     # and activations, MatMulInteger, whose kernel is faster than MatMulNBits's 8-bit one; the lookup then keeps
     # the fp32 table)
     wide_method: str = "blockwise"
+    # K > 0: the LM head at `bits` like the layers (not head_bits), and its K best logits recomputed exactly from
+    # the fp32 token table after it (rescore_head); the lookup then keeps the fp32 table
+    head_rescore: int = 0
 
 
 # `--quantize` uses the measured winners (docs/quantization.md: quality on the Shakespeare sample, speed on
-# GPT-2-124M shapes). Like llama.cpp's q4_0, int4 keeps the tied embedding / LM head at 8 bits; it also keeps the
-# first layer at 8 bits, which alone lifts top-1 agreement from ~96% to ~98%. Those 8-bit matrices run as dynamic
-# int8 (MatMulInteger), whose kernel is faster here than MatMulNBits's 8-bit one: ~1.15x the decode rate of
-# "int4-weight-only" (the former default) for 97.5% instead of 97.9% top-1.
+# GPT-2-124M shapes). int4 keeps the first layer at 8 bits, which alone lifts top-1 agreement from ~96% to ~98%,
+# as dynamic int8 (MatMulInteger), whose kernel is faster here than MatMulNBits's 8-bit one. Its LM head is 4-bit
+# with the 64 best logits recomputed from the fp32 table (rescore_head): 16 MB less read per token than the 8-bit
+# head llama.cpp's q4_0 keeps, ~1.1x the decode rate, and 97.65% instead of 97.5% top-1. "int4-weight-only" (an
+# earlier default) keeps the head and layer 0 as 8-bit MatMulNBits.
 PRESETS = {
     "int8": QuantPreset(8),
     "int8-dynamic": QuantPreset(8, method="dynamic"),
-    "int4": QuantPreset(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1, wide_method="dynamic"),
+    "int4": QuantPreset(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1, wide_method="dynamic",
+                        head_rescore=64),
     "int4-weight-only": QuantPreset(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1),
     "int4-pure": QuantPreset(4, block_size=32),  # every matrix at 4 bits: smallest and fastest, ~91% top-1
 }
@@ -408,7 +413,7 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     layer_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                      and n.name != lm_head]  # in graph order: layer 0's four matrices first
     wide = layer_matmuls[:MATRICES_PER_LAYER * preset.wide_layers]
-    if head_bits != preset.bits and lm_head:
+    if head_bits != preset.bits and lm_head and not preset.head_rescore:
         wide.append(lm_head)
     model = proto
     if wide and preset.wide_method == "dynamic":  # they become MatMulInteger, which MatMulNBitsQuantizer skips
@@ -428,20 +433,69 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     counts = collections.Counter(n.op_type for n in model.graph.node)
     if counts["MatMulNBits"] == 0:
         raise GptxError("quantization found no MatMul weights to quantize")
+    if preset.head_rescore:
+        head_bits = preset.bits
+    head = lm_head + f"_Q{head_bits}" if lm_head else None
+    head_output = next((n.output[0] for n in model.graph.node if n.name == head), None)
     embedding = "fp32 Gather"
-    if preset.embedding != "fp32" and lm_head is not None:
-        embedding = quantized_embedding(model, lm_head + f"_Q{head_bits}", head_bits, preset.embedding == "shared")
-    head_parts = split_lm_head(model, lm_head + f"_Q{head_bits}", HEAD_PARTS) if lm_head else 1
+    if preset.embedding != "fp32" and head and not preset.head_rescore:
+        embedding = quantized_embedding(model, head, head_bits, preset.embedding == "shared")
+    head_parts = split_lm_head(model, head, HEAD_PARTS) if head else 1
+    rescored = rescore_head(model, head_output, preset.head_rescore) if preset.head_rescore and head_output else 0
     method = f"MatMulNBits (weight-only, {preset.method}, {'symmetric' if preset.symmetric else 'asymmetric'})"
     if counts["MatMulInteger"]:
-        layers = f" and the first {preset.wide_layers} layer(s)" if preset.wide_layers else ""
-        method += f"; the LM head{layers} as dynamic int8 (MatMulInteger)"
+        dynamic = [] if rescored else ["the LM head"]
+        dynamic += [f"the first {preset.wide_layers} layer(s)"] if preset.wide_layers else []
+        method += f"; {' and '.join(dynamic)} as dynamic int8 (MatMulInteger)"
+    if rescored:
+        method += f"; the LM head's {rescored} best logits recomputed from the fp32 token table"
     info = {"method": method, "bits": preset.bits, "lm_head_bits": head_bits, "block_size": preset.block_size,
             "accuracy_level": preset.accuracy_level,
             "quantized_matmuls": counts["MatMulNBits"] + counts["MatMulInteger"],
             "remaining_fp32_matmuls": counts["MatMul"], "biases_folded": folded, "embedding": embedding,
-            "lm_head_parts": head_parts, "preset_settings": asdict(preset)}
+            "lm_head_parts": head_parts, "lm_head_rescored_top_k": rescored, "preset_settings": asdict(preset)}
     return model, info
+
+
+def rescore_head(model, logits: str, k: int) -> int:
+    """Recompute the K best of the quantized LM head's logits exactly, from the fp32 token table (GPT-2's head is
+    tied to it): TopK -> Gather the K rows -> one [K, n_embd] x [n_embd] product -> ScatterElements into the row.
+
+    Why (our own edit, not an ONNX Runtime pass): the head is the largest matrix, and at 4 bits alone its argmax
+    leaves fp32's too often (~91% top-1), so presets kept it at 8 bits, 15 MB more read per token than 4 bits on
+    GPT-2. Re-scored, every logit that greedy or top-k/top-p sampling looks at is exact unless the true best token
+    falls outside the 4-bit top K; the graph's logits are for the last position only, so this costs K rows per
+    sequence, not per prompt token (benchmarks/head_rescore_probe.py, docs/quantization.md). Returns K, or 0 when
+    the head's input is not a [batch, n_embd] row or the fp32 table is gone."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = next((n for n in model.graph.node if logits in n.output), None)
+    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0].startswith(logits)]
+    if producer is None or not heads or WTE not in inits or k < 1:
+        return 0
+    k = min(k, inits[WTE].dims[0])  # TopK fails on fewer candidates than K
+    hidden = heads[0].input[0]
+    approx, prefix = logits + "/approx", logits + "/rescore"
+    producer.output[:] = [approx if o == logits else o for o in producer.output]
+    axis, top_k = f"{prefix}/axis", f"{prefix}/k"
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), axis),
+                                    numpy_helper.from_array(np.array([k], np.int64), top_k)])
+    nodes = [
+        helper.make_node("TopK", [approx, top_k], [f"{prefix}/values", f"{prefix}/ids"], axis=-1,
+                         name=f"{prefix}/TopK"),
+        helper.make_node("Gather", [WTE, f"{prefix}/ids"], [f"{prefix}/rows"], axis=0, name=f"{prefix}/Gather"),
+        helper.make_node("Unsqueeze", [hidden, axis], [f"{prefix}/column"], name=f"{prefix}/Unsqueeze"),
+        helper.make_node("MatMul", [f"{prefix}/rows", f"{prefix}/column"], [f"{prefix}/exact_column"],
+                         name=f"{prefix}/MatMul"),  # [B, K, n_embd] x [B, n_embd, 1]
+        helper.make_node("Squeeze", [f"{prefix}/exact_column", axis], [f"{prefix}/exact"], name=f"{prefix}/Squeeze"),
+        helper.make_node("ScatterElements", [approx, f"{prefix}/ids", f"{prefix}/exact"], [logits], axis=-1,
+                         name=f"{prefix}/ScatterElements"),
+    ]
+    position = list(model.graph.node).index(producer) + 1
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(position + offset, node)
+    return k
 
 
 def set_accuracy_level(model, level: int) -> None:

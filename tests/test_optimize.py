@@ -62,12 +62,17 @@ def test_int8_dynamic_quantizes_activations_too(hf_dir, gpt, tmp_path):
     assert report["perplexity"]["ratio"] < 1.05 and report["top1_agreement"] >= 0.9
 
 
-def test_int4_runs_its_8_bit_matrices_as_integer_gemms(hf_dir, export_dir, gpt, tmp_path):
+def test_int4_runs_layer_0_as_integer_gemms_and_rescores_its_4_bit_head(hf_dir, export_dir, gpt, tmp_path):
     out = tmp_path / "q4"
     q = export(str(hf_dir), out, quantize="int4", progress=False)["quantization"]
-    # layer 0's four matrices and the LM head as MatMulInteger over int8 activations, the other layers at 4 bits
-    assert op_counts(out)["MatMulInteger"] == 4 + 1 and matmulnbits_bits(out) == [4] * 4 * (N_LAYER - 1)
-    assert q["quantized_matmuls"] == 4 * N_LAYER + 1 and q["lm_head_parts"] == 1 and q["embedding"] == "fp32 Gather"
+    # layer 0's four matrices as MatMulInteger over int8 activations, the other layers and the LM head at 4 bits
+    ops = op_counts(out)
+    # (the head keeps one node: split_lm_head takes only blocks without zero points)
+    assert ops["MatMulInteger"] == 4 and matmulnbits_bits(out) == [4] * 4 * (N_LAYER - 1) + [4]
+    # the head's 64 best logits recomputed from the fp32 token table, which the lookup keeps too
+    assert ops["TopK"] == ops["ScatterElements"] == 1 and q["lm_head_rescored_top_k"] == 64
+    assert q["quantized_matmuls"] == 4 * N_LAYER + 1 and q["lm_head_parts"] == 1
+    assert q["embedding"] == "fp32 Gather" and q["lm_head_bits"] == 4
     assert "dynamic int8" in q["method"] and q["preset"] == "int4" and q["bits"] == 4
     report = compare(out, reference_model=gpt, batch_sizes=(1, 2), decode_steps=4, ppl_tokens=48)
     assert report["perplexity"]["ratio"] < 1.25 and report["top1_agreement"] >= 0.7
@@ -245,3 +250,46 @@ def test_token_lookups_make_only_their_rows_resident(tmp_path):
     table_kib = 50257 * 768 // 1024
     assert mapped_kib(data) - loaded < table_kib / 4  # 48 rows of 768 bytes, and their neighbours
     drop_cached_pages(out / "missing.data")  # no error: a missing file is for the caller's own open to report
+
+
+def test_rescore_head_makes_the_top_k_logits_exact(tmp_path):
+    """A 4-bit head on its own: after rescore_head, its K best logits are the fp32 products, the rest untouched."""
+    import onnxruntime as ort
+    from onnx import TensorProto, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from gpt_export.export import WTE
+    from gpt_export.optimize import rescore_head
+
+    vocab, width, k = 300, 64, 8
+    rng = np.random.default_rng(0)
+    table = rng.normal(0, 1, (vocab, width)).astype(np.float32)
+    head = helper.make_node("MatMul", ["hidden", "head_t"], ["logits"], name="head")
+    model = helper.make_model(helper.make_graph(
+        [head], "head", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab])],
+        [numpy_helper.from_array(np.ascontiguousarray(table.T), "head_t"), numpy_helper.from_array(table, WTE)]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True)
+    quantizer.process()
+    model = quantizer.model.model
+    if WTE not in {t.name for t in model.graph.initializer}:  # the quantizer drops initializers no node reads
+        model.graph.initializer.append(numpy_helper.from_array(table, WTE))
+    x = rng.normal(0, 1, (3, width)).astype(np.float32)
+
+    def run(m):
+        path = tmp_path / f"{len(m.graph.node)}.onnx"
+        onnx.save(m, str(path))
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"hidden": x})[0]
+
+    approx = run(model)
+    assert rescore_head(model, "logits", k) == k
+    rescored, exact = run(model), x @ table.T
+    top = np.argsort(-approx, axis=-1)[:, :k]
+    assert np.abs(approx - exact).max() > 1e-2  # 4 bits are visibly off, so the test can fail
+    np.testing.assert_allclose(np.take_along_axis(rescored, top, -1), np.take_along_axis(exact, top, -1), rtol=1e-5,
+                               atol=1e-4)
+    rest = np.ones_like(approx, dtype=bool)
+    np.put_along_axis(rest, top, False, -1)
+    assert np.array_equal(rescored[rest], approx[rest])
+    assert rescore_head(model, "no such output", k) == 0
