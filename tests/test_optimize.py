@@ -252,6 +252,32 @@ def test_token_lookups_make_only_their_rows_resident(tmp_path):
     drop_cached_pages(out / "missing.data")  # no error: a missing file is for the caller's own open to report
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_a_cpu_session_reads_its_weights_file_without_readahead(export_dir, tmp_path):
+    """After loading, the file is read only by token id (lookup, re-score): every mapping of it is advised random
+    (smaps VmFlags "rr"), so a miss brings in one page, not a readahead window (fsutil.advise_random_access)."""
+    from runtime import load
+    from runtime.fsutil import advise_random_access
+
+    out = tmp_path / "q4"
+    shutil.copytree(export_dir, out)
+    optimize_export(out, quantize="int4")
+    gc.collect()
+    engine = load(out, "onnxruntime")
+    data = str((out / load_manifest(out)["weights_file"]).resolve())
+    flags, current = [], None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+$", fields[0]):
+                current = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "VmFlags:" and current == data:
+                flags.append(fields[1:])
+    assert flags and all("rr" in f for f in flags)  # ONNX Runtime maps the file, and every mapping took the advice
+    assert advise_random_access(tmp_path / "not mapped") == 0
+    assert engine.generate_ids([1, 2, 3], max_new_tokens=2)
+
+
 def test_rescore_head_makes_the_top_k_logits_exact(tmp_path):
     """A 4-bit head on its own: after rescore_head, its K best logits are the fp32 products, the rest untouched."""
     import onnxruntime as ort

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GptxError, InvalidInput
-from ..fsutil import drop_cached_pages
+from ..fsutil import advise_random_access, drop_cached_pages
 from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from ..manifest import check_graph, kv_names, writes_cache_in_place
 from .base import Backend, Capabilities
@@ -84,6 +84,8 @@ class OnnxRuntimeBackend(Backend):
         except ort_load_errors() as e:  # its message names the problem and the path, never the file's bytes
             raise GptxError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
         check_graph(manifest, self.session, str(model_path))
+        if device == "cpu" and manifest.get("weights_file"):  # from here on it reads rows by token id
+            advise_random_access(Path(directory) / manifest["weights_file"])
         self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, devices=("cpu", "cuda"),
                                          writes_cache=in_place)
         self.past_names, self.present_names = kv_names(manifest)
