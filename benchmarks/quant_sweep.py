@@ -37,9 +37,9 @@ CANDIDATES = {
     "fp16 weights": (FP16, "--dtype fp16: the 16-bit CPU mode candidate"),
     "int8": (PRESETS["int8"], "the int8 default"),
     "int8-dynamic": (PRESETS["int8-dynamic"], "int8 weights per tensor and int8 activations per call (MatMulInteger)"),
-    "int4": (PRESETS["int4"], "the int4 default: b64 asym; layer 0 as dynamic int8; the LM head 4-bit with its "
-                              "64 best logits recomputed from the fp32 table"),
-    "int4-weight-only": (PRESETS["int4-weight-only"], "the former default: LM head and layer 0 as 8-bit MatMulNBits"),
+    "int4": (PRESETS["int4"], ("the int4 default: b64 asym; layer 0 as dynamic int8; the LM head 4-bit with its "
+                               "64 best logits recomputed from the fp32 table")),
+    "int4-weight-only": (PRESETS["int4-weight-only"], "an earlier default: LM head and layer 0 as 8-bit MatMulNBits"),
     "int4-pure (b32 sym)": (PRESETS["int4-pure"], "every matrix 4-bit, the lookup reads the 4-bit head blocks"),
     "b16 sym": (Q(4, block_size=16), "smaller blocks"),
     "b64 sym": (Q(4, block_size=64), "larger blocks"),
@@ -57,8 +57,9 @@ CANDIDATES = {
     "b64 asym, head + layer 0 8-bit": (Q(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1), ""),
     "b32 asym, head + layers 0-1 8-bit": (Q(4, symmetric=False, head_bits=8, wide_layers=2), ""),
     "int4 with the head 8-bit": (Q(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1,
-                                   wide_method="dynamic"), "the int4 default until 2026-12-06: the LM head as "
-                                                           "dynamic int8 instead of 4-bit + exact top-64"),
+                                   wide_method="dynamic"),
+                                 ("the int4 default until 2026-12-06: the LM head as dynamic int8 instead of 4-bit + "
+                                  "exact top-64")),
     "int4 with exact top-16": (Q(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1,
                                  wide_method="dynamic", head_rescore=16), "16 best logits recomputed instead of 64"),
 }
@@ -157,7 +158,8 @@ def write_markdown(res: dict, path: Path) -> None:
          "GatherBlockQuantized, reads a copy of the head's blocks unless they have zero points, in which case the "
          "fp32 table stays); layer 0 8-bit = the first block's four matrices too; dynamic int8 = onnxruntime's "
          "quantize_dynamic (int8 weights per tensor, activations quantized to int8 on every call, MatMulInteger), "
-         "for every matrix (int8-dynamic) or only the LM head and layer 0 (int4).",
+         "for every matrix (int8-dynamic) or only layer 0 (int4; its LM head too in 'int4 with the head 8-bit'); "
+         "exact top-K = the 4-bit LM head's K best logits recomputed from the fp32 token table (rescore_head).",
          f"- **Reproduce:** `{res['command']}`\n",
          "| recipe | top-1 | perplexity ratio | decode tok/s | vs int4 | MB read / token | weights MB | note |",
          "|---|---:|---:|---:|---:|---:|---:|---|"]
