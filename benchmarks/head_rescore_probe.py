@@ -1,18 +1,19 @@
-"""A measurement probe, not product code: could a 4-bit LM head, whose top-K candidates are re-scored exactly from
-the fp32 token table, replace the `int4` preset's 8-bit head?
+"""A measurement probe, not product code: the one that led the `int4` preset to a 4-bit LM head whose top-K
+candidates are re-scored exactly from the fp32 token table (gpt_export.optimize.rescore_head), instead of its
+former 8-bit head.
 
-The `int4` preset keeps GPT-2's LM head (768 x 50257, the largest matrix) at 8 bits for quality: 4 bits everywhere
-measures ~91% top-1 against fp32. Re-scoring would keep the 4-bit head's bytes (about 24 MB a token instead of
-39 MB) while the top candidates get exact logits: TopK over the 4-bit logits, Gather their fp32 rows of the tied
-embedding, one small MatMul, ScatterElements back. Greedy and top-k/top-p sampling then see exact logits wherever
-they look, unless the true best token falls outside the 4-bit top K.
+An LM head at 4 bits alone costs quality (GPT-2's 768 x 50257 head, the largest matrix: ~91% top-1 against fp32
+with every matrix at 4 bits). Re-scoring keeps the 4-bit head's bytes (about 24 MB a token instead of 39 MB)
+while the top candidates get exact logits: TopK over the 4-bit logits, Gather their fp32 rows of the tied
+embedding, one small MatMul, ScatterElements back. Greedy decoding and top-k sampling with k <= K then see exact
+logits, unless the true best token falls outside the 4-bit top K.
 
 This probe times the head alone, on random GPT-2-shaped weights, batch 1, one position:
-  A: the 8-bit head as the `int4` preset runs it (dynamic int8, MatMulInteger)
+  A: the 8-bit head as the `int4` preset ran it until 2026-12-06 (dynamic int8, MatMulInteger)
   B: a 4-bit head (MatMulNBits, blocks of 32, symmetric, int8 compute) with the exact re-score of the top K
   C: the 4-bit head alone
-and reports how often B's argmax equals the fp32 argmax over hidden states drawn from the real model's statistics
-(here: random, so agreement is a floor; the quality that matters is measured on the trained sample elsewhere).
+and reports how often each argmax equals the fp32 argmax over random hidden states (the quality that matters is
+measured on the trained sample by quant_sweep.py). Figures: benchmarks/README.md.
 
     python benchmarks/head_rescore_probe.py --k 64 --rounds 7
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +31,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpt_export.export import WTE
+from gpt_export.optimize import rescore_head
 
 VOCAB, WIDTH = 50257, 768
 
@@ -40,26 +46,8 @@ def head_graph(table: np.ndarray) -> onnx.ModelProto:
     w = numpy_helper.from_array(np.ascontiguousarray(table.T), "head_weight")
     graph = helper.make_graph([helper.make_node("MatMul", ["hidden", "head_weight"], ["logits"], name="lm_head")],
                               "head", [x], [y], [w])
+    graph.initializer.append(numpy_helper.from_array(table, WTE))  # the token table, as in an export
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def with_rescore(model: onnx.ModelProto, table: np.ndarray, k: int) -> onnx.ModelProto:
-    """Rename the head's output to approx_logits and add: TopK -> Gather fp32 rows -> MatMul -> ScatterElements."""
-    g = model.graph
-    for node in g.node:
-        node.output[:] = ["approx_logits" if o == "logits" else o for o in node.output]
-    g.initializer.extend([numpy_helper.from_array(table, "token_table"),
-                          numpy_helper.from_array(np.array([k], dtype=np.int64), "k")])
-    g.node.extend([
-        helper.make_node("TopK", ["approx_logits", "k"], ["top_values", "top_ids"], axis=-1),
-        helper.make_node("Gather", ["token_table", "top_ids"], ["top_rows"], axis=0),         # [1, 1, K, 768]
-        helper.make_node("Unsqueeze", ["hidden", "axis_minus_1"], ["hidden_col"]),           # [1, 1, 768, 1]
-        helper.make_node("MatMul", ["top_rows", "hidden_col"], ["exact_col"]),                # [1, 1, K, 1]
-        helper.make_node("Squeeze", ["exact_col", "axis_minus_1"], ["exact"]),               # [1, 1, K]
-        helper.make_node("ScatterElements", ["approx_logits", "top_ids", "exact"], ["logits"], axis=-1),
-    ])
-    g.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "axis_minus_1"))
-    return model
 
 
 def four_bit(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -79,6 +67,15 @@ def eight_bit_dynamic(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
     quantize_dynamic(src, out, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=False,
                      weight_type=QuantType.QInt8)
     return onnx.load(str(out))
+
+
+def rescored(model: onnx.ModelProto, table: np.ndarray, k: int) -> onnx.ModelProto:
+    """The product's own re-score (rescore_head) after the 4-bit head."""
+    if WTE not in {t.name for t in model.graph.initializer}:  # the quantizer drops initializers no node reads
+        model.graph.initializer.append(numpy_helper.from_array(table, WTE))
+    if rescore_head(model, "logits", k) != k:
+        raise SystemExit("rescore_head did not apply to the probe's graph")
+    return model
 
 
 def session(model: onnx.ModelProto, scratch: Path, name: str) -> ort.InferenceSession:
@@ -107,8 +104,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="head-probe-") as tmp:
         scratch = Path(tmp)
         sessions = {
-            "A 8-bit dynamic (int4 preset)": session(eight_bit_dynamic(head_graph(table), scratch), scratch, "a"),
-            f"B 4-bit + exact top-{args.k}": session(with_rescore(four_bit(head_graph(table)), table, args.k),
+            "A 8-bit dynamic (former int4 head)": session(eight_bit_dynamic(head_graph(table), scratch), scratch, "a"),
+            f"B 4-bit + exact top-{args.k}": session(rescored(four_bit(head_graph(table)), table, args.k),
                                                     scratch, "b"),
             "C 4-bit alone": session(four_bit(head_graph(table)), scratch, "c"),
         }
