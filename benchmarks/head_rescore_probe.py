@@ -46,7 +46,6 @@ def head_graph(table: np.ndarray) -> onnx.ModelProto:
     w = numpy_helper.from_array(np.ascontiguousarray(table.T), "head_weight")
     graph = helper.make_graph([helper.make_node("MatMul", ["hidden", "head_weight"], ["logits"], name="lm_head")],
                               "head", [x], [y], [w])
-    graph.initializer.append(numpy_helper.from_array(table, WTE))  # the token table, as in an export
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -70,9 +69,8 @@ def eight_bit_dynamic(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
 
 
 def rescored(model: onnx.ModelProto, table: np.ndarray, k: int) -> onnx.ModelProto:
-    """The product's own re-score (rescore_head) after the 4-bit head."""
-    if WTE not in {t.name for t in model.graph.initializer}:  # the quantizer drops initializers no node reads
-        model.graph.initializer.append(numpy_helper.from_array(table, WTE))
+    """The product's own re-score (rescore_head) after the 4-bit head, reading the token table as an export's."""
+    model.graph.initializer.append(numpy_helper.from_array(table, WTE))
     if rescore_head(model, "logits", k) != k:
         raise SystemExit("rescore_head did not apply to the probe's graph")
     return model

@@ -413,7 +413,8 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     layer_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                      and n.name != lm_head]  # in graph order: layer 0's four matrices first
     wide = layer_matmuls[:MATRICES_PER_LAYER * preset.wide_layers]
-    if head_bits != preset.bits and lm_head and not preset.head_rescore:
+    lm_head_bits = preset.bits if preset.head_rescore else head_bits  # a re-scored head is quantized like the layers
+    if lm_head_bits != preset.bits and lm_head:
         wide.append(lm_head)
     model = proto
     if wide and preset.wide_method == "dynamic":  # they become MatMulInteger, which MatMulNBitsQuantizer skips
@@ -433,15 +434,13 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     counts = collections.Counter(n.op_type for n in model.graph.node)
     if counts["MatMulNBits"] == 0:
         raise GptxError("quantization found no MatMul weights to quantize")
-    if preset.head_rescore:
-        head_bits = preset.bits
-    head = lm_head + f"_Q{head_bits}" if lm_head else None
-    head_output = next((n.output[0] for n in model.graph.node if n.name == head), None)
+    head = lm_head + f"_Q{lm_head_bits}" if lm_head else None
     embedding = "fp32 Gather"
-    if preset.embedding != "fp32" and head and not preset.head_rescore:
-        embedding = quantized_embedding(model, head, head_bits, preset.embedding == "shared")
-    head_parts = split_lm_head(model, head, HEAD_PARTS) if head else 1
+    if preset.embedding != "fp32" and head and not preset.head_rescore:  # the re-score reads the fp32 table
+        embedding = quantized_embedding(model, head, lm_head_bits, preset.embedding == "shared")
+    head_output = next((n.output[0] for n in model.graph.node if n.name == head), None)
     rescored = rescore_head(model, head_output, preset.head_rescore) if preset.head_rescore and head_output else 0
+    head_parts = split_lm_head(model, head, HEAD_PARTS) if head else 1  # slices the head that feeds the re-score
     method = f"MatMulNBits (weight-only, {preset.method}, {'symmetric' if preset.symmetric else 'asymmetric'})"
     if counts["MatMulInteger"]:
         dynamic = [] if rescored else ["the LM head"]
@@ -449,7 +448,7 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
         method += f"; {' and '.join(dynamic)} as dynamic int8 (MatMulInteger)"
     if rescored:
         method += f"; the LM head's {rescored} best logits recomputed from the fp32 token table"
-    info = {"method": method, "bits": preset.bits, "lm_head_bits": head_bits, "block_size": preset.block_size,
+    info = {"method": method, "bits": preset.bits, "lm_head_bits": lm_head_bits, "block_size": preset.block_size,
             "accuracy_level": preset.accuracy_level,
             "quantized_matmuls": counts["MatMulNBits"] + counts["MatMulInteger"],
             "remaining_fp32_matmuls": counts["MatMul"], "biases_folded": folded, "embedding": embedding,
@@ -465,19 +464,19 @@ def rescore_head(model, logits: str, k: int) -> int:
     leaves fp32's too often (~91% top-1), so presets kept it at 8 bits, 15 MB more read per token than 4 bits on
     GPT-2. Re-scored, every logit that greedy or top-k/top-p sampling looks at is exact unless the true best token
     falls outside the 4-bit top K; the graph's logits are for the last position only, so this costs K rows per
-    sequence, not per prompt token (benchmarks/head_rescore_probe.py, docs/quantization.md). Returns K, or 0 when
-    the head's input is not a [batch, n_embd] row or the fp32 table is gone."""
+    sequence, not per prompt token (benchmarks/head_rescore_probe.py, docs/quantization.md). Call it before
+    split_lm_head, on the one MatMulNBits that computes `logits`. Returns K, or 0 when no MatMulNBits computes
+    `logits` or the fp32 table is gone."""
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    producer = next((n for n in model.graph.node if logits in n.output), None)
-    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0].startswith(logits)]
-    if producer is None or not heads or WTE not in inits or k < 1:
+    head = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == logits), None)
+    if head is None or WTE not in inits or k < 1:
         return 0
     k = min(k, inits[WTE].dims[0])  # TopK fails on fewer candidates than K
-    hidden = heads[0].input[0]
+    hidden = head.input[0]
     approx, prefix = logits + "/approx", logits + "/rescore"
-    producer.output[:] = [approx if o == logits else o for o in producer.output]
+    head.output[0] = approx
     axis, top_k = f"{prefix}/axis", f"{prefix}/k"
     model.graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), axis),
                                     numpy_helper.from_array(np.array([k], np.int64), top_k)])
@@ -492,7 +491,7 @@ def rescore_head(model, logits: str, k: int) -> int:
         helper.make_node("ScatterElements", [approx, f"{prefix}/ids", f"{prefix}/exact"], [logits], axis=-1,
                          name=f"{prefix}/ScatterElements"),
     ]
-    position = list(model.graph.node).index(producer) + 1
+    position = list(model.graph.node).index(head) + 1
     for offset, node in enumerate(nodes):
         model.graph.node.insert(position + offset, node)
     return k

@@ -214,17 +214,22 @@ def test_bad_quantize_value_leaves_nothing(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def mapped_kib(path) -> int:
-    """How much of `path` this process has resident through its mappings (smaps Rss), KiB."""
-    total, current = 0, None
+def smaps_values(path, key: str) -> list[list[str]]:
+    """The `key` line's values (e.g. "Rss:", "VmFlags:") of each of this process's mappings of `path`."""
+    values, current = [], None
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             fields = line.split()
             if re.match(r"^[0-9a-f]+-[0-9a-f]+$", fields[0]):
                 current = fields[5] if len(fields) > 5 else None
-            elif fields[0] == "Rss:" and current == str(path):
-                total += int(fields[1])
-    return total
+            elif fields[0] == key and current == str(path):
+                values.append(fields[1:])
+    return values
+
+
+def mapped_kib(path) -> int:
+    """How much of `path` this process has resident through its mappings (smaps Rss), KiB."""
+    return sum(int(rss[0]) for rss in smaps_values(path, "Rss:"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-cache behaviour of Linux (smaps, fadvise)")
@@ -264,15 +269,7 @@ def test_a_cpu_session_reads_its_weights_file_without_readahead(export_dir, tmp_
     optimize_export(out, quantize="int4")
     gc.collect()
     engine = load(out, "onnxruntime")
-    data = str((out / load_manifest(out)["weights_file"]).resolve())
-    flags, current = [], None
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if re.match(r"^[0-9a-f]+-[0-9a-f]+$", fields[0]):
-                current = fields[5] if len(fields) > 5 else None
-            elif fields[0] == "VmFlags:" and current == data:
-                flags.append(fields[1:])
+    flags = smaps_values((out / load_manifest(out)["weights_file"]).resolve(), "VmFlags:")
     assert flags and all("rr" in f for f in flags)  # ONNX Runtime maps the file, and every mapping took the advice
     assert advise_random_access(tmp_path / "not mapped") == 0
     assert engine.generate_ids([1, 2, 3], max_new_tokens=2)
