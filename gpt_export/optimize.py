@@ -16,7 +16,7 @@ import io
 import itertools
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ class QuantPreset:
     # K > 0: the LM head at `bits` like the layers (not head_bits), and its K best logits recomputed exactly from
     # the fp32 token table after it (rescore_head); the lookup then keeps the fp32 table
     head_rescore: int = 0
+    rescore_bits: int | None = None  # the re-scored head's bits (2, 4 or 8), same blocks as the layers; None = bits
 
 
 # `--quantize` uses the measured winners (docs/quantization.md: quality on the Shakespeare sample, speed on
@@ -409,19 +410,25 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     if preset.wide_method not in ("blockwise", "dynamic") or (preset.wide_method == "dynamic" and head_bits != 8):
         raise InvalidInput(f"wide_method must be 'blockwise' or (with head_bits=8) 'dynamic', got "
                            f"{preset.wide_method!r} with head_bits={head_bits}")
+    if preset.rescore_bits not in (None, 2, 4, 8):
+        raise InvalidInput(f"rescore_bits must be 2, 4 or 8 (MatMulNBits), got {preset.rescore_bits}")
     inits = {t.name for t in proto.graph.initializer}
     layer_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                      and n.name != lm_head]  # in graph order: layer 0's four matrices first
     wide = layer_matmuls[:MATRICES_PER_LAYER * preset.wide_layers]
-    lm_head_bits = preset.bits if preset.head_rescore else head_bits  # a re-scored head is quantized like the layers
-    if lm_head_bits != preset.bits and lm_head:
+    # a re-scored head is quantized like the layers, at rescore_bits if given; otherwise it goes with `wide`
+    lm_head_bits = (preset.rescore_bits or preset.bits) if preset.head_rescore else head_bits
+    apart = [lm_head] if lm_head and preset.head_rescore and lm_head_bits != preset.bits else []
+    if lm_head and not preset.head_rescore and lm_head_bits != preset.bits:
         wide.append(lm_head)
     model = proto
     if wide and preset.wide_method == "dynamic":  # they become MatMulInteger, which MatMulNBitsQuantizer skips
         model, wide = dynamic_int8(proto, wide), []
-    passes = [(preset, wide)]
+    passes = [(preset, wide + apart)]
     if wide:
-        passes.append((QuantPreset(head_bits, accuracy_level=preset.accuracy_level), []))
+        passes.append((QuantPreset(head_bits, accuracy_level=preset.accuracy_level), apart))
+    if apart:
+        passes.append((replace(preset, bits=lm_head_bits), []))
     for settings, exclude in passes:
         quantizer = MatMulNBitsQuantizer(model, bits=settings.bits, block_size=settings.block_size,
                                          is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,

@@ -3,6 +3,7 @@ import gc
 import re
 import shutil
 import sys
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -83,6 +84,20 @@ def test_int4_runs_layer_0_as_integer_gemms_and_rescores_its_4_bit_head(hf_dir, 
     with pytest.raises(InvalidInput, match="wide_method"):  # dynamic matrices are int8: head_bits must be 8
         optimize_export(bad, preset=QuantPreset(4, wide_layers=1, wide_method="dynamic"))
     assert (bad / "model.onnx").read_bytes() == before
+
+
+def test_a_rescored_head_takes_its_own_bits(export_dir, tmp_path):
+    out = tmp_path / "q4"
+    shutil.copytree(export_dir, out)
+    preset = QuantPreset(4, block_size=64, symmetric=False, head_rescore=8, rescore_bits=2)
+    q = optimize_export(out, preset=preset)["quantization"]
+    # the layers at 4 bits, the re-scored head alone at 2, with its 8 best logits recomputed
+    assert matmulnbits_bits(out) == [4] * 4 * N_LAYER + [2]
+    assert q["lm_head_bits"] == 2 and q["lm_head_rescored_top_k"] == 8 and op_counts(out)["TopK"] == 1
+    bad = tmp_path / "bad"
+    shutil.copytree(export_dir, bad)
+    with pytest.raises(InvalidInput, match="rescore_bits"):
+        optimize_export(bad, preset=replace(preset, rescore_bits=3))
 
 
 def test_int4_weight_only_keeps_the_sensitive_matrices_at_8_bits(export_dir, tmp_path):
