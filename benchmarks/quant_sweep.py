@@ -209,8 +209,9 @@ def findings(res: dict) -> list[str]:
                                            for n in named) + ".")
     tail = [n for n, r in q.items() if n in CANDIDATES and r["top1_agreement"] >= 0.97 and r["perplexity_ratio"] > 1.01]
     if tail:
-        why = (" (a 2-bit head's re-score makes its K best logits exact, but perplexity also reads the true token's "
-               "logit where it falls outside them, and there the 2-bit error stays)") if any("2-bit" in n for n in tail) else ""
+        low_head = any(isinstance(CANDIDATES[n][0], QuantPreset) and CANDIDATES[n][0].rescore_bits for n in tail)
+        why = (" (a low-bit head's re-score makes its K best logits exact, but perplexity also reads the true "
+               "token's logit where it falls outside them, and there the head's error stays)") if low_head else ""
         out.append(f"Top-1 met, perplexity ratio above 1.01: {', '.join(tail)}{why}.")
     slow = [n for n, r in s.items() if r.get("vs_int4") and r["vs_int4"] < 0.5]
     causes = {"fp16": "an fp16 MatMul runs no faster than fp32 here, as this CPU has no AVX512-FP16",

@@ -416,11 +416,12 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     layer_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                      and n.name != lm_head]  # in graph order: layer 0's four matrices first
     wide = layer_matmuls[:MATRICES_PER_LAYER * preset.wide_layers]
-    # a re-scored head is quantized like the layers, at rescore_bits if given; otherwise it goes with `wide`
+    # a re-scored head is quantized like the layers (at rescore_bits, if given, in a pass of its own); any other
+    # head at other bits goes with `wide`
     lm_head_bits = (preset.rescore_bits or preset.bits) if preset.head_rescore else head_bits
-    apart = [lm_head] if lm_head and preset.head_rescore and lm_head_bits != preset.bits else []
-    if lm_head and not preset.head_rescore and lm_head_bits != preset.bits:
-        wide.append(lm_head)
+    apart = []
+    if lm_head and lm_head_bits != preset.bits:
+        (apart if preset.head_rescore else wide).append(lm_head)
     model = proto
     if wide and preset.wide_method == "dynamic":  # they become MatMulInteger, which MatMulNBitsQuantizer skips
         model, wide = dynamic_int8(proto, wide), []
