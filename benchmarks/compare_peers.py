@@ -11,7 +11,7 @@ installed. Measured: decode (prompt 32 + 128 new), prefill of a 512-token prompt
 100 tokens of 512 + 512, peak RSS and load time (each engine alone in a fresh process), top-1 agreement and
 perplexity against each engine's own full-precision model, the machine's memory-read bandwidth (so every decode
 rate gets a memory-bound share), and a per-op profile. Like the `gptx` command, the script re-executes itself
-with glibc's huge-page tunable (launcher.py), so every engine's process runs with it (GPTX_HUGE_PAGES=0: without).
+with glibc's huge-page tunable (gptx/launcher.py), so every engine's process runs with it (GPTX_HUGE_PAGES=0: without).
 
 Layout: harness.py measures, judge.py holds the targets, report.py writes the markdown and the plot; this file
 only decides what to run, in which order, and which numbers the targets read.
@@ -38,8 +38,8 @@ import harness as H
 import judge
 import report
 
-from runtime import benchmark as B
-from runtime.kv_cache import window_for
+from gptx.runtime import benchmark as B
+from gptx.runtime.kv_cache import window_for
 
 GPTX_MODES = {"gptx ORT fp32": ("fp32", None), "gptx ORT int8": ("8-bit", "int8"),
               "gptx ORT int8-dynamic": ("8-bit", "int8-dynamic"), "gptx ORT int4": ("4-bit", "int4"),
@@ -86,7 +86,7 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------------------------- setup
 def prepare(a, work: Path, res: dict) -> dict:
     """Weights, exports and GGUF files; returns {'hf', 'exports', 'sh_exports', 'gguf', 'sh_gguf', 'llama'}."""
-    from gpt_export.weights import load_any, random_model
+    from gptx.model.weights import load_any, random_model
 
     out = {"hf": work / "hf-gpt2-random", "sh_hf": work / "hf-shakespeare"}
     H.log("shared weights: random:gpt2 -> Hugging Face directory")
@@ -171,10 +171,10 @@ def load_engines(a, files: dict, res: dict) -> list[H.Engine]:
 # ---------------------------------------------------------------------------------------------- stages
 def quality(files: dict, res: dict) -> None:
     """Top-1 agreement and perplexity ratio of each mode against the same engine's full precision."""
-    from gpt_export.validate import sample_windows, text_agreement
-    from runtime.backends import create_backend
-    from runtime.manifest import load_manifest
-    from runtime.tokenizer import Tokenizer
+    from gptx.export.validate import sample_windows, text_agreement
+    from gptx.runtime.backends import create_backend
+    from gptx.runtime.manifest import load_manifest
+    from gptx.runtime.tokenizer import Tokenizer
 
     res["quality"] = {}
     for model, exports, gguf in (("shakespeare", files["sh_exports"], files["sh_gguf"]),
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import launcher
+    from gptx import launcher
 
-    launcher.reexec_with_huge_pages()  # every engine's process runs as under the `gptx` command (launcher.py)
+    launcher.reexec_with_huge_pages()  # every engine's process runs as under the `gptx` command (gptx/launcher.py)
     raise SystemExit(main())

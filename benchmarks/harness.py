@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from runtime import benchmark as B
+from gptx.runtime import benchmark as B
 
 VOCAB = 50257  # GPT-2's tokenizer; exports may pad the embedding beyond it
 
@@ -44,8 +44,8 @@ def hf_directory(gpt, hf_dir: Path) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-    from gpt_export.weights import CONV1D_WEIGHTS
-    from runtime.tokenizer import Tokenizer, save_hf_vocab
+    from gptx.model.weights import CONV1D_WEIGHTS
+    from gptx.runtime.tokenizer import Tokenizer, save_hf_vocab
 
     c = gpt.config
     cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
@@ -71,11 +71,11 @@ def hf_directory(gpt, hf_dir: Path) -> dict:
 
 
 def export_variant(source: str, out_dir: Path, quantize: str | None = None, reuse: bool = False) -> dict:
-    """An fp32 export of `source`, then (in place, with quantize: a gpt_export.optimize.PRESETS name) gptx's own
+    """An fp32 export of `source`, then (in place, with quantize: a gptx.export.optimize.PRESETS name) gptx's own
     fuse + quantize pass; the manifest. With reuse, an export already in out_dir is kept."""
-    from gpt_export.export import export
-    from gpt_export.optimize import optimize_export
-    from runtime.manifest import load_manifest
+    from gptx.export.convert import export
+    from gptx.export.optimize import optimize_export
+    from gptx.runtime.manifest import load_manifest
 
     if reuse and (out_dir / "manifest.json").is_file():
         return load_manifest(out_dir)
@@ -142,7 +142,7 @@ class LlamaCpp:
 
 # ---------------------------------------------------------------------------------------------- engines
 class Engine:
-    """One engine under test. `run` is one greedy generation (a raw run for runtime.benchmark.summarize_runs);
+    """One engine under test. `run` is one greedy generation (a raw run for gptx.runtime.benchmark.summarize_runs);
     `prefill` times one prompt's forward; `logits` (optional) gives every position's logits for quality."""
 
     label = "?"
@@ -185,7 +185,7 @@ class GptxEngine(Engine):
     family = "gptx"
 
     def __init__(self, label: str, directory: Path, mode: str, backend: str = "onnxruntime", **backend_options):
-        from runtime.engine import load
+        from gptx.runtime.engine import load
 
         self.label, self.mode, self.directory = label, mode, Path(directory)
         self.engine = load(directory, backend, **backend_options)
@@ -254,7 +254,7 @@ class CT2Engine(Engine):
     def __init__(self, label: str, ct2_dir: Path, compute_type: str, mode: str):
         import ctranslate2
 
-        from runtime.tokenizer import Tokenizer, bytes_to_unicode
+        from gptx.runtime.tokenizer import Tokenizer, bytes_to_unicode
 
         self.label, self.mode = label, mode
         self.generator = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute_type,
@@ -549,8 +549,8 @@ def decode_feeds(manifest: dict, past_len: int) -> dict:
     """Inputs of one batch-1 decode step of an export at `past_len` filled cache slots (values do not matter),
     shaped as the runtime feeds them: a batch-1 cache's whole window for in-place graphs, `past_len` slots
     otherwise."""
-    from runtime.kv_cache import first_window
-    from runtime.manifest import writes_cache_in_place
+    from gptx.runtime.kv_cache import first_window
+    from gptx.runtime.manifest import writes_cache_in_place
 
     cfg = manifest["config"]
     dtype = np.float16 if manifest["dtype"] == "float16" else np.float32
@@ -570,7 +570,7 @@ def decode_feeds(manifest: dict, past_len: int) -> dict:
 def bound_step(session, manifest: dict, feeds: dict):
     """A no-argument callable running one step as the runtime does: in-place graphs get each past buffer bound as
     its present output too (I/O binding), others a plain `session.run`."""
-    from runtime.manifest import writes_cache_in_place
+    from gptx.runtime.manifest import writes_cache_in_place
 
     if not writes_cache_in_place(manifest):
         return lambda: session.run(None, feeds)
@@ -591,8 +591,8 @@ def ort_op_profile(directory: Path, past_len: int, steps: int = 64, workdir: Pat
     own session options, our own session: nothing inside the runtime is touched)."""
     import onnxruntime as ort
 
-    from runtime.backends.onnxruntime_backend import session_options
-    from runtime.manifest import load_manifest
+    from gptx.runtime.backends.onnxruntime_backend import session_options
+    from gptx.runtime.manifest import load_manifest
 
     manifest = load_manifest(directory)
     model = str(directory / manifest["model_file"])
@@ -632,8 +632,8 @@ def ort_op_profile(directory: Path, past_len: int, steps: int = 64, workdir: Pat
 
 def llama_agreement(llama: LlamaCpp, gguf: dict, windows) -> dict:
     """{ftype: merged top-1 / perplexity agreement} of each GGUF type against the f32 one, teacher-forced over
-    `windows` (token id rows) with gptx's own comparison (gpt_export.validate); every engine is closed."""
-    from gpt_export.validate import logit_agreement, merge_agreement
+    `windows` (token id rows) with gptx's own comparison (gptx.export.validate); every engine is closed."""
+    from gptx.export.validate import logit_agreement, merge_agreement
 
     def engine(path):
         return LlamaCppEngine("", path, "", llama, False, n_ctx=windows.shape[1], logits_all=True)
@@ -678,7 +678,7 @@ def _vm(key: str) -> float:
 
 
 def _probe_main(spec: dict) -> None:
-    import runtime  # noqa: F401  (imports numpy / onnxruntime first, so they count as the baseline)
+    import gptx.runtime  # noqa: F401  (imports numpy / onnxruntime first, so they count as the baseline)
 
     if spec["kind"] == "gptx":
         import onnxruntime  # noqa: F401

@@ -1,5 +1,5 @@
 """A measurement probe, not product code: the one that led the `int4` preset to a 4-bit LM head whose top-K
-candidates are re-scored exactly from the fp32 token table (gpt_export.optimize.rescore_head), instead of its
+candidates are re-scored exactly from the fp32 token table (gptx.export.optimize.rescore_head), instead of its
 former 8-bit head.
 
 An LM head at 4 bits alone costs quality (GPT-2's 768 x 50257 head, the largest matrix: ~91% top-1 against fp32
@@ -33,8 +33,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpt_export.export import WTE
-from gpt_export.optimize import rescore_head
+from gptx.export.convert import WTE
+from gptx.export.optimize import rescore_head
 
 VOCAB, WIDTH = 50257, 768
 

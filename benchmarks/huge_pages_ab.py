@@ -1,4 +1,4 @@
-"""A/B of the `gptx` command's huge-page switch (launcher.py): the same `gptx bench` with GPTX_HUGE_PAGES=0
+"""A/B of the `gptx` command's huge-page switch (gptx/launcher.py): the same `gptx bench` with GPTX_HUGE_PAGES=0
 and with the default, in interleaved rounds, so the machine's drift hits both arms alike.
 
 Each round runs both arms once, in a fresh random order, each in its own process (glibc reads the tunable only
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from harness import export_variant, log  # also puts the repository root on sys.path
 
-from launcher import OPT_OUT, TUNABLE
+from gptx.launcher import OPT_OUT, TUNABLE
 
 METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s", "peak_rss_mib")
 

@@ -5,7 +5,7 @@
 
 Quality: each recipe quantizes the bundled `shakespeare` model's fp32 export; top-1 agreement and perplexity
 ratio against that fp32 export, teacher-forced over 64 x 128 tokens of the bundled text's held-out last 10%
-(`gpt_export.validate.text_agreement`). llama.cpp's q8_0 / q4_0 of the same weights are scored the same way
+(`gptx.export.validate.text_agreement`). llama.cpp's q8_0 / q4_0 of the same weights are scored the same way
 against llama.cpp's own f32. Speed: the same recipe on GPT-2-124M shapes (random weights), batch-1 decode
 (prompt 32 + 128 new), interleaved rounds, paired ratio to the default `int4`.
 """
@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as H
 from report import pct
 
-from gpt_export.optimize import PRESETS, QuantPreset
-from runtime import benchmark as B
-from runtime.bench_report import fmt
+from gptx.export.optimize import PRESETS, QuantPreset
+from gptx.runtime import benchmark as B
+from gptx.runtime.bench_report import fmt
 
 Q = QuantPreset
 # name -> (recipe, what it tries); BEFORE = int4 as exported before these presets (no fusions, fp32 token table);
@@ -79,9 +79,9 @@ def make_export(fp32_dir: Path, out: Path, recipe, source: str) -> dict:
     """A copy of the fp32 export quantized with `recipe`, the pre-preset int4 pipeline, or an fp16 export."""
     import onnx
 
-    from gpt_export.export import export
-    from gpt_export.optimize import optimize_export, quantize_weights, save_graph
-    from runtime.manifest import load_manifest
+    from gptx.export.convert import export
+    from gptx.export.optimize import optimize_export, quantize_weights, save_graph
+    from gptx.runtime.manifest import load_manifest
 
     shutil.rmtree(out, ignore_errors=True)
     if recipe == FP16:
@@ -98,10 +98,10 @@ def make_export(fp32_dir: Path, out: Path, recipe, source: str) -> dict:
 
 def quality(work: Path, names, llama: H.LlamaCpp | None) -> tuple[dict, int]:
     """(name -> agreement with the fp32 export, the sample model's n_embd)."""
-    from gpt_export.validate import sample_windows, text_agreement
-    from runtime.backends import create_backend
-    from runtime.manifest import load_manifest
-    from runtime.tokenizer import Tokenizer
+    from gptx.export.validate import sample_windows, text_agreement
+    from gptx.runtime.backends import create_backend
+    from gptx.runtime.manifest import load_manifest
+    from gptx.runtime.tokenizer import Tokenizer
 
     fp32 = work / "shakespeare-fp32"
     H.export_variant("shakespeare", fp32)
@@ -115,7 +115,7 @@ def quality(work: Path, names, llama: H.LlamaCpp | None) -> tuple[dict, int]:
         out[name] = text_agreement(ref, create_backend("onnxruntime", load_manifest(d), d), windows, H.VOCAB)
         H.log(f"quality {name}: top-1 {out[name]['top1_agreement']:.4f}, ppl ratio {out[name]['perplexity_ratio']:.4f}")
     if llama is not None:
-        from gpt_export.weights import load_any
+        from gptx.model.weights import load_any
 
         H.hf_directory(load_any("shakespeare").float().eval(), work / "hf-shakespeare")
         gguf = llama.gguf_files(work / "hf-shakespeare", work / "gguf-shakespeare", types=("f32", "q8_0", "q4_0"))
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import launcher
+    from gptx import launcher
 
-    launcher.reexec_with_huge_pages()  # measured as under the `gptx` command (launcher.py)
+    launcher.reexec_with_huge_pages()  # measured as under the `gptx` command (gptx/launcher.py)
     raise SystemExit(main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.bench_report import fmt, grouped_bars
+from gptx.runtime.bench_report import fmt, grouped_bars
 
 MODES = ("fp32", "16-bit", "8-bit", "4-bit")
 
@@ -50,7 +50,7 @@ def header(res: dict, json_name: str = "docs/benchmarks.json") -> list[str]:
           f"- **Threads:** {s['threads']} everywhere (torch.set_num_threads, ONNX Runtime's default pool, "
           "CTranslate2 intra_threads, llama.cpp n_threads / n_threads_batch)",
           f"- **Environment:** GLIBC_TUNABLES={m.get('glibc_tunables') or '(unset)'} in every engine's process "
-          "(the `gptx` command sets glibc.malloc.hugetlb=1 for itself where it helps: launcher.py)",
+          "(the `gptx` command sets glibc.malloc.hugetlb=1 for itself where it helps: gptx/launcher.py)",
           f"- **Model:** GPT-2-124M shapes (12 layers, 12 heads, 768 wide, vocab 50257), random weights (gptx "
           f"`random:gpt2`, seed {s['seed']}) saved once as a Hugging Face directory that every engine loads or "
           f"converts (llama.cpp: its convert_hf_to_gguf.py, then its own quantizer); HF vs gptx max |logit diff| "
@@ -179,7 +179,7 @@ def quality_tables(res: dict) -> list[str]:
         return []
     L = ["## Quality: top-1 agreement and perplexity against the same engine's full-precision model\n",
          "Teacher-forced over windows of the bundled Tiny Shakespeare text's held-out last 10% "
-         "(`gpt_export.validate.text_agreement` / `logit_agreement`, the same functions `gptx verify` uses): gptx "
+         "(`gptx.export.validate.text_agreement` / `logit_agreement`, the same functions `gptx verify` uses): gptx "
          "exports against the gptx fp32 export, llama.cpp types against llama.cpp f32 of the same GGUF conversion. "
          "The trained sample model is the meaningful test; on random weights the logits are nearly flat, so "
          "top-1 flips easily there.\n",

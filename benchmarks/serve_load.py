@@ -86,7 +86,7 @@ def free_port() -> int:
 
 def start_gptx(export_dir: Path, max_batch: int, threads: int | None, logfile: Path) -> Server:
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "cli.py"), "serve", str(export_dir), "--port", str(port),
+    cmd = [sys.executable, str(ROOT / "gptx" / "cli.py"), "serve", str(export_dir), "--port", str(port),
            "--max-batch", str(max_batch), "--max-queue", str(4 * max_batch)]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -105,7 +105,7 @@ def start_llama(binary: Path, gguf: Path, parallel: int, context: int, threads: 
 # ---------------------------------------------------------------------------------------------- weights
 def prepare_weights(work: Path, seed: int, convert: Path | None, gguf: Path | None) -> tuple[Path, Path | None]:
     """random:gpt2 as a HF directory (shared with compare_peers), its gptx export, and an f32 GGUF of it."""
-    from gpt_export.weights import random_model
+    from gptx.model.weights import random_model
 
     hf_dir, export_dir = work / "hf-gpt2-random", work / "gptx-fp32"
     if not (hf_dir / "config.json").exists():
@@ -125,9 +125,9 @@ def prepare_weights(work: Path, seed: int, convert: Path | None, gguf: Path | No
 
 def fixed_prompts(n: int, length: int) -> list[list[int]]:
     """n prompts of exactly `length` GPT-2 token ids, cut from the bundled Shakespeare text."""
-    from runtime.tokenizer import Tokenizer
+    from gptx.runtime.tokenizer import Tokenizer
 
-    text = (ROOT / "gpt_export" / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    text = (ROOT / "gptx" / "export" / "data" / "tinyshakespeare.txt").read_text()[:200_000]
     ids = Tokenizer().encode(text)
     step = len(ids) // n
     return [ids[i * step: i * step + length] for i in range(n)]
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     if a.llama_server and not (a.llama_convert or a.llama_gguf):
         p.error("--llama-server needs --llama-convert (to make the GGUF) or --llama-gguf")
 
-    from runtime.benchmark import machine_info
+    from gptx.runtime.benchmark import machine_info
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through `finally`: the servers are stopped
     work = a.workdir.resolve()

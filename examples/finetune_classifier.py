@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from gpt_export.classifier import GPTClassifier, accuracy, finetune_classifier
-from gpt_export.model import GPT, GPTConfig
-from gpt_export.weights import SAMPLE_MODELS
-from runtime.tokenizer import Tokenizer
+from gptx.model.classifier import GPTClassifier, accuracy, finetune_classifier
+from gptx.model.gpt import GPT, GPTConfig
+from gptx.model.weights import SAMPLE_MODELS
+from gptx.runtime.tokenizer import Tokenizer
 
-DATA = Path(__file__).resolve().parents[1] / "gpt_export" / "data" / "tinyshakespeare.txt"
+DATA = Path(__file__).resolve().parents[1] / "gptx" / "export" / "data" / "tinyshakespeare.txt"
 
 
 def make_examples(n: int, seed: int, tokenizer: Tokenizer, max_tokens: int):

@@ -1,6 +1,7 @@
 """The API spec's import name: `from gpt_language_model import GPT, GPTConfig, Tokenizer, GPTClassifier`.
 
-The same objects as `gpt_export`'s (not copies), so code written against either name mixes freely:
+The same objects as `gptx.model`'s and `gptx.runtime`'s (not copies), so code written against either name mixes
+freely:
 
     from gpt_language_model import GPT, GPTConfig, Tokenizer
     model = GPT.from_pretrained("shakespeare")
@@ -8,8 +9,9 @@ The same objects as `gpt_export`'s (not copies), so code written against either 
     logits, loss = model(tokenizer.encode("ROMEO:"))
 """
 
-from gpt_export import GPT, GPTConfig, Tokenizer
-from gpt_export.classifier import GPTClassifier
-from gpt_export.model import GPTOutput
+from gptx.model import GPT, GPTConfig
+from gptx.model.classifier import GPTClassifier
+from gptx.model.gpt import GPTOutput
+from gptx.runtime.tokenizer import Tokenizer
 
 __all__ = ["GPT", "GPTClassifier", "GPTConfig", "GPTOutput", "Tokenizer"]

@@ -45,7 +45,7 @@ def hf_model(hf_dir):
 
 @pytest.fixture(scope="session")
 def gpt(hf_dir):
-    from gpt_export import GPT
+    from gptx.model import GPT
 
     return GPT.from_pretrained(str(hf_dir))
 
@@ -53,7 +53,7 @@ def gpt(hf_dir):
 @pytest.fixture(scope="session")
 def export_dir(hf_dir, tmp_path_factory):
     """An fp32 export of the tiny HF model (its source path lets the torch backend reload it)."""
-    from gpt_export.export import export
+    from gptx.export.convert import export
 
     out = tmp_path_factory.mktemp("exports") / "tiny"
     export(str(hf_dir), out, progress=False)
@@ -62,16 +62,16 @@ def export_dir(hf_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engine(export_dir):
-    import runtime
+    import gptx.runtime
 
-    return runtime.load(export_dir, backend="onnxruntime")
+    return gptx.runtime.load(export_dir, backend="onnxruntime")
 
 
 @pytest.fixture(scope="session")
 def shakespeare_dir(tmp_path_factory):
     """An fp32 export of the bundled trained model: peaked logits, so greedy ties never flip on ULP noise
     (what batch-invariance tests need). Context 128."""
-    from gpt_export.export import export
+    from gptx.export.convert import export
 
     out = tmp_path_factory.mktemp("exports") / "shakespeare"
     export("shakespeare", out, validate=False, progress=False)
@@ -80,20 +80,20 @@ def shakespeare_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shakespeare(shakespeare_dir):
-    import runtime
+    import gptx.runtime
 
-    return runtime.load(shakespeare_dir, backend="onnxruntime")
+    return gptx.runtime.load(shakespeare_dir, backend="onnxruntime")
 
 
 @pytest.fixture(scope="session")
 def shakespeare_fused(tmp_path_factory):
     """The bundled model with `--optimize`: in-place attention (GroupQueryAttention writes the cache itself)."""
-    import runtime
-    from gpt_export.export import export
+    import gptx.runtime
+    from gptx.export.convert import export
 
     out = tmp_path_factory.mktemp("exports") / "shakespeare-fused"
     export("shakespeare", out, optimize=True, validate=False, progress=False)
-    return runtime.load(out, backend="onnxruntime")
+    return gptx.runtime.load(out, backend="onnxruntime")
 
 
 @pytest.fixture(params=["new_tokens_only", "in_place"])
@@ -109,8 +109,8 @@ EOS_PROBABILITY = 0.25
 def eos_dir(tmp_path_factory):
     """A tiny GPT whose next-token distribution is the same at every step, with <|endoftext|> at probability
     EOS_PROBABILITY: sampling meets end-of-text after a few tokens, greedy never does (another token is likelier)."""
-    from gpt_export.export import export
-    from gpt_export.model import GPT, GPTConfig
+    from gptx.export.convert import export
+    from gptx.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=50257)).eval()
@@ -166,7 +166,7 @@ def shakespeare_prompts(n: int, seed: int = 0) -> list[str]:
     """n prompts of different lengths (1 to ~40 tokens) cut from the bundled text."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "gpt_export" / "data" / "tinyshakespeare.txt").read_text()[:20000]
+    text = (Path(__file__).resolve().parents[1] / "gptx" / "export" / "data" / "tinyshakespeare.txt").read_text()[:20000]
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(text) - 400, n)
     lengths = rng.integers(1, 160, n)

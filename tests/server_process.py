@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = "import sys; sys.modules['torch'] = None; import cli; sys.argv[0] = 'gptx'; cli.main()"
+LAUNCH = "import sys; sys.modules['torch'] = None; from gptx import cli; sys.argv[0] = 'gptx'; cli.main()"
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""`runtime.benchmark` / `gptx bench` on a tiny export: sane, consistent numbers and outputs (no timing thresholds)."""
+"""`gptx.runtime.benchmark` / `gptx bench` on a tiny export: sane, consistent numbers and outputs (no timing thresholds)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gpt_export.export import export
-from gpt_export.model import GPT, GPTConfig
-from gpt_export.weights import save_checkpoint
-from runtime import benchmark
-from runtime.engine import load
-from runtime.errors import GptxError
+from gptx.export.convert import export
+from gptx.model.gpt import GPT, GPTConfig
+from gptx.model.weights import save_checkpoint
+from gptx.runtime import benchmark
+from gptx.runtime.engine import load
+from gptx.runtime.errors import GptxError
 
 BLOCK = 128
 
@@ -149,8 +149,8 @@ def test_run_bench_command_compares_and_writes_json_and_png(tiny_export, tmp_pat
 
 def test_sampled_runs_go_through_the_sampler(tiny_export, monkeypatch):
     """With a SamplingParams every decoded token is drawn by sample_row (greedy runs never call it)."""
-    from runtime import sampler
-    from runtime.sampler import SamplingParams
+    from gptx.runtime import sampler
+    from gptx.runtime.sampler import SamplingParams
 
     draws = []
     real = sampler.sample_row
@@ -187,7 +187,7 @@ def test_bad_compare_backend(tiny_export):
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, runtime.benchmark; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, gptx.runtime.benchmark; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -195,7 +195,7 @@ def test_module_does_not_import_torch():
 def cli():
     from typer.testing import CliRunner
 
-    from cli import app
+    from gptx.cli import app
 
     return CliRunner(), app
 
@@ -301,8 +301,8 @@ def test_onnx_weight_bytes_skips_tables_only_gathered(tiny_export, tmp_path):
     import harness
     import onnx
 
-    from gpt_export.optimize import optimize_export
-    from runtime.manifest import load_manifest
+    from gptx.export.optimize import optimize_export
+    from gptx.runtime.manifest import load_manifest
 
     fp32 = harness.onnx_weight_bytes(tiny_export, load_manifest(tiny_export))
     inits = onnx.load(str(tiny_export / "model.onnx"), load_external_data=False).graph.initializer
@@ -317,7 +317,7 @@ def test_onnx_weight_bytes_skips_tables_only_gathered(tiny_export, tmp_path):
 def test_ort_op_profile_counts_a_decode_step(tiny_export, tmp_path):
     import harness
 
-    from gpt_export.optimize import optimize_export
+    from gptx.export.optimize import optimize_export
 
     p = harness.ort_op_profile(tiny_export, past_len=8, steps=3, workdir=tmp_path)
     assert p["session_ms"] > 0 and p["nodes"] > 10
@@ -375,7 +375,7 @@ def test_report_renders_a_small_run(tmp_path):
 
 
 def test_grouped_bars_leave_gaps_for_missing_values(tmp_path):
-    from runtime.bench_report import grouped_bars
+    from gptx.runtime.bench_report import grouped_bars
 
     png = grouped_bars(["fp32", "4-bit"], {"a": [1.0, None], "b": [2.0, 3.0]}, tmp_path / "g.png", "t")
     assert png.stat().st_size > 1000
@@ -408,7 +408,7 @@ def test_remote_engine_that_fails_to_load_says_why(tmp_path):
 def test_huge_pages_ab_arms_differ_only_in_the_tunable(export_dir, tmp_path):
     import huge_pages_ab
 
-    from launcher import OPT_OUT, TUNABLE, glibc_version, huge_page_environment, thp_mode
+    from gptx.launcher import OPT_OUT, TUNABLE, glibc_version, huge_page_environment, thp_mode
 
     user = {"PATH": "/bin", "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{TUNABLE}"}
     off = huge_pages_ab.arm_environment(user, huge_pages=False)

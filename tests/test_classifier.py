@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gpt_export.classifier import GPTClassifier, accuracy, batch_and_mask, finetune_classifier, predict
-from gpt_export.model import GPT, GPTConfig
+from gptx.model.classifier import GPTClassifier, accuracy, batch_and_mask, finetune_classifier, predict
+from gptx.model.gpt import GPT, GPTConfig
 
 PAD, TARGET, VOCAB = 0, 7, 64
 

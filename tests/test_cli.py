@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import cli
-from cli import app
+from gptx import cli
+from gptx.cli import app
 
 runner = CliRunner()
 
@@ -22,7 +22,7 @@ def test_every_command_has_help(command):
 
 
 def test_console_script_is_installed():
-    proc = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "gptx.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "export" in proc.stdout and "verify" in proc.stdout
 
 
@@ -132,14 +132,14 @@ def test_export_cli_end_to_end(hf_dir, tmp_path):
 
 
 def test_choices_come_from_the_library_tables():
-    from runtime.backends import BACKENDS
-    from runtime.manifest import ENGINE_PRECISIONS, EXPORT_DTYPES, QUANT_SCHEMES
+    from gptx.runtime.backends import BACKENDS
+    from gptx.runtime.manifest import ENGINE_PRECISIONS, EXPORT_DTYPES, QUANT_SCHEMES
 
     assert [b.value for b in cli.Backend] == ["auto", *BACKENDS]
     assert [d.value for d in cli.DType] == list(EXPORT_DTYPES)
     assert [q.value for q in cli.Quantize] == list(QUANT_SCHEMES)
     assert [p.value for p in cli.Precision] == list(ENGINE_PRECISIONS)
-    from gpt_export.optimize import QUANT_BITS
+    from gptx.export.optimize import QUANT_BITS
 
     assert set(QUANT_SCHEMES) == set(QUANT_BITS)  # the exporter's quantizer knows every scheme the CLI offers
 
@@ -178,7 +178,7 @@ def test_stop_escapes():
 
 @pytest.fixture(scope="module")
 def shakespeare_dir(tmp_path_factory):
-    from gpt_export.export import export
+    from gptx.export.convert import export
 
     out = tmp_path_factory.mktemp("sample") / "shakespeare"
     export("shakespeare", out, progress=False, validate=False)
@@ -196,10 +196,10 @@ def test_stop_at_newline_typed_as_backslash_n(shakespeare_dir):
 
 
 def test_max_length_counts_the_prompt(export_dir):
-    import runtime
+    import gptx.runtime
 
     prompt = "Hello there"
-    n_prompt = len(runtime.load(export_dir).tokenizer.encode(prompt))
+    n_prompt = len(gptx.runtime.load(export_dir).tokenizer.encode(prompt))
     by_length = runner.invoke(app, ["generate", str(export_dir), prompt, "--max-length", str(n_prompt + 5),
                                     "--temperature", "0"])
     by_count = runner.invoke(app, ["generate", str(export_dir), prompt, "-n", "5", "--temperature", "0"])
@@ -208,12 +208,12 @@ def test_max_length_counts_the_prompt(export_dir):
 
 
 def test_an_unexpected_error_keeps_its_traceback_and_asks_for_a_report(export_dir, monkeypatch):
-    import runtime.manifest
+    import gptx.runtime.manifest
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(runtime.manifest, "load_manifest", broken)
+    monkeypatch.setattr(gptx.runtime.manifest, "load_manifest", broken)
     result = runner.invoke(app, ["info", str(export_dir)])
     assert result.exit_code == 1
     assert "Traceback" in result.output and "simulated bug" in result.output and "please report" in result.output
@@ -272,8 +272,8 @@ def run_in(venv: Path, *args, timeout=300) -> subprocess.CompletedProcess:
 def test_runtime_only_install_runs_info_generate_and_bench(runtime_venv, export_dir, tmp_path):
     no_torch = run_in(runtime_venv, "python", "-c", "import torch")
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
-    which = run_in(runtime_venv, "python", "-c", "import cli; print(cli.__file__)")
-    assert which.stdout.strip() == str(REPO / "cli.py")  # this checkout, through the install's console script
+    which = run_in(runtime_venv, "python", "-c", "from gptx import cli; print(cli.__file__)")
+    assert which.stdout.strip() == str(REPO / "gptx" / "cli.py")  # this checkout, through the install's console script
 
     info = run_in(runtime_venv, "gptx", "info", str(export_dir))
     assert info.returncode == 0 and "files:   OK" in info.stdout, info.stderr

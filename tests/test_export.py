@@ -6,10 +6,10 @@ import onnx
 import pytest
 import torch
 
-from gpt_export.export import ExportError, export
-from gpt_export.validate import run_sequence
-from runtime.backends import create_backend
-from runtime.manifest import ManifestError, load_manifest
+from gptx.export.convert import ExportError, export
+from gptx.export.validate import run_sequence
+from gptx.runtime.backends import create_backend
+from gptx.runtime.manifest import ManifestError, load_manifest
 
 
 def test_export_dir_is_self_describing(export_dir):
@@ -106,13 +106,13 @@ def test_export_refuses_to_overwrite_without_force(export_dir):
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    import gpt_export.export as exp
+    import gptx.export.convert as exp
 
     def broken_check(path):
         raise ExportError("simulated failure")
 
     monkeypatch.setattr(exp, "check", broken_check)
-    from gpt_export import GPT, GPTConfig
+    from gptx.model import GPT, GPTConfig
 
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257))
     with pytest.raises(ExportError, match="simulated"):
@@ -121,7 +121,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_force_replaces_atomically(tmp_path):
-    from gpt_export import GPT, GPTConfig
+    from gptx.model import GPT, GPTConfig
 
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257))
     out = tmp_path / "out"
@@ -149,7 +149,7 @@ def test_bad_options(tmp_path):
         export("random:gpt2", tmp_path / "a", dtype="int3", progress=False)
     with pytest.raises(ExportError, match="opset"):
         export("random:gpt2", tmp_path / "a", opset=9, progress=False)
-    from gpt_export.weights import ModelLoadError
+    from gptx.model.weights import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="unknown size"):
         export("random:gpt9", tmp_path / "a", progress=False)
@@ -173,8 +173,8 @@ def test_corrupt_manifest_is_reported(tmp_path, export_dir):
 
 def test_random_weights_seed_is_recorded_for_the_reference(tmp_path, monkeypatch):
     """`random:<size>` exports record their seed, so the torch backend redraws the same weights."""
-    import gpt_export.weights as weights
-    from gpt_export import GPT, GPTConfig
+    import gptx.model.weights as weights
+    from gptx.model import GPT, GPTConfig
 
     def tiny_random(spec, seed=0):
         torch.manual_seed(seed)
@@ -184,7 +184,7 @@ def test_random_weights_seed_is_recorded_for_the_reference(tmp_path, monkeypatch
     out = tmp_path / "r"
     manifest = export("random:gpt2", out, seed=5, progress=False, validate=False)
     assert manifest["seed"] == 5 and manifest["source"] == "random:gpt2"
-    from gpt_export.validate import compare
+    from gptx.export.validate import compare
 
     report = compare(out, decode_steps=2, ppl_tokens=0, batch_sizes=(1,))
     assert report["passed"] and report["max_abs_diff"] < 1e-4

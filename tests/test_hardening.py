@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from gptx.cli import app
 
 SECRET = "SECRET-MARKER-7f3a"  # written into files a bad manifest points at: must never be printed
 runner = CliRunner()
@@ -231,8 +231,8 @@ def _bytes(data: bytes):
 
 
 def _truncated(path: Path):
-    from gpt_export import GPT, GPTConfig
-    from gpt_export.weights import save_checkpoint
+    from gptx.model import GPT, GPTConfig
+    from gptx.model.weights import save_checkpoint
 
     save_checkpoint(GPT(GPTConfig(**GOOD_ARGS)), path)
     data = path.read_bytes()
@@ -385,7 +385,7 @@ def test_export_to_a_full_disk(hf_dir, sandbox, tmp_path):
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
             "sys.argv = ['gptx', 'export', sys.argv[1], '--out', sys.argv[2]]\n"
-            "from cli import main\nmain()\n")
+            "from gptx.cli import main\nmain()\n")
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p))
     before = snapshot(sandbox)

@@ -1,4 +1,4 @@
-"""launcher.py: the `gptx` command re-executes itself once with glibc's huge-page tunable, where it helps."""
+"""gptx/launcher.py: the `gptx` command re-executes itself once with glibc's huge-page tunable, where it helps."""
 
 import json
 import os
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import launcher
-from launcher import OPT_OUT, TUNABLE, huge_page_environment
+from gptx import launcher
+from gptx.launcher import OPT_OUT, TUNABLE, huge_page_environment
 
 GLIBC, MADVISE = (2, 36), "madvise"
 

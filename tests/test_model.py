@@ -4,9 +4,10 @@ import time
 import pytest
 import torch
 
-from gpt_export import GPT, GPTConfig, Tokenizer
-from gpt_export.weights import ModelLoadError, save_checkpoint
-from runtime.errors import InvalidInput
+from gptx.model import GPT, GPTConfig
+from gptx.runtime import Tokenizer
+from gptx.model.weights import ModelLoadError, save_checkpoint
+from gptx.runtime.errors import InvalidInput
 
 
 def small_config(**kw):
@@ -335,7 +336,7 @@ def test_mlp_is_gpt2s_tanh_gelu_mlp():
     from transformers import GPT2Config
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-    from gpt_export.model import MLP
+    from gptx.model.gpt import MLP
 
     torch.manual_seed(0)
     ours = MLP(small_config()).eval()

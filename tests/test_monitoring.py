@@ -13,12 +13,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from gpt_export.monitoring import parse_report_to
-from gpt_export.train import TrainConfig, train
-from runtime.errors import InvalidInput
+from gptx.cli import app
+from gptx.train.monitoring import parse_report_to
+from gptx.train.trainer import TrainConfig, train
+from gptx.runtime.errors import InvalidInput
 
-SHAKESPEARE_TXT = Path(__file__).resolve().parents[1] / "gpt_export" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE_TXT = Path(__file__).resolve().parents[1] / "gptx" / "export" / "data" / "tinyshakespeare.txt"
 TINY_ARGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
              "--eval-iters", "2", "--warmup-iters", "2", "--max-iters", "6", "--eval-interval", "3"]
 LINE = re.compile(r"iter (\d+): train loss ([\d.]+), val loss ([\d.]+), lr ([\d.e+-]+)")

@@ -11,11 +11,11 @@ import pytest
 import torch
 from onnx import helper
 
-from gpt_export.export import export
-from gpt_export.optimize import HEAD_PARTS, QuantPreset, optimize_export
-from gpt_export.validate import compare
-from runtime.errors import GptxError, InvalidInput
-from runtime.manifest import load_manifest
+from gptx.export.convert import export
+from gptx.export.optimize import HEAD_PARTS, QuantPreset, optimize_export
+from gptx.export.validate import compare
+from gptx.runtime.errors import GptxError, InvalidInput
+from gptx.runtime.manifest import load_manifest
 
 N_LAYER = 2  # conftest's tiny model
 
@@ -175,8 +175,8 @@ def test_optimize_fuses_gelu_and_layernorm_and_records_it(hf_dir, gpt, tmp_path)
 def test_in_place_graphs_refuse_cuda_and_bad_contracts(hf_dir, tmp_path):
     import json
 
-    from runtime.backends import create_backend
-    from runtime.errors import ManifestError
+    from gptx.runtime.backends import create_backend
+    from gptx.runtime.errors import ManifestError
 
     out = tmp_path / "opt"
     export(str(hf_dir), out, optimize=True, progress=False)
@@ -252,9 +252,9 @@ def test_token_lookups_make_only_their_rows_resident(tmp_path):
     """A CPU load first evicts the weights file from the page cache (fsutil.drop_cached_pages). Pages that a read()
     brought in from disk sit there as large folios, and the session's mapping would make a whole folio resident
     for each token it looks up: on Linux 6.18 / ext4, 48 lookups then made 18 of the 37 MB table resident."""
-    from gpt_export import GPT, GPTConfig
-    from runtime import load
-    from runtime.fsutil import drop_cached_pages
+    from gptx.model import GPT, GPTConfig
+    from gptx.runtime import load
+    from gptx.runtime.fsutil import drop_cached_pages
 
     torch.manual_seed(0)
     out = tmp_path / "q8"
@@ -276,8 +276,8 @@ def test_token_lookups_make_only_their_rows_resident(tmp_path):
 def test_a_cpu_session_reads_its_weights_file_without_readahead(export_dir, tmp_path):
     """After loading, the file is read only by token id (lookup, re-score): every mapping of it is advised random
     (smaps VmFlags "rr"), so a miss brings in one page, not a readahead window (fsutil.advise_random_access)."""
-    from runtime import load
-    from runtime.fsutil import advise_random_access
+    from gptx.runtime import load
+    from gptx.runtime.fsutil import advise_random_access
 
     out = tmp_path / "q4"
     shutil.copytree(export_dir, out)
@@ -296,8 +296,8 @@ def test_rescore_head_makes_the_top_k_logits_exact(tmp_path):
     from onnx import TensorProto, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from gpt_export.export import WTE
-    from gpt_export.optimize import rescore_head
+    from gptx.export.convert import WTE
+    from gptx.export.optimize import rescore_head
 
     vocab, width, k = 300, 64, 8
     rng = np.random.default_rng(0)

@@ -99,12 +99,12 @@ def test_replicas_share_the_load_and_a_killed_replica_is_replaced(ray_server, mo
 
 
 def test_application_builder_for_serve_run_and_kuberay(shakespeare_dir):
-    """`serve run runtime.server.ray_app:build directory=DIR ...` (and a RayService's import_path): the arguments
+    """`serve run gptx.runtime.server.ray_app:build directory=DIR ...` (and a RayService's import_path): the arguments
     arrive as strings and are checked before anything is deployed."""
     from ray.serve import Application
 
-    from runtime.errors import InvalidInput
-    from runtime.server.ray_app import build
+    from gptx.runtime.errors import InvalidInput
+    from gptx.runtime.server.ray_app import build
 
     assert isinstance(build({"directory": str(shakespeare_dir), "max_batch": "4", "threads": "1"}), Application)
     with pytest.raises(InvalidInput, match="directory"):

@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from runtime.sampler import Sampler, SamplingParams, apply_repetition_penalty, top_k_filter, top_p_filter
+from gptx.runtime.sampler import Sampler, SamplingParams, apply_repetition_penalty, top_k_filter, top_p_filter
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -75,7 +75,7 @@ def test_sampler_rows_are_independent():
 def test_candidate_set_follows_the_filter_rules(top_k, top_p):
     """The fast path (argpartition a top-m set, cut the whole row only when it holds < p) keeps exactly the tokens
     top_p_filter(top_k_filter(...)) keeps; 0.999 of a flat distribution forces the whole-row fallback."""
-    from runtime.sampler import candidates
+    from gptx.runtime.sampler import candidates
 
     rng = np.random.default_rng(1)
     for scale in (0.5, 4.0):
@@ -92,7 +92,7 @@ def test_candidate_set_follows_the_filter_rules(top_k, top_p):
 def test_top_p_ties_at_the_cut_are_kept_in_index_order():
     """Five equal logits after the top one, p asking for three tokens: the first two tied ids stay, as a stable
     sort would keep them, whether the partitioned set or the whole row answers."""
-    from runtime.sampler import candidates
+    from gptx.runtime.sampler import candidates
 
     for vocab in (10, 5000):
         x = np.full(vocab, -30.0, np.float32)
@@ -106,7 +106,7 @@ def test_top_p_ties_at_the_cut_are_kept_in_index_order():
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 50257])
 def test_cumsum_search_matches_a_full_cumsum(n):
     """The two-level search finds what searchsorted over the whole float64 cumsum finds, zero weights included."""
-    from runtime.sampler import cumsum_search
+    from gptx.runtime.sampler import cumsum_search
 
     rng = np.random.default_rng(n)
     weights = (rng.random(n) ** 6).astype(np.float32)
@@ -130,7 +130,7 @@ def test_sampler_top_k_draws_only_the_k_best():
                                     dict(temperature=True), dict(top_p="0.5"), dict(seed=-1), dict(seed=1.5),
                                     dict(seed=True), dict(repetition_penalty=float("nan"))])
 def test_sampling_types_are_checked_up_front(kwargs, engine):
-    from runtime.errors import InvalidInput
+    from gptx.runtime.errors import InvalidInput
 
     with pytest.raises(InvalidInput):
         SamplingParams(**kwargs)
@@ -211,7 +211,7 @@ def test_generator_cache_is_written_in_place_and_grows_in_buckets(engine, shakes
         windows.add(long.cache.window)
     assert windows == {64, 128}
     # the same tokens as the old fixed layout would give: a row alone in a cache sized up front
-    from runtime.kv_cache import KVCache
+    from gptx.runtime.kv_cache import KVCache
 
     cache = KVCache(shakespeare.backend, 1, 128)
     cache.claim()
@@ -242,14 +242,14 @@ def test_runtime_works_without_torch(export_dir):
                 pass
 
         sys.meta_path.insert(0, NoTorch())
-        import runtime
-        engine = runtime.load({str(export_dir)!r})
+        import gptx.runtime
+        engine = gptx.runtime.load({str(export_dir)!r})
         out = engine.generate(["Hello", "Hi there"], 5, temperature=0, stop_at_eos=False)
         assert isinstance(out, list) and len(out) == 2 and all(out), out
         assert NoTorch.attempts == [] and "torch" not in sys.modules, NoTorch.attempts
         try:
-            runtime.load({str(export_dir)!r}, backend="torch")
-        except runtime.GptxError as e:
+            gptx.runtime.load({str(export_dir)!r}, backend="torch")
+        except gptx.runtime.GptxError as e:
             print("torch backend refused:", e)
         print("OK", engine.backend.name)
     """)
@@ -261,12 +261,12 @@ def test_runtime_works_without_torch(export_dir):
 def test_cuda_device_without_cuda_is_a_clear_error(export_dir):
     import onnxruntime as ort
 
-    import runtime
+    import gptx.runtime
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has onnxruntime-gpu")
-    with pytest.raises(runtime.GptxError, match="CUDA"):
-        runtime.load(export_dir, backend="onnxruntime", device="cuda")
+    with pytest.raises(gptx.runtime.GptxError, match="CUDA"):
+        gptx.runtime.load(export_dir, backend="onnxruntime", device="cuda")
 
 
 @pytest.mark.gpu
@@ -275,7 +275,7 @@ def test_onnxruntime_cuda_io_binding_matches_pytorch(export_dir, gpt):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu (pip install 'gptx[cuda]')")
-    from gpt_export.validate import compare
+    from gptx.export.validate import compare
 
     report = compare(export_dir, backend="onnxruntime", device="cuda", reference_model=gpt, decode_steps=6)
     assert report["passed"], report["failures"]
@@ -296,7 +296,7 @@ def test_stream_holds_back_a_stop_string_arriving_in_pieces(engine):
 # ------------------------------------------------------------------------------------------ slot KV cache
 def alone_logits(backend, prompt, fed):
     """Logits of one sequence in its own one-row cache: prefill `prompt`, then decode each token of `fed`."""
-    from runtime.kv_cache import KVCache
+    from gptx.runtime.kv_cache import KVCache
 
     cache = KVCache(backend, 1)
     cache.claim()
@@ -310,7 +310,7 @@ def alone_logits(backend, prompt, fed):
 def test_rows_of_different_lengths_decode_as_if_alone(fixture, request):
     """The exported graph takes per-row masks and positions: one decode call over rows of different lengths
     (prefilled together or at different times, moved by free) equals each row alone - no re-export needed."""
-    from runtime.kv_cache import KVCache
+    from gptx.runtime.kv_cache import KVCache
 
     backend = request.getfixturevalue(fixture).backend
     rng = np.random.default_rng(0)
@@ -344,7 +344,7 @@ def test_rows_of_different_lengths_decode_as_if_alone(fixture, request):
 
 def test_in_place_prefill_of_rows_in_any_order(shakespeare_fused):
     """In-place graphs prefill a contiguous block of rows in one call; rows in another order one at a time."""
-    from runtime.kv_cache import KVCache
+    from gptx.runtime.kv_cache import KVCache
 
     backend = shakespeare_fused.backend
     assert backend.capabilities.writes_cache
@@ -366,7 +366,7 @@ def test_window_grows_in_buckets_and_matches_a_full_prefill(shakespeare_any, mon
     """The window starts at 64 slots and grows (reallocating, keeping the rows) only when a row needs slot 64;
     logits after the growth equal a prefill of the whole sequence. (In-place graphs grow so only when their
     whole-context cache would exceed WHOLE_CONTEXT_BYTES, set to 0 here.)"""
-    from runtime import kv_cache
+    from gptx.runtime import kv_cache
 
     monkeypatch.setattr(kv_cache, "WHOLE_CONTEXT_BYTES", 0)
     backend = shakespeare_any.backend
@@ -386,7 +386,7 @@ def test_window_grows_in_buckets_and_matches_a_full_prefill(shakespeare_any, mon
 def test_in_place_caches_take_the_whole_context_at_once(shakespeare, shakespeare_fused):
     """In-place graphs read only each row's filled slots, so their cache is the whole context from the start and
     never reallocated; the portable graph, whose attention covers the window, still starts at one bucket."""
-    from runtime.kv_cache import KVCache
+    from gptx.runtime.kv_cache import KVCache
 
     seq = np.random.default_rng(2).integers(0, 50000, 100).tolist()
     cache = KVCache(shakespeare_fused.backend, 2)
@@ -404,7 +404,7 @@ def test_in_place_caches_take_the_whole_context_at_once(shakespeare, shakespeare
 def test_freeing_a_row_moves_only_its_filled_slots(shakespeare_any):
     """The last row moves into the freed one slot by slot up to its length: the rest of a whole-context row
     (pages never written) is not touched, and the moved row decodes as before."""
-    from runtime.kv_cache import KVCache
+    from gptx.runtime.kv_cache import KVCache
 
     backend = shakespeare_any.backend
     cache = KVCache(backend, 2)
@@ -424,7 +424,7 @@ def test_growing_the_window_lets_go_of_the_old_one(shakespeare_any, monkeypatch)
     in-place binding keeps them bound) are emptied, so nothing keeps the old window resident."""
     import weakref
 
-    from runtime import kv_cache
+    from gptx.runtime import kv_cache
 
     monkeypatch.setattr(kv_cache, "WHOLE_CONTEXT_BYTES", 0)  # in-place graphs grow in buckets too
     backend = shakespeare_any.backend
@@ -441,7 +441,7 @@ def test_growing_the_window_lets_go_of_the_old_one(shakespeare_any, monkeypatch)
 
 def test_cache_buffers_are_private_zeroed_mappings():
     """The CPU cache lives in anonymous private mappings: zeroed, writable, and copied (not shared) by a fork."""
-    from runtime.backends.onnxruntime_backend import mapped_zeros
+    from gptx.runtime.backends.onnxruntime_backend import mapped_zeros
 
     buf = mapped_zeros((2, 3, 4, 5), np.float32)
     assert buf.shape == (2, 3, 4, 5) and buf.dtype == np.float32 and not buf.any() and buf.flags.writeable
@@ -457,18 +457,18 @@ def test_cache_buffers_are_private_zeroed_mappings():
 
 
 def test_importing_the_runtime_leaves_asyncio_until_serving_is_used():
-    code = ("import sys, runtime; assert 'asyncio' not in sys.modules and 'ssl' not in sys.modules; "
-            "from runtime import Pool; assert Pool.__module__ == 'runtime.serving'; runtime.Completion, runtime.Event")
+    code = ("import sys; from gptx import runtime; assert 'asyncio' not in sys.modules and 'ssl' not in sys.modules; "
+            "from gptx.runtime import Pool; assert Pool.__module__ == 'gptx.runtime.serving'; runtime.Completion, runtime.Event")
     subprocess.run([sys.executable, "-c", code], check=True)
-    import runtime
+    import gptx.runtime
 
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        _ = runtime.Nope
+        _ = gptx.runtime.Nope
 
 
 def test_claim_and_free_keep_rows_contiguous(engine):
-    from runtime.errors import GptxError
-    from runtime.kv_cache import KVCache
+    from gptx.runtime.errors import GptxError
+    from gptx.runtime.kv_cache import KVCache
 
     cache = KVCache(engine.backend, 2)
     assert [cache.claim(), cache.claim()] == [0, 1]
@@ -481,9 +481,9 @@ def test_claim_and_free_keep_rows_contiguous(engine):
 # ------------------------------------------------------------------------------------------ generation
 def test_generation_stops_at_end_of_text(eos_dir):
     """Default settings (stop_at_eos on): the token stream ends with <|endoftext|> and the text stops before it."""
-    import runtime
+    import gptx.runtime
 
-    engine = runtime.load(eos_dir)
+    engine = gptx.runtime.load(eos_dir)
     ids = engine.generate_ids([464], 40, temperature=1.0, seed=0)
     assert ids[-1] == engine.eos_token_id and 2 < len(ids) < 40 and engine.eos_token_id not in ids[:-1]
     text = engine.generate("The", 40, temperature=1.0, seed=0)
@@ -506,14 +506,14 @@ def test_repetition_penalty_through_generator(engine):
 
 
 def test_onnxruntime_threads_option(export_dir, engine):
-    import runtime
-    from runtime.errors import InvalidInput
+    import gptx.runtime
+    from gptx.runtime.errors import InvalidInput
 
-    one = runtime.load(export_dir, backend="onnxruntime", threads=1)
+    one = gptx.runtime.load(export_dir, backend="onnxruntime", threads=1)
     assert one.backend.session.get_session_options().intra_op_num_threads == 1
     assert one.generate("Hello", 8, temperature=0) == engine.generate("Hello", 8, temperature=0)
     with pytest.raises(InvalidInput, match="threads"):
-        runtime.load(export_dir, backend="onnxruntime", threads="two")
+        gptx.runtime.load(export_dir, backend="onnxruntime", threads="two")
 
 
 def test_stop_string_in_one_row_while_the_others_go_on(engine):
@@ -533,7 +533,7 @@ def test_empty_stop_string_is_ignored(engine):
 
 
 def test_max_length_counts_the_prompt(engine, shakespeare):
-    from runtime.errors import InvalidInput
+    from gptx.runtime.errors import InvalidInput
 
     prompt = [464, 2068, 7586]
     by_length = engine.generate_ids(prompt, max_length=10, temperature=0, stop_at_eos=False)
@@ -550,7 +550,7 @@ def test_max_length_counts_the_prompt(engine, shakespeare):
 
 
 def test_token_ids_must_be_integers(engine):
-    from runtime.errors import InvalidInput
+    from gptx.runtime.errors import InvalidInput
 
     for bad in ([1.5], [1, 2.0], [True], ["3"]):
         with pytest.raises(InvalidInput, match="integers"):
@@ -561,7 +561,7 @@ def test_token_ids_must_be_integers(engine):
 
 def test_stream_checks_arguments_when_called(engine):
     """Before the first piece (so the CLI can refuse before echoing the prompt)."""
-    from runtime.errors import InvalidInput
+    from gptx.runtime.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="max_new_tokens"):
         engine.stream("Hello", max_new_tokens=-1)
@@ -578,17 +578,17 @@ def test_non_finite_logits_raise_a_clear_error(tmp_path):
     `!!!!` (token 0) as if all were well."""
     import torch
 
-    import runtime
-    from gpt_export.export import export
-    from gpt_export.model import GPT, GPTConfig
-    from runtime.errors import GenerationError, GptxError
+    import gptx.runtime
+    from gptx.export.convert import export
+    from gptx.model.gpt import GPT, GPTConfig
+    from gptx.runtime.errors import GenerationError, GptxError
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50257)).eval()
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     export(model, tmp_path / "nan", validate=False, progress=False)
-    engine = runtime.load(tmp_path / "nan")
+    engine = gptx.runtime.load(tmp_path / "nan")
     for temperature in (0, 0.8):
         with pytest.raises(GenerationError, match="non-finite logits"):
             engine.generate("Hello", 5, temperature=temperature)
@@ -597,8 +597,8 @@ def test_non_finite_logits_raise_a_clear_error(tmp_path):
 
 
 def test_verify_rejects_decode_steps_that_do_not_fit(export_dir):
-    from gpt_export.validate import compare
-    from runtime.errors import InvalidInput
+    from gptx.export.validate import compare
+    from gptx.runtime.errors import InvalidInput
 
     for steps in (500, 63, 0, 2.0):
         with pytest.raises(InvalidInput, match="decode_steps must be an integer from 1 to 62"):
@@ -607,8 +607,8 @@ def test_verify_rejects_decode_steps_that_do_not_fit(export_dir):
 
 # ------------------------------------------------------------------------------------------ bench arguments
 def test_bench_refuses_a_batch_that_cannot_fit_in_memory(shakespeare_dir):
-    from runtime import benchmark
-    from runtime.errors import InvalidInput
+    from gptx.runtime import benchmark
+    from gptx.runtime.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match=r"needs about [\d.]+ GiB .* use a smaller --batch-size"):
         benchmark.run_bench_command(shakespeare_dir, backend="onnxruntime", batch_sizes=[1000000], prompt_lens=[4],
@@ -618,7 +618,7 @@ def test_bench_refuses_a_batch_that_cannot_fit_in_memory(shakespeare_dir):
 
 
 def runtime_manifest(directory):
-    from runtime.manifest import load_manifest
+    from gptx.runtime.manifest import load_manifest
 
     return load_manifest(directory)
 
@@ -626,8 +626,8 @@ def runtime_manifest(directory):
 def test_bench_defaults_fit_a_short_context(shakespeare_dir):
     """prompt 32 + the default 128 new tokens do not fit a 128-token model: the default is clamped, with a note;
     an explicit --new-tokens that does not fit says what to pass."""
-    from runtime import benchmark
-    from runtime.errors import InvalidInput
+    from gptx.runtime import benchmark
+    from gptx.runtime.errors import InvalidInput
 
     report = benchmark.run_bench_command(shakespeare_dir, backend="onnxruntime", prompt_lens=[32], runs=1, warmup=0,
                                          compare="none")

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-import runtime
-from gpt_export import GPT, GPTConfig
-from gpt_export.export import ExportError, export
-from gpt_export.weights import save_checkpoint
-from runtime.errors import ManifestError, ModelLoadError
-from runtime.fsutil import Terminated, clean_stale, interrupts_deferred, replace_dir, terminate_as_interrupt
-from runtime.manifest import check_files, load_manifest
+import gptx.runtime
+from gptx.model import GPT, GPTConfig
+from gptx.export.convert import ExportError, export
+from gptx.model.weights import save_checkpoint
+from gptx.runtime.errors import ManifestError, ModelLoadError
+from gptx.runtime.fsutil import Terminated, clean_stale, interrupts_deferred, replace_dir, terminate_as_interrupt
+from gptx.runtime.manifest import check_files, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def tiny_model(seed: int = 0) -> GPT:
 
 def gptx_command() -> list[str]:
     script = Path(sys.executable).parent / "gptx"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "gptx.cli"]
 
 
 def child_env() -> dict:
@@ -263,7 +263,7 @@ def test_a_live_writers_files_are_never_touched(tmp_path, live_process, dead_pid
 def test_a_killed_checkpoint_write_is_cleaned_by_the_next_save(tmp_path, capfd):
     """SIGKILL during save_checkpoint leaves .ckpt.pt.tmp-PID (never a half ckpt.pt); the next save removes it."""
     ckpt = tmp_path / "ckpt.pt"
-    code = ("import sys, torch\nfrom gpt_export import GPT, GPTConfig\nfrom gpt_export.weights import save_checkpoint\n"
+    code = ("import sys, torch\nfrom gptx.model import GPT, GPTConfig\nfrom gptx.model.weights import save_checkpoint\n"
             "m = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=50257))\n"
             "print('ready', flush=True)\n"
             "while True: save_checkpoint(m, sys.argv[1])\n")
@@ -289,8 +289,8 @@ def test_a_killed_checkpoint_write_is_cleaned_by_the_next_save(tmp_path, capfd):
 # ---------------------------------------------------------------------------------------------- item 3: atomic swap
 POLLER = """
 import json, sys, time
-from runtime.manifest import load_manifest
-from runtime.errors import ManifestError
+from gptx.runtime.manifest import load_manifest
+from gptx.runtime.errors import ManifestError
 target, stop, report = sys.argv[1:4]
 polls, errors, deadline = 0, [], time.monotonic() + 120
 from pathlib import Path
@@ -355,7 +355,7 @@ def test_checksums_are_taken_after_the_optimize_pass(tmp_path):
 def test_nans_in_the_weights_are_caught_by_info_and_verify_weights(tiny_export):
     from typer.testing import CliRunner
 
-    from cli import app
+    from gptx.cli import app
 
     ok = CliRunner().invoke(app, ["info", str(tiny_export)])
     assert ok.exit_code == 0 and "files:   OK" in ok.output
@@ -365,17 +365,17 @@ def test_nans_in_the_weights_are_caught_by_info_and_verify_weights(tiny_export):
     data.write_bytes(bytes(raw))
     bad = CliRunner().invoke(app, ["info", str(tiny_export)])
     assert bad.exit_code == 1 and "OK" not in bad.output and "model.onnx.data does not match" in bad.output
-    assert runtime.load(tiny_export) is not None  # the default load checks sizes only (fast)
+    assert gptx.runtime.load(tiny_export) is not None  # the default load checks sizes only (fast)
     with pytest.raises(ManifestError, match="model.onnx.data does not match its recorded sha256"):
-        runtime.load(tiny_export, verify_weights=True)
+        gptx.runtime.load(tiny_export, verify_weights=True)
     data.write_bytes(bytes(raw[:-4]))  # a truncated file is caught by every load
     with pytest.raises(ManifestError, match="model.onnx.data is"):
-        runtime.load(tiny_export)
+        gptx.runtime.load(tiny_export)
 
 
 # ---------------------------------------------------------------------------------------------- item 8: source
 def test_source_is_absolute_and_verify_works_from_any_directory(tmp_path, monkeypatch):
-    from gpt_export.validate import compare
+    from gptx.export.validate import compare
 
     monkeypatch.chdir(tmp_path)
     save_checkpoint(tiny_model(3), Path("ckpt.pt"))
@@ -391,14 +391,14 @@ def test_source_is_absolute_and_verify_works_from_any_directory(tmp_path, monkey
 def test_a_source_that_changed_since_export_is_refused_with_both_hashes(tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from gptx.cli import app
 
     ckpt = tmp_path / "ckpt.pt"
     save_checkpoint(tiny_model(3), ckpt)
     manifest = export(str(ckpt), tmp_path / "e", progress=False, validate=False)
     save_checkpoint(tiny_model(4), ckpt)  # the source kept training after the export
     with pytest.raises(ModelLoadError, match="the source changed since export") as info:
-        runtime.load(tmp_path / "e", backend="torch")
+        gptx.runtime.load(tmp_path / "e", backend="torch")
     assert manifest["source_sha256"] in str(info.value)
     result = CliRunner().invoke(app, ["verify", str(tmp_path / "e"), "--decode-steps", "2", "--ppl-tokens", "0"])
     assert result.exit_code == 1 and "the source changed since export" in result.output
@@ -415,7 +415,7 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_tmp(tmp_pa
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-            "from runtime.errors import GptxError\nfrom runtime.fsutil import atomic_write\n"
+            "from gptx.runtime.errors import GptxError\nfrom gptx.runtime.fsutil import atomic_write\n"
             "try:\n    atomic_write(sys.argv[1], 'x' * 100_000)\n"
             "except GptxError as e:\n    print(e)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, env=child_env(),
@@ -426,7 +426,7 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_tmp(tmp_pa
 
 def test_an_engine_and_its_rebuild_are_recorded_with_checksums(tiny_export):
     """`gptx build` writes engine.plan through save_engine: a rebuild replaces the old checksum, info stays OK."""
-    from gpt_export.tensorrt_build import save_engine
+    from gptx.export.tensorrt_build import save_engine
 
     for plan in (b"first engine bytes", b"a rebuilt, longer engine"):
         save_engine(tiny_export, memoryview(plan), {"file": "engine.plan", "precision": "fp32"})

@@ -1,4 +1,4 @@
-"""Continuous batching (runtime/scheduler.py): a request's tokens do not depend on what else is in the batch,
+"""Continuous batching (gptx/runtime/scheduler.py): a request's tokens do not depend on what else is in the batch,
 cancellation frees rows at the next step, queues are bounded, failures stay with their rows."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from conftest import PoisonedBackend, shakespeare_prompts
 
-from runtime.errors import GenerationError, InvalidInput, QueueFull
-from runtime.sampler import SamplingParams
-from runtime.scheduler import Request, Scheduler
+from gptx.runtime.errors import GenerationError, InvalidInput, QueueFull
+from gptx.runtime.sampler import SamplingParams
+from gptx.runtime.scheduler import Request, Scheduler
 
 GREEDY = SamplingParams(temperature=0)
 

@@ -38,8 +38,8 @@ def long_dir(tmp_path_factory):
     can act on it mid-generation with a wide margin."""
     import torch
 
-    from gpt_export.export import export
-    from gpt_export.model import GPT, GPTConfig
+    from gptx.export.convert import export
+    from gptx.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=1024, vocab_size=50257)).eval()
@@ -335,10 +335,10 @@ def test_a_failing_request_gets_500_and_the_server_keeps_serving(shakespeare_dir
     fail only their own requests, with OpenAI's error body; the next request is served."""
     from fastapi.testclient import TestClient
 
-    import runtime
-    from runtime.server.app import ServerConfig, create_app
+    import gptx.runtime
+    from gptx.runtime.server.app import ServerConfig, create_app
 
-    engine = runtime.load(shakespeare_dir, backend="onnxruntime")
+    engine = gptx.runtime.load(shakespeare_dir, backend="onnxruntime")
     engine.backend = PoisonedBackend(engine.backend, nan_token=50000, boom_token=50001)
     with TestClient(create_app(engine, ServerConfig("bard")), raise_server_exceptions=False) as http:
         boom = http.post("/v1/completions", json={"prompt": [464, 50001], "max_tokens": 5})

@@ -1,4 +1,4 @@
-"""The embeddable async pool (runtime/serving.py): generate / stream / events over continuous batching, with
+"""The embeddable async pool (gptx/runtime/serving.py): generate / stream / events over continuous batching, with
 cancellation, bounded queues, observers and a clean shutdown. Plain asyncio.run: no async test plugin needed."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 import pytest
 from conftest import PoisonedBackend, shakespeare_prompts
 
-from runtime.errors import GenerationError, GptxError, InvalidInput, QueueFull
-from runtime.serving import Completion
+from gptx.runtime.errors import GenerationError, GptxError, InvalidInput, QueueFull
+from gptx.runtime.serving import Completion
 
 TIMEOUT = 60  # seconds; every wait below is bounded by it
 
@@ -171,7 +171,7 @@ def test_observer_and_stats(shakespeare):
 
 
 def test_a_failing_request_does_not_take_the_pool_down(engine):
-    from runtime.engine import Engine
+    from gptx.runtime.engine import Engine
 
     poisoned = PoisonedBackend(engine.backend)
     sick = Engine(poisoned, engine.tokenizer, engine.manifest)

@@ -1,7 +1,7 @@
 """The API spec's code blocks, as a user pastes them.
 
 Only two things are made local: the weights name (the bundled "shakespeare" model, or a tiny config) and
-the vocabulary path (the GPT-2 ranks shipped in runtime/data). Everything else is the spec's own code;
+the vocabulary path (the GPT-2 ranks shipped in gptx/runtime/data). Everything else is the spec's own code;
 the asserts after each block check that it did what the spec says.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-VOCAB_FILE = str(Path(__file__).resolve().parents[1] / "runtime" / "data" / "gpt2.tiktoken")
+VOCAB_FILE = str(Path(__file__).resolve().parents[1] / "gptx" / "runtime" / "data" / "gpt2.tiktoken")
 
 
 @pytest.fixture(autouse=True)
@@ -18,14 +18,15 @@ def seeded():
     torch.manual_seed(0)
 
 
-def test_spec_names_are_gpt_exports_objects():
-    import gpt_export
+def test_spec_names_are_gptx_objects():
     import gpt_language_model
-    from gpt_export.classifier import GPTClassifier
+    from gptx.model import GPT, GPTConfig
+    from gptx.model.classifier import GPTClassifier
+    from gptx.runtime import Tokenizer
 
-    assert gpt_language_model.GPT is gpt_export.GPT
-    assert gpt_language_model.GPTConfig is gpt_export.GPTConfig
-    assert gpt_language_model.Tokenizer is gpt_export.Tokenizer
+    assert gpt_language_model.GPT is GPT
+    assert gpt_language_model.GPTConfig is GPTConfig
+    assert gpt_language_model.Tokenizer is Tokenizer
     assert gpt_language_model.GPTClassifier is GPTClassifier
 
 
@@ -82,7 +83,7 @@ def shifted_text_pairs(tokenizer, count=16):
 
     Only lines whose two halves re-encode to exactly those tokens are kept (BPE may merge differently
     across a cut), so both texts of a row encode to the same number of tokens."""
-    text = (Path(__file__).resolve().parents[1] / "gpt_export" / "data" / "tinyshakespeare.txt").read_text()
+    text = (Path(__file__).resolve().parents[1] / "gptx" / "export" / "data" / "tinyshakespeare.txt").read_text()
     pairs = []
     for line in text.splitlines():
         ids = tokenizer.encode(line)

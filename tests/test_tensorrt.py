@@ -16,9 +16,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from gpt_export.export import export
-from gpt_export.model import GPT, GPTConfig
-from gpt_export.tensorrt_build import (
+from gptx.export.convert import export
+from gptx.model.gpt import GPT, GPTConfig
+from gptx.export.tensorrt_build import (
     BuildError,
     add_engine_entry,
     build_engine,
@@ -26,10 +26,10 @@ from gpt_export.tensorrt_build import (
     engine_entry,
     profiles_from_manifest,
 )
-from gpt_export.trt_support import SUPPORTED_OPS, check_graph
-from runtime.backends.tensorrt_backend import TensorRTBackend, check_engine_compat, normalize_cc
-from runtime.errors import GptxError
-from runtime.manifest import load_manifest, record_files, save_manifest
+from gptx.export.trt_support import SUPPORTED_OPS, check_graph
+from gptx.runtime.backends.tensorrt_backend import TensorRTBackend, check_engine_compat, normalize_cc
+from gptx.runtime.errors import GptxError
+from gptx.runtime.manifest import load_manifest, record_files, save_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257)
@@ -249,7 +249,7 @@ def _trt_and_gpu() -> bool:
 def _cli_build(directory: Path, *args: str):
     from typer.testing import CliRunner
 
-    from cli import app
+    from gptx.cli import app
 
     return CliRunner().invoke(app, ["build", str(directory), *args])
 
@@ -281,7 +281,7 @@ def test_cli_build_on_this_machine_fails_cleanly(exports):
     result = _cli_build(exports["fp16"], "--max-seq", "32")  # default precision fp16
     _assert_one_clean_line(result, "TensorRT", "pip install 'gptx")
     # and as a real process, as a user would run it
-    proc = subprocess.run([sys.executable, "-m", "cli", "build", str(exports["fp16"]), "--max-seq", "32"],
+    proc = subprocess.run([sys.executable, "-m", "gptx.cli", "build", str(exports["fp16"]), "--max-seq", "32"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -320,7 +320,7 @@ def test_backend_errors_without_engine_or_tensorrt(exports, monkeypatch):
 
 def test_backend_module_imports_without_torch_or_tensorrt():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None\n"
-            "import runtime.backends.tensorrt_backend as m; print(m.TensorRTBackend.name)")
+            "import gptx.runtime.backends.tensorrt_backend as m; print(m.TensorRTBackend.name)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "tensorrt"
@@ -418,9 +418,9 @@ def test_backend_plumbing_against_fake_tensorrt(exports, tmp_path, monkeypatch, 
     against ONNX Runtime slot by slot."""
     import onnxruntime as ort
 
-    from gpt_export.validate import compare
-    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from runtime.kv_cache import KVCache
+    from gptx.export.validate import compare
+    from gptx.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from gptx.runtime.kv_cache import KVCache
 
     directory = fresh_copy(exports[dtype], tmp_path / dtype)
     manifest = load_manifest(directory)
@@ -487,7 +487,7 @@ def _require_trt_gpu():
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_engine_matches_pytorch(tmp_path, dtype):
     _require_trt_gpu()
-    from gpt_export.validate import compare
+    from gptx.export.validate import compare
 
     directory = tmp_path / dtype
     export(tiny_model(), directory, dtype=dtype, validate=False, progress=False)
@@ -503,8 +503,8 @@ def test_engine_matches_pytorch(tmp_path, dtype):
 @pytest.mark.gpu
 def test_engine_backend_prefill_decode_and_limits(tmp_path):
     _require_trt_gpu()
-    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from runtime.kv_cache import KVCache
+    from gptx.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from gptx.runtime.kv_cache import KVCache
 
     directory = tmp_path / "x"
     export(tiny_model(), directory, dtype="fp32", validate=False, progress=False)

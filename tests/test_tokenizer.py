@@ -1,7 +1,7 @@
 import pytest
 
-from gpt_export import Tokenizer
-from runtime.tokenizer import StreamDecoder, save_hf_vocab
+from gptx.runtime import Tokenizer
+from gptx.runtime.tokenizer import StreamDecoder, save_hf_vocab
 
 CORPUS = [
     "Hello world",
@@ -106,7 +106,7 @@ def test_encode_batch_padding_and_mask():
 
 
 def test_missing_or_bad_vocab_file(tmp_path):
-    from runtime.errors import GptxError
+    from gptx.runtime.errors import GptxError
 
     with pytest.raises(GptxError, match="not found"):
         Tokenizer(tmp_path / "nope.tiktoken")
@@ -131,7 +131,7 @@ def test_missing_or_bad_vocab_file(tmp_path):
 def test_bad_hf_vocab_files_do_not_echo_contents(hf_vocab_dir, tmp_path):
     import shutil
 
-    from runtime.errors import GptxError
+    from gptx.runtime.errors import GptxError
 
     d = tmp_path / "hf"
     shutil.copytree(hf_vocab_dir, d)
@@ -148,7 +148,7 @@ def test_bad_hf_vocab_files_do_not_echo_contents(hf_vocab_dir, tmp_path):
 
 def test_a_replaced_vocab_file_is_read_again(tmp_path):
     """tiktoken's loaders cache files by path in the temp dir; ours reads the file itself every time."""
-    from runtime.errors import GptxError
+    from gptx.runtime.errors import GptxError
 
     path = tmp_path / "v.tiktoken"
     Tokenizer().save(path)
@@ -175,7 +175,7 @@ def test_ranks_save_and_pickle_come_from_the_encoder(tmp_path):
     pickle rebuild the same vocabulary from the encoder, and unpickling never reads the vocab file again."""
     import pickle
 
-    from runtime.tokenizer import DEFAULT_VOCAB, _load_ranks
+    from gptx.runtime.tokenizer import DEFAULT_VOCAB, _load_ranks
 
     default = Tokenizer()
     assert default.ranks() == _load_ranks(DEFAULT_VOCAB)

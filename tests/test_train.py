@@ -1,4 +1,4 @@
-"""gpt_export.train: loss goes down, exact resume, checkpoints that load, clear errors, the bundled sample model."""
+"""gptx.train.trainer: loss goes down, exact resume, checkpoints that load, clear errors, the bundled sample model."""
 
 import hashlib
 import itertools
@@ -11,16 +11,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from gpt_export.model import GPT, GPTConfig
-from gpt_export.monitoring import installed
-from gpt_export.train import TrainConfig, get_lr, train
-from gpt_export.weights import SAMPLE_MODELS
-from runtime.errors import GptxError, TrainError
-from runtime.tokenizer import Tokenizer
+from gptx.cli import app
+from gptx.model.gpt import GPT, GPTConfig
+from gptx.train.monitoring import installed
+from gptx.train.trainer import TrainConfig, get_lr, train
+from gptx.model.weights import SAMPLE_MODELS
+from gptx.runtime.errors import GptxError, TrainError
+from gptx.runtime.tokenizer import Tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
-SHAKESPEARE_TXT = Path(__file__).resolve().parents[1] / "gpt_export" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE_TXT = Path(__file__).resolve().parents[1] / "gptx" / "export" / "data" / "tinyshakespeare.txt"
 # measured on the shipped model (see docs/sample_model.md) + a margin; ln(50257) = 10.8 is a random model
 SAMPLE_VAL_LOSS_MAX = 5.00 + 0.3  # measured 4.995 on the shipped file (docs/sample_model.md)
 runner = CliRunner()

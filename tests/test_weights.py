@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_export import GPT, GPTConfig
-from gpt_export.weights import (
+from gptx.model import GPT, GPTConfig
+from gptx.model.weights import (
     claimed_params,
     load_checkpoint,
     load_export_source,
@@ -22,7 +22,7 @@ from gpt_export.weights import (
     save_checkpoint,
     weights_sha256,
 )
-from runtime.errors import InvalidInput, ModelLoadError
+from gptx.runtime.errors import InvalidInput, ModelLoadError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def test_a_tiny_file_claiming_a_huge_model_is_refused_before_allocating(tmp_path
     source = make(tmp_path / "claims-2000-layers.pt" if make is absurd_checkpoint else tmp_path / "hf")
     size = source.stat().st_size if source.is_file() else sum(p.stat().st_size for p in source.iterdir())
     assert size < 2048
-    code, peak_mib, err = peak_rss_of([sys.executable, "-m", "cli", "export", str(source), "--out",
+    code, peak_mib, err = peak_rss_of([sys.executable, "-m", "gptx.cli", "export", str(source), "--out",
                                        str(tmp_path / "out")])
     assert code == 1 and "Traceback" not in err
     assert "claims a" in err and "parameter model" in err

@@ -1,0 +1,5 @@
+"""`python -m gptx` runs the `gptx` command."""
+
+from gptx.launcher import main
+
+main()

@@ -1,0 +1,72 @@
+"""One forward step with a KV cache: the module that is exported to ONNX and that the `torch` backend runs.
+
+The same graph serves prefill (past length 0) and decode. Its contract:
+  inputs   input_ids [B, T] int64, attention_mask [B, P + T] int64, position_ids [B, T] int64,
+           past_key_values.{i}.key / .value [B, n_head, P, head_dim]
+  outputs  logits [B, vocab] float32 (last position only: prefill does not pay for logits nobody reads),
+           present.{i}.key / .value [B, n_head, T, head_dim]: the keys/values of the *new* tokens only.
+
+Returning only the new keys/values (rather than concat(past, new)) is what lets the runtime keep a
+preallocated cache and write each step into it in place: the graph never copies the past. The past may
+be the whole preallocated buffer; `attention_mask[:, :P]` marks which of its slots are filled.
+
+The transformer itself is the model's own (`GPT.body`, cached attention chosen by passing the past);
+this module only adds the contract above and the fp16 islands. Names come from `gptx.runtime.io_names`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gptx.model.gpt import GPT, attention_allowed, attention_bias, cast_to
+
+__all__ = ["KVStep"]
+
+
+class KVStep(nn.Module):
+    """Wraps a GPT (sharing its weights) with the cache contract above.
+
+    With `half=True` the matrices run in fp16 while the residual stream, LayerNorms, softmax and the
+    logits stay fp32: GPT-2 overflows fp16 in its residual stream without that care. (Converts the GPT
+    in place; export passes a copy.)
+    """
+
+    def __init__(self, gpt: GPT, half: bool = False):
+        super().__init__()
+        self.gpt = gpt
+        self.compute_dtype = torch.float16 if half else torch.float32
+        if half:
+            for block in gpt.transformer.h:
+                block.attn.half()
+                block.mlp.half()
+            gpt.lm_head.half()  # tied: wte becomes fp16 too
+            gpt.transformer.wpe.float()
+
+    @property
+    def n_layer(self) -> int:
+        return self.gpt.config.n_layer
+
+    @property
+    def half(self) -> bool:
+        return self.compute_dtype == torch.float16
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        past_len, new_len = past[0].shape[2], input_ids.shape[1]
+        bias = attention_bias(attention_allowed(attention_mask, past_len, new_len))
+        x, presents = self.gpt.body(input_ids, position_ids, bias, list(zip(past[0::2], past[1::2])))
+        head = self.gpt.lm_head
+        last = cast_to(self.gpt.transformer.ln_f(x[:, -1, :]), head.weight.dtype)
+        logits = cast_to(head(last), torch.float32)
+        return (logits, *(t for kv in presents for t in kv))
+
+    def example_inputs(self, batch: int = 2, new_len: int = 3, past_len: int = 4):
+        """Tracing inputs: a nonzero past so nothing about it is constant-folded."""
+        cfg = self.gpt.config
+        device = self.gpt.device
+        ids = torch.randint(0, cfg.vocab_size, (batch, new_len), device=device)
+        mask = torch.ones(batch, past_len + new_len, dtype=torch.long, device=device)
+        pos = torch.arange(past_len, past_len + new_len, device=device).expand(batch, -1).contiguous()
+        shape = (batch, cfg.n_head, past_len, cfg.head_dim)
+        past = [torch.zeros(shape, dtype=self.compute_dtype, device=device) for _ in range(2 * cfg.n_layer)]
+        return (ids, mask, pos, *past)

@@ -1,0 +1,680 @@
+"""Speed passes on an export directory: ONNX Runtime's fusions, then quantization.
+
+Both come from onnxruntime's own tooling (transformers optimizer, MatMulNBits and dynamic quantizers); gptx
+chooses the settings (a named preset, measured in docs/quantization.md), makes a few small graph edits the tools
+leave undone, and records what was done in the manifest so `gptx info` / `verify` can tell.
+
+Order matters: fusions run on the fp32 graph first, because the optimizer's patterns look for MatMul + Add;
+quantizing first would hide them behind MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import itertools
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from gptx.runtime.errors import GptxError, InvalidInput
+from gptx.runtime.fsutil import atomic_path
+from gptx.runtime.io_names import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names, present_names
+from gptx.runtime.manifest import IN_PLACE, QUANT_SCHEMES, load_manifest, record_files, save_manifest
+
+from gptx.export.convert import WTE, find_tied_head
+
+
+@dataclass(frozen=True)
+class QuantPreset:
+    """One quantization recipe, in onnxruntime's MatMulNBitsQuantizer terms (method "dynamic" takes only `bits`)."""
+
+    bits: int
+    # blockwise (ORT's default: per-block min/max, round to nearest) | hqq | gptq | rtn: weight-only, MatMulNBits;
+    # dynamic: int8 weights and int8 activations quantized per call (quantize_dynamic_int8)
+    method: str = "blockwise"
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (MLAS's fast path), 1 = fp32
+    # the token lookup: "copy" = GatherBlockQuantized over its own copy of the LM head's quantized blocks (paged in
+    # as rows are looked up: see quantized_embedding), "shared" = over the head's very initializer (a smaller
+    # file, but prepacking the head reads every page of it), "fp32" = keep the fp32 table
+    embedding: str = "copy"
+    head_bits: int | None = None  # the tied embedding / LM head at other bits (blockwise, symmetric); None = bits
+    wide_layers: int = 0  # the first N transformer layers' matrices at head_bits too (the most sensitive ones)
+    # how those head_bits matrices are quantized: "blockwise" (MatMulNBits) or "dynamic" (8 bits only: int8 weights
+    # and activations, MatMulInteger, whose kernel is faster than MatMulNBits's 8-bit one; the lookup then keeps
+    # the fp32 table)
+    wide_method: str = "blockwise"
+    # K > 0: the LM head at `bits` like the layers (not head_bits), and its K best logits recomputed exactly from
+    # the fp32 token table after it (rescore_head); the lookup then keeps the fp32 table
+    head_rescore: int = 0
+    rescore_bits: int | None = None  # the re-scored head's bits (2, 4 or 8), same blocks as the layers; None = bits
+
+
+# `--quantize` uses the measured winners (docs/quantization.md: quality on the Shakespeare sample, speed on
+# GPT-2-124M shapes). int4 keeps the first layer at 8 bits, which alone lifts top-1 agreement from ~96% to ~98%,
+# as dynamic int8 (MatMulInteger), whose kernel is faster here than MatMulNBits's 8-bit one. Its LM head is 4-bit
+# with the 64 best logits recomputed from the fp32 table (rescore_head): 16 MB less read per token than the 8-bit
+# head llama.cpp's q4_0 keeps, ~1.1x the decode rate, and 97.65% instead of 97.5% top-1. "int4-weight-only" (an
+# earlier default) keeps the head and layer 0 as 8-bit MatMulNBits.
+PRESETS = {
+    "int8": QuantPreset(8),
+    "int8-dynamic": QuantPreset(8, method="dynamic"),
+    "int4": QuantPreset(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1, wide_method="dynamic",
+                        head_rescore=64),
+    "int4-weight-only": QuantPreset(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1),
+    "int4-pure": QuantPreset(4, block_size=32),  # every matrix at 4 bits: smallest and fastest, ~91% top-1
+}
+QUANT_BITS = {name: PRESETS[name].bits for name in QUANT_SCHEMES}  # every scheme the CLI offers has a preset
+HEAD_PARTS = 4  # the quantized LM head in 4 column slices (split_lm_head): a lower load-time peak RSS
+MATRICES_PER_LAYER = 4  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+GPTQ_CALIBRATION = (8, 64)  # windows x tokens of the bundled text's training part
+
+
+def fuse(proto, n_head: int, n_embd: int):
+    """FastGelu (with its bias), SkipLayerNormalization (residual Add + LayerNorm, with the projection's bias).
+
+    The optimizer's symbolic shape inference fails on our graph (it merges the mask's length with the past's,
+    then divides by the zero-length slice that results), and without shapes it would skip SkipLayerNorm. Its
+    shape check only guards against broadcasting Adds; every Add feeding a LayerNorm in KVStep joins two
+    (batch, seq, n_embd) tensors (embeddings, residual stream), so we turn shape inference off instead.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("gpt2")
+    options.enable_shape_inference = False
+    logging.disable(logging.WARNING)  # one log line per fusion otherwise
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimized = optimize_model(proto, model_type="gpt2", num_heads=n_head, hidden_size=n_embd,
+                                       optimization_options=options, opt_level=0)
+        stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    finally:
+        logging.disable(logging.NOTSET)
+    return optimized.model, [f"{op} x{count}" for op, count in sorted(stats.items())]
+
+
+def fewer_ops(proto, n_embd: int) -> list[str]:
+    """A graph edit ORT's optimizer does not make: the attention scale 1/sqrt(head_dim) moves from the scores
+    (a Mul per layer and step) into the query columns of the qkv projection, done on the fp32 weights before
+    any quantization (exact when head_dim is a power of two)."""
+    from onnx import numpy_helper
+
+    g = proto.graph
+    done = []
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+
+    def constant(name):
+        node = producer.get(name)
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    muls = [n for n in g.node if n.op_type == "Mul" and producer.get(n.input[0]) is not None
+            and producer[n.input[0]].op_type == "Concat" and constant(n.input[1]) is not None
+            and constant(n.input[1]).size == 1]
+    qkv = [n for n in g.node if n.op_type == "MatMul" and n.input[1] in inits
+           and list(inits[n.input[1]].dims) == [n_embd, 3 * n_embd]]
+    scales = {float(constant(m.input[1])) for m in muls}
+    if not muls or len(muls) != len(qkv) or len(scales) != 1:
+        return done  # not the graph this pass knows: leave it alone
+    scale = scales.pop()
+    for matmul in qkv:
+        add = consumers[matmul.output[0]]
+        if len(add) != 1 or add[0].op_type != "Add":
+            return done
+    for m in muls:  # the scores feed the mask directly
+        for c in consumers[m.output[0]]:
+            c.input[list(c.input).index(m.output[0])] = m.input[0]
+        g.node.remove(m)
+    for matmul in qkv:
+        w = numpy_helper.to_array(inits[matmul.input[1]]).copy()
+        w[:, :n_embd] *= scale
+        inits[matmul.input[1]].CopyFrom(numpy_helper.from_array(w, matmul.input[1]))
+        add = consumers[matmul.output[0]][0]
+        k = next(j for j, i in enumerate(add.input) if i != matmul.output[0])
+        source = add.input[k] if add.input[k] in inits else producer[add.input[k]].input[0]  # exporter's Identity
+        bias = numpy_helper.to_array(inits[source]).copy()
+        bias[:n_embd] *= scale
+        scaled = numpy_helper.from_array(bias, f"{matmul.name}/scaled_bias")  # own copy: biases may be shared
+        g.initializer.append(scaled)
+        add.input[k] = scaled.name
+    done.append(f"attention scale folded into the query x{len(qkv)}")
+    return done
+
+
+def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
+    """Each layer's attention (split, head reshapes, two score matmuls, mask, softmax, two value matmuls,
+    merge) becomes one com.microsoft GroupQueryAttention over the packed qkv, which reads the cache and writes
+    the new keys/values into it in place. Written here because no ORT fusion targets our cache contract.
+
+    The graph then follows the `in_place` cache contract (gptx/runtime/manifest.py): `present.i.*` are the past
+    buffers themselves (the runtime binds both names to one array), each row's tokens are a prefix of its
+    slots (`attention_mask` is 1 on them, and prefill pads on the right), and row b's logits come from its last
+    real position. seqlens_k / total_sequence_length are derived once from the mask. Measured on GPT-2 int4
+    (docs/benchmarks.md): 238 of 350 nodes go, and attention reads only each row's filled slots.
+    `scale` is the score scale GroupQueryAttention applies (1.0 when fewer_ops folded it into the query).
+    Returns what was done; [] (graph untouched) when the graph is not the one this pass knows.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    pasts, presents = past_names(n_layer), present_names(n_layer)
+    layers = []
+    for i in range(n_layer):
+        split = next((n for n in g.node if n.op_type == "Split" and n.name.startswith(f"/h.{i}/attn/")), None)
+        c_proj = next((n for n in g.node if n.name.startswith(f"/h.{i}/attn/c_proj/")
+                       and n.op_type in ("MatMul", "MatMulNBits")), None)
+        if split is None or c_proj is None or producer.get(presents[2 * i]) is None:
+            return []
+        layers.append((split.input[0], c_proj.input[0]))
+    last = next((n for n in g.node if n.op_type == "Gather" and n.output[0] in
+                 {i for m in g.node if m.name == "/ln_f/LayerNormalization" for i in m.input}), None)
+    if last is None:
+        return []
+    # rows are prefixes: row b holds sum(mask[b]) tokens, the new one(s) included
+    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "gqa/one"),
+                          numpy_helper.from_array(np.array([1], np.int64), "gqa/axis1"),
+                          numpy_helper.from_array(np.array([1], np.int32), "gqa/one32")])
+    prelude = [
+        helper.make_node("Cast", [ATTENTION_MASK], ["gqa/mask32"], to=TensorProto.INT32, name="gqa/Cast"),
+        helper.make_node("ReduceSum", ["gqa/mask32", "gqa/axis1"], ["gqa/lengths"], keepdims=0, name="gqa/Lengths"),
+        helper.make_node("Sub", ["gqa/lengths", "gqa/one32"], ["gqa/seqlens_k"], name="gqa/SeqlensK"),
+        helper.make_node("ReduceMax", ["gqa/lengths"], ["gqa/total"], keepdims=0, name="gqa/Total"),
+        # logits position of row b: its last real token (prefill, right-padded) or 0 (decode, one new token)
+        helper.make_node("Shape", [INPUT_IDS], ["gqa/ids_shape"], name="gqa/IdsShape"),
+        helper.make_node("Gather", ["gqa/ids_shape", "gqa/axis1"], ["gqa/new_len"], axis=0, name="gqa/NewLen"),
+        helper.make_node("Sub", ["gqa/new_len", "gqa/one"], ["gqa/last_new"], name="gqa/LastNew"),
+        helper.make_node("Cast", ["gqa/seqlens_k"], ["gqa/seqlens64"], to=TensorProto.INT64, name="gqa/Cast64"),
+        helper.make_node("Min", ["gqa/seqlens64", "gqa/last_new"], ["gqa/last_index"], name="gqa/LastIndex"),
+        helper.make_node("Unsqueeze", ["gqa/last_index", "gqa/axis1"], ["gqa/last_index2"], name="gqa/Index2"),
+    ]
+    attention = [helper.make_node("GroupQueryAttention", [qkv, "", "", pasts[2 * i], pasts[2 * i + 1],
+                                                          "gqa/seqlens_k", "gqa/total"],
+                                  [out, presents[2 * i], presents[2 * i + 1]], name=f"/h.{i}/attn/GroupQueryAttention",
+                                  domain="com.microsoft", num_heads=n_head, kv_num_heads=n_head, scale=scale)
+                 for i, (qkv, out) in enumerate(layers)]
+    replaced = {*(out for _, out in layers), *presents}  # what the old attention nodes produced
+    for n in list(g.node):
+        if set(n.output) & replaced:
+            g.node.remove(n)
+    gather = helper.make_node("GatherND", [last.input[0], "gqa/last_index2"], list(last.output), batch_dims=1,
+                              name="/GatherLastReal")
+    position = list(g.node).index(last)
+    g.node.remove(last)
+    g.node.insert(position, gather)
+    for n in reversed(prelude):
+        g.node.insert(0, n)
+    for i, node in enumerate(attention):
+        c_proj_in = layers[i][1]
+        consumer = next(k for k, n in enumerate(g.node) if c_proj_in in n.input)
+        g.node.insert(consumer, node)
+    if not any(op.domain == "com.microsoft" for op in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    removed = remove_dead_nodes(proto)
+    for out in g.output:  # present.i.* now have the past's shape: the whole buffer
+        if out.name in presents:
+            dims = out.type.tensor_type.shape.dim
+            dims[2].Clear()
+            dims[2].dim_param = "past_sequence"
+    return [f"GroupQueryAttention (in-place cache) x{n_layer}, {removed} nodes removed"]
+
+
+def use_in_place_cache(manifest: dict) -> None:
+    """Record the in-place cache contract of fuse_attention's graph: presents are the whole past buffers."""
+    for spec in manifest["outputs"]:
+        if spec["name"] != "logits":
+            spec["shape"][2] = "past_sequence"
+    manifest["kv_cache"] = {
+        "layout": "batch, n_head, past_sequence, head_dim",
+        "present": IN_PLACE,
+        "note": "present.i.* are the past buffers, written in place by the graph at each row's length (bind "
+                "both names to one array); each row's tokens are a prefix of its slots, marked by "
+                "attention_mask; prompts are right-padded",
+    }
+
+
+def remove_dead_nodes(proto) -> int:
+    """Drop nodes (and initializers) nothing reads any more, until none is left; how many nodes went."""
+    g = proto.graph
+    removed = 0
+    while True:
+        used = {o.name for o in g.output} | {i for n in g.node for i in n.input}
+        dead = [n for n in g.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+        removed += len(dead)
+    used = {i for n in g.node for i in n.input}
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
+    return removed
+
+
+def resolve_preset(quantize: str | None, preset: str | QuantPreset | None) -> tuple[str, QuantPreset] | None:
+    """(name, preset) for `quantize` (one of QUANT_SCHEMES) and/or a preset (a PRESETS name or a QuantPreset);
+    None when nothing is quantized."""
+    if quantize is not None and quantize not in QUANT_SCHEMES:
+        raise InvalidInput(f"--quantize must be one of {', '.join(QUANT_SCHEMES)}, got {quantize!r}")
+    if preset is None:
+        return (quantize, PRESETS[quantize]) if quantize else None
+    if isinstance(preset, QuantPreset):
+        name, settings = "custom", preset
+    elif preset in PRESETS:
+        name, settings = preset, PRESETS[preset]
+    else:
+        raise InvalidInput(f"unknown quantization preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if quantize is not None and settings.bits != PRESETS[quantize].bits:
+        raise InvalidInput(f"preset {name!r} is {settings.bits}-bit, but --quantize {quantize} was asked for")
+    return name, settings
+
+
+class _Calibration:
+    """GPTQ's calibration inputs: prefill calls (empty past) on windows of the bundled text's training part."""
+
+    def __init__(self, manifest: dict):
+        from gptx.runtime.tokenizer import Tokenizer
+
+        from gptx.export.validate import sample_windows
+
+        windows, length = GPTQ_CALIBRATION
+        cfg = manifest["config"]
+        length = min(length, cfg["block_size"])
+        ids = sample_windows(Tokenizer(), windows, length, held_out=False)
+        empty = np.zeros((1, cfg["n_head"], 0, cfg["n_embd"] // cfg["n_head"]), np.float32)
+        past = dict.fromkeys(past_names(cfg["n_layer"]), empty)
+        self.feeds = [{INPUT_IDS: row[None], ATTENTION_MASK: np.ones((1, length), np.int64),
+                       POSITION_IDS: np.arange(length, dtype=np.int64)[None], **past} for row in ids]
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def get_next(self):  # the CalibrationDataReader protocol, for tools that call it directly
+        return self.feeds.pop(0) if self.feeds else None
+
+
+def _algo_config(preset: QuantPreset, manifest: dict):
+    from onnxruntime.quantization import matmul_nbits_quantizer as q
+
+    if preset.method == "blockwise":
+        return q.DefaultWeightOnlyQuantConfig(block_size=preset.block_size, is_symmetric=preset.symmetric,
+                                              accuracy_level=preset.accuracy_level, bits=preset.bits,
+                                              op_types_to_quantize=("MatMul",))
+    if preset.method == "hqq":
+        return q.HQQWeightOnlyQuantConfig(block_size=preset.block_size, bits=preset.bits)
+    if preset.method == "gptq":
+        return q.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Calibration(manifest), block_size=128)
+    if preset.method == "rtn":
+        return q.RTNWeightOnlyQuantConfig()
+    raise InvalidInput(f"unknown quantization method {preset.method!r}")
+
+
+def untie_lm_head(proto) -> str | None:
+    """Gemm(x, wte, transB=1) (how fp32 exports share the tied embedding) back to MatMul(x, wte^T): the weight-only
+    quantizers only take MatMul. The new MatMul's name, or None when there was no such Gemm."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in list(proto.graph.node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] != WTE or len(node.input) > 2 or attrs.get("transB") != 1:
+            continue
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+            continue
+        weight = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[WTE]).T), WTE + ".T")
+        proto.graph.initializer.append(weight)
+        matmul = helper.make_node("MatMul", [node.input[0], weight.name], list(node.output), name=node.name + "_untied")
+        proto.graph.node.insert(list(proto.graph.node).index(node), matmul)
+        proto.graph.node.remove(node)
+        return matmul.name
+    return None
+
+
+def tied_lm_head(proto) -> str | None:
+    """Name of the MatMul whose weight is the token embedding transposed (GPT-2's tied LM head), if any."""
+    found = find_tied_head(proto)
+    return None if found is None else found[0].name
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantizers log a line per graph node (and a pre-processing hint) and draw progress bars."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def dynamic_int8(proto, nodes: list[str] | None = None):
+    """int8 weights (per tensor) and int8 activations quantized on every call for the MatMuls named in `nodes`
+    (None: every MatMul with constant weights): onnxruntime's quantize_dynamic (DynamicQuantizeLinear +
+    MatMulInteger, which the session fuses). It runs MLAS's integer GEMM, faster here than MatMulNBits's 8-bit
+    kernel: about 2x the 512-token prefill and 1.2-1.3x the decode rate of the weight-only int8 on GPT-2-124M
+    shapes, for slightly lower agreement with fp32 (benchmarks/README.md). Per-tensor weights: per-channel ones
+    measured far worse (93% top-1)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="gptx-quantize-") as scratch:
+        out = Path(scratch) / "model.onnx"
+        with _quiet():  # the input proto may exceed 2 GB: quantize_dynamic saves it with external data itself
+            quantize_dynamic(proto, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
+                             per_channel=False, reduce_range=False, weight_type=QuantType.QInt8,
+                             use_external_data_format=True,
+                             extra_options={"MatMulConstBOnly": True,
+                                            # contrib ops (GroupQueryAttention...) carry no type information
+                                            "DefaultTensorType": onnx.TensorProto.FLOAT})
+        return onnx.load(str(out))
+
+
+def quantize_dynamic_int8(proto, preset: QuantPreset):
+    """Every MatMul, the LM head included, as dynamic int8 (`dynamic_int8`). The token lookup keeps the fp32
+    table, mapped from the file, so only looked-up rows become resident."""
+    untie_lm_head(proto)
+    model = dynamic_int8(proto)
+    counts = collections.Counter(n.op_type for n in model.graph.node)
+    if counts["MatMulInteger"] == 0:
+        raise GptxError("quantization found no MatMul weights to quantize")
+    info = {"method": "dynamic int8 (int8 weights per tensor, int8 activations per call: MatMulInteger)",
+            "bits": preset.bits, "lm_head_bits": preset.bits, "quantized_matmuls": counts["MatMulInteger"],
+            "remaining_fp32_matmuls": counts["MatMul"], "embedding": "fp32 Gather", "preset_settings": asdict(preset)}
+    return model, info
+
+
+def quantize_weights(proto, preset: QuantPreset, manifest: dict):
+    """int8/int4 for every MatMul with constant weights, the LM head included: weight-only (MatMulNBits), or
+    dynamic int8 when the preset says so."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if preset.method == "dynamic":
+        return quantize_dynamic_int8(proto, preset)
+    lm_head = untie_lm_head(proto) or tied_lm_head(proto)
+    head_bits = preset.head_bits or preset.bits
+    if preset.wide_method not in ("blockwise", "dynamic") or (preset.wide_method == "dynamic" and head_bits != 8):
+        raise InvalidInput(f"wide_method must be 'blockwise' or (with head_bits=8) 'dynamic', got "
+                           f"{preset.wide_method!r} with head_bits={head_bits}")
+    if preset.rescore_bits not in (None, 2, 4, 8):
+        raise InvalidInput(f"rescore_bits must be 2, 4 or 8 (MatMulNBits), got {preset.rescore_bits}")
+    inits = {t.name for t in proto.graph.initializer}
+    layer_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                     and n.name != lm_head]  # in graph order: layer 0's four matrices first
+    wide = layer_matmuls[:MATRICES_PER_LAYER * preset.wide_layers]
+    # a re-scored head is quantized like the layers (at rescore_bits, if given, in a pass of its own); any other
+    # head at other bits goes with `wide`
+    lm_head_bits = (preset.rescore_bits or preset.bits) if preset.head_rescore else head_bits
+    apart = []
+    if lm_head and lm_head_bits != preset.bits:
+        (apart if preset.head_rescore else wide).append(lm_head)
+    model = proto
+    if wide and preset.wide_method == "dynamic":  # they become MatMulInteger, which MatMulNBitsQuantizer skips
+        model, wide = dynamic_int8(proto, wide), []
+    passes = [(preset, wide + apart)]
+    if wide:
+        passes.append((QuantPreset(head_bits, accuracy_level=preset.accuracy_level), apart))
+    if apart:
+        passes.append((replace(preset, bits=lm_head_bits), []))
+    for settings, exclude in passes:
+        quantizer = MatMulNBitsQuantizer(model, bits=settings.bits, block_size=settings.block_size,
+                                         is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
+                                         nodes_to_exclude=exclude, algo_config=_algo_config(settings, manifest))
+        with _quiet():
+            quantizer.process()
+        model = quantizer.model.model
+    set_accuracy_level(model, preset.accuracy_level)  # HQQ / GPTQ / RTN do not write it
+    folded = fold_bias(model)
+    counts = collections.Counter(n.op_type for n in model.graph.node)
+    if counts["MatMulNBits"] == 0:
+        raise GptxError("quantization found no MatMul weights to quantize")
+    head = lm_head + f"_Q{lm_head_bits}" if lm_head else None
+    embedding = "fp32 Gather"
+    if preset.embedding != "fp32" and head and not preset.head_rescore:  # the re-score reads the fp32 table
+        embedding = quantized_embedding(model, head, lm_head_bits, preset.embedding == "shared")
+    head_output = next((n.output[0] for n in model.graph.node if n.name == head), None)
+    rescored = rescore_head(model, head_output, preset.head_rescore) if preset.head_rescore and head_output else 0
+    head_parts = split_lm_head(model, head, HEAD_PARTS) if head else 1  # slices the head that feeds the re-score
+    method = f"MatMulNBits (weight-only, {preset.method}, {'symmetric' if preset.symmetric else 'asymmetric'})"
+    if counts["MatMulInteger"]:
+        dynamic = [] if rescored else ["the LM head"]
+        dynamic += [f"the first {preset.wide_layers} layer(s)"] if preset.wide_layers else []
+        method += f"; {' and '.join(dynamic)} as dynamic int8 (MatMulInteger)"
+    if rescored:
+        method += f"; the LM head's {rescored} best logits recomputed from the fp32 token table"
+    info = {"method": method, "bits": preset.bits, "lm_head_bits": lm_head_bits, "block_size": preset.block_size,
+            "accuracy_level": preset.accuracy_level,
+            "quantized_matmuls": counts["MatMulNBits"] + counts["MatMulInteger"],
+            "remaining_fp32_matmuls": counts["MatMul"], "biases_folded": folded, "embedding": embedding,
+            "lm_head_parts": head_parts, "lm_head_rescored_top_k": rescored, "preset_settings": asdict(preset)}
+    return model, info
+
+
+def rescore_head(model, logits: str, k: int) -> int:
+    """Recompute the K best of the quantized LM head's logits exactly, from the fp32 token table (GPT-2's head is
+    tied to it): TopK -> Gather the K rows -> one [K, n_embd] x [n_embd] product -> ScatterElements into the row.
+
+    Why (our own edit, not an ONNX Runtime pass): the head is the largest matrix, and at 4 bits alone its argmax
+    leaves fp32's too often (~91% top-1), so presets kept it at 8 bits, 15 MB more read per token than 4 bits on
+    GPT-2. Re-scored, every logit that greedy or top-k/top-p sampling looks at is exact unless the true best token
+    falls outside the 4-bit top K; the graph's logits are for the last position only, so this costs K rows per
+    sequence, not per prompt token (benchmarks/head_rescore_probe.py, docs/quantization.md). Call it before
+    split_lm_head, on the one MatMulNBits that computes `logits`. Returns K, or 0 when no MatMulNBits computes
+    `logits` or the fp32 table is gone."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    head = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == logits), None)
+    if head is None or WTE not in inits or k < 1:
+        return 0
+    k = min(k, inits[WTE].dims[0])  # TopK fails on fewer candidates than K
+    hidden = head.input[0]
+    approx, prefix = logits + "/approx", logits + "/rescore"
+    head.output[0] = approx
+    axis, top_k = f"{prefix}/axis", f"{prefix}/k"
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), axis),
+                                    numpy_helper.from_array(np.array([k], np.int64), top_k)])
+    nodes = [
+        helper.make_node("TopK", [approx, top_k], [f"{prefix}/values", f"{prefix}/ids"], axis=-1,
+                         name=f"{prefix}/TopK"),
+        helper.make_node("Gather", [WTE, f"{prefix}/ids"], [f"{prefix}/rows"], axis=0, name=f"{prefix}/Gather"),
+        helper.make_node("Unsqueeze", [hidden, axis], [f"{prefix}/column"], name=f"{prefix}/Unsqueeze"),
+        helper.make_node("MatMul", [f"{prefix}/rows", f"{prefix}/column"], [f"{prefix}/exact_column"],
+                         name=f"{prefix}/MatMul"),  # [B, K, n_embd] x [B, n_embd, 1]
+        helper.make_node("Squeeze", [f"{prefix}/exact_column", axis], [f"{prefix}/exact"], name=f"{prefix}/Squeeze"),
+        helper.make_node("ScatterElements", [approx, f"{prefix}/ids", f"{prefix}/exact"], [logits], axis=-1,
+                         name=f"{prefix}/ScatterElements"),
+    ]
+    position = list(model.graph.node).index(head) + 1
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(position + offset, node)
+    return k
+
+
+def set_accuracy_level(model, level: int) -> None:
+    from onnx import helper
+
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and level:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
+
+
+def fold_bias(model) -> int:
+    """MatMulNBits -> Add(constant bias) becomes one MatMulNBits with its optional bias input (input 5)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers = collections.defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    folded = 0
+    for node in list(model.graph.node):
+        if node.op_type != "MatMulNBits" or len(node.input) > 5 or len(consumers[node.output[0]]) != 1:
+            continue
+        add = consumers[node.output[0]][0]
+        bias = next((i for i in add.input if i != node.output[0]), None)
+        n = next(a.i for a in node.attribute if a.name == "N")
+        if add.op_type != "Add" or bias not in inits or list(inits[bias].dims) != [n]:
+            continue
+        inputs = list(node.input) + [""] * (5 - len(node.input)) + [bias]
+        del node.input[:]
+        node.input.extend(inputs)
+        node.output[0] = add.output[0]
+        model.graph.node.remove(add)
+        folded += 1
+    return folded
+
+
+def quantized_embedding(model, lm_head: str, bits: int, shared: bool) -> str:
+    """Replace the fp32 token lookup by a GatherBlockQuantized over the LM head's quantized matrix.
+
+    The LM head's MatMulNBits holds wte^T as (vocab, k_blocks, block bytes), row v = token v's embedding in
+    K-blocks: exactly what GatherBlockQuantized reads along its last axis. Only symmetric blocks (implicit zero
+    point, which both ops put at 2^(bits-1)) qualify; otherwise the fp32 table stays and the manifest says so.
+
+    Measured (docs/quantization.md): sharing the initializer saves file size but not memory. ONNX Runtime maps
+    external weights from the file and reads all of the head's pages to prepack them, and those pages stay
+    resident while the lookup still points at them. A copy that only the lookup reads starts paged out (38 MB
+    less RSS after load for GPT-2 at 8 bits), and only looked-up rows become resident once its pages are faulted
+    in from disk; pages a read() left in the cache are mapped a whole folio at a time, so the CPU backend evicts
+    the file's cached pages before it loads (fsutil.drop_cached_pages; benchmarks/README.md, "Where int4's peak
+    RSS goes").
+    """
+    from onnx import helper, numpy_helper
+
+    head = next((n for n in model.graph.node if n.name == lm_head and n.op_type == "MatMulNBits"), None)
+    gather = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == WTE), None)
+    if head is None or gather is None:
+        return "fp32 Gather"
+    zero_points = len(head.input) > 3 and head.input[3]
+    inits = {t.name: t for t in model.graph.initializer}
+    scales = numpy_helper.to_array(inits[head.input[2]])
+    if zero_points or scales.dtype != np.float32:
+        return "fp32 Gather (the LM head's blocks have zero points or non-fp32 scales)"
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    vocab, k_blocks = attrs["N"], -(-attrs["K"] // attrs["block_size"])
+    gather_scales = numpy_helper.from_array(scales.reshape(vocab, k_blocks, 1), head.input[2] + "_gather")
+    data = head.input[1]
+    if not shared:
+        copy = numpy_helper.from_array(numpy_helper.to_array(inits[data]), data + "_gather")
+        model.graph.initializer.append(copy)
+        data = copy.name
+    rows = gather.output[0] + "_blocks"
+    lookup = helper.make_node("GatherBlockQuantized", [data, gather.input[1], gather_scales.name], [rows],
+                              name="wte/GatherBlockQuantized", domain="com.microsoft", gather_axis=0,
+                              quantize_axis=2, block_size=attrs["block_size"], bits=bits)
+    shape = numpy_helper.from_array(np.array([0, 0, -1], np.int64), rows + "_shape")
+    flatten = helper.make_node("Reshape", [rows, shape.name], [gather.output[0]], name="wte/Reshape")
+    position = list(model.graph.node).index(gather)
+    model.graph.node.remove(gather)
+    model.graph.node.insert(position, flatten)
+    model.graph.node.insert(position, lookup)
+    model.graph.initializer.extend([gather_scales, shape])
+    model.graph.initializer.remove(inits[WTE])
+    return f"GatherBlockQuantized over {'the LM head' if shared else 'a copy of the LM head'}'s {bits}-bit blocks"
+
+
+def split_lm_head(model, lm_head: str, parts: int) -> int:
+    """The LM head's MatMulNBits becomes `parts` slices of its vocabulary columns and one Concat of their logits.
+
+    Why: ONNX Runtime prepacks each MatMulNBits weight into its own layout and frees the original only once
+    that node is packed, so the largest matrix sets the load-time peak RSS. On GPT-2 that is the 8-bit head
+    (43 MB with its scales): in slices only a quarter of it is held twice at a time (benchmarks/README.md,
+    "Where int4's peak RSS goes"). A step pays one Concat of a (batch, 1, vocab) row. Returns the number of
+    head nodes: 1 when the head is not a plain [A, B, scales] MatMulNBits, which then stays as it is."""
+    from onnx import helper, numpy_helper
+
+    head = next((n for n in model.graph.node if n.name == lm_head and n.op_type == "MatMulNBits"), None)
+    if head is None or len(head.input) != 3 or parts < 2:
+        return 1
+    if any(head.input[1] in n.input for n in model.graph.node if n is not head):
+        return 1  # the lookup shares the head's blocks (embedding="shared"): slices would hold them twice
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    inits = {t.name: t for t in model.graph.initializer}
+    data, scales = (numpy_helper.to_array(inits[name]) for name in head.input[1:3])
+    n = attrs["N"]
+    scales = scales.reshape(n, data.shape[1])
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    position = list(model.graph.node).index(head)
+    outputs = []
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        names = [f"{head.input[1]}_part{i}", f"{head.input[2]}_part{i}"]
+        model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(data[lo:hi]), names[0]),
+                                        numpy_helper.from_array(scales[lo:hi].reshape(-1), names[1])])
+        outputs.append(f"{head.output[0]}_part{i}")
+        part = helper.make_node("MatMulNBits", [head.input[0], *names], [outputs[-1]], name=f"{head.name}_part{i}",
+                                domain=head.domain, **{**attrs, "N": int(hi - lo)})
+        model.graph.node.insert(position + i, part)
+    concat = helper.make_node("Concat", outputs, [head.output[0]], axis=-1, name=f"{head.name}_concat")
+    model.graph.node.insert(position + parts, concat)
+    model.graph.node.remove(head)
+    for name in head.input[1:3]:
+        if not any(name in node.input for node in model.graph.node):
+            model.graph.initializer.remove(inits[name])
+    return parts
+
+
+def optimize_export(directory: str | Path, fuse_graph: bool = True, quantize: str | None = None,
+                    preset: str | QuantPreset | None = None) -> dict:
+    """Fuse (and quantize) an export in place. `quantize` is one of QUANT_SCHEMES (the measured default presets);
+    `preset` picks another recipe: a PRESETS name (e.g. "int4-pure") or a QuantPreset (docs/quantization.md)."""
+    import onnx
+
+    chosen = resolve_preset(quantize, preset)
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    model_path = directory / manifest["model_file"]
+    proto = onnx.load(str(model_path))
+    cfg = manifest["config"]
+    if fuse_graph or chosen:  # quantized exports get the fusions too: they must run on the fp32 MatMuls
+        proto, fused = fuse(proto, cfg["n_head"], cfg["n_embd"])
+        fewer = fewer_ops(proto, cfg["n_embd"])
+        folded = any(step.startswith("attention scale folded") for step in fewer)
+        head_dim = cfg["n_embd"] // cfg["n_head"]
+        attention = fuse_attention(proto, cfg["n_layer"], cfg["n_head"], 1.0 if folded else head_dim ** -0.5)
+        if attention:
+            use_in_place_cache(manifest)
+        manifest["optimizations"] = [*manifest.get("optimizations", []), *fused, *fewer, *attention]
+    if chosen:
+        name, settings = chosen
+        proto, manifest["quantization"] = quantize_weights(proto, settings, manifest)
+        manifest["quantization"]["preset"] = name
+    save_graph(proto, directory, manifest)
+    return manifest
+
+
+def save_graph(proto, directory: Path, manifest: dict) -> None:
+    """Write the graph and its weights next to the old ones, then swap both into place, and the manifest."""
+    import onnx
+
+    model_path = directory / manifest["model_file"]
+    data_file = directory / manifest["weights_file"]
+    # gptx's own temporary names (.NAME.tmp-PID): removed on failure, and by the next run after a crash
+    with atomic_path(data_file) as tmp_data, atomic_path(model_path) as tmp_model:
+        onnx.save_model(proto, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=tmp_data.name, size_threshold=1024)
+        # re-point the model at the final data file name; both swap into place as the blocks end
+        proto = onnx.load(str(tmp_model), load_external_data=False)
+        for tensor in proto.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_file.name
+        onnx.save_model(proto, str(tmp_model))
+    if manifest.get("files"):  # the manifest records sizes and hashes: the rewritten files get new ones
+        record_files(manifest, directory, [model_path.name, data_file.name])
+    save_manifest(manifest, directory)

@@ -1,0 +1,522 @@
+"""The GPT-2 model: one dataclass config, small modules, parameter names that match the GPT-2 checkpoint.
+
+Modelled on nanoGPT's model.py, with what makes it bit-compatible with GPT-2 / transformers (the tanh
+approximation of GELU) and what its users expect from transformers' GPT-2: `input_ids=` / `attention_mask=`,
+padded and ragged batches, and a result with `.logits`, `.loss`, `.last_hidden_state`, `.pooler_output`
+that still unpacks as nanoGPT's `logits, loss`.
+
+There is one transformer forward. Training, the classifier, reference generation and the exported
+KV-cache step (`kv_step.py`) all run `GPT.body` -> `Block.forward`; only the attention differs, chosen by
+argument: causal SDPA for a whole sequence, SDPA with a padding mask, or the split past/new attention of
+the cached step. Loading pretrained weights lives in `weights.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from gptx.runtime.errors import InvalidInput
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise InvalidInput(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise InvalidInput(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        """transformers' name for n_embd (read-only)."""
+        return self.n_embd
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class GPTOutput(tuple):
+    """What `GPT.forward` returns: the 2-tuple `(logits, loss)` (so `logits, loss = model(x, y)` and
+    `model(x, y)[1]` keep working), with transformers-style attributes on top.
+
+    last_hidden_state  (B, T, n_embd) after the final LayerNorm
+    pooler_output      (B, n_embd): each row's last real token in `last_hidden_state` (what GPT-2
+                       sequence classifiers pool: in a causal model only that token has seen the whole row)
+    """
+
+    def __new__(cls, logits, loss, last_hidden_state, pooler_output):
+        out = super().__new__(cls, (logits, loss))
+        out.last_hidden_state = last_hidden_state
+        out.pooler_output = pooler_output
+        return out
+
+    def __getnewargs__(self):  # copy / pickle rebuild it through __new__
+        return (*self, self.last_hidden_state, self.pooler_output)
+
+    @property
+    def logits(self):
+        return self[0]
+
+    @property
+    def loss(self):
+        return self[1]
+
+
+def cast_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`; nothing at all when it already is, so fp32 graphs get no no-op Casts (they block ORT fusions).
+
+    This is what makes the fp16 export's islands: KVStep(half=True) turns only the matrices to fp16, and each
+    module casts its input to its own weights' dtype and its output back to the residual stream's (fp32).
+    """
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+class KeepLeadingReshape(torch.autograd.Function):
+    """Reshape the trailing dims and keep (batch, seq): exported as Reshape(x, [0, 0, *tail]).
+
+    Written by hand because the tracer turns `view(B, T, H, D)` (and `unflatten`) into Shape/Gather/Slice/Concat
+    arithmetic per reshape (~300 extra nodes for GPT-2), and on CPU each node costs dispatch time at every
+    decode step. Used only while exporting (no backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, tail: tuple[int, ...]):
+        return x.reshape(x.shape[0], x.shape[1], *tail)
+
+    @staticmethod
+    def symbolic(g, x, tail: tuple[int, ...]):
+        shape = g.op("Constant", value_t=torch.tensor([0, 0, *tail], dtype=torch.int64))
+        return g.op("Reshape", x, shape)
+
+
+def reshape_tail(x: torch.Tensor, *tail: int) -> torch.Tensor:
+    """Reshape all but the first two dims: a constant-target Reshape in ONNX, a plain view otherwise."""
+    if torch.onnx.is_in_onnx_export():
+        return KeepLeadingReshape.apply(x, tail)
+    return x.reshape(*x.shape[:2], *tail)
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, T, C) -> (B, n_head, T, head_dim)."""
+    return reshape_tail(x, -1, head_dim).transpose(1, 2)
+
+
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    """(B, n_head, T, head_dim) -> (B, T, C)."""
+    return reshape_tail(y.transpose(1, 2), -1)
+
+
+def attention_allowed(attention_mask: torch.Tensor, past_len, new_len) -> torch.Tensor:
+    """(B, 1, T, P+T) bool: slot j is visible to new token i if it is filled (mask 1) and not in its future.
+
+    Each token always sees itself, so a padding position never has an all-masked softmax (which would
+    produce NaN that then leaks into the cache or the gradients).
+    """
+    device = attention_mask.device
+    j = torch.arange(past_len + new_len, device=device)[None, :]
+    i = torch.arange(new_len, device=device)[:, None] + past_len
+    filled = attention_mask[:, None, None, :].bool()
+    return (filled & (j <= i)) | (j == i)
+
+
+def attention_bias(allowed: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, S) float32: 0 where `allowed`, -inf elsewhere; built once per step, added in every layer.
+
+    Adding a bias instead of a masked_fill per layer: ONNX Runtime's broadcast Where is scalar and
+    single-threaded (12 ms for 12 x 512 x 512 scores here, against 0.4 ms for the vectorised Add), which was
+    10% of a 512-token prefill; the one Where left runs once, on one head's worth of slots. Same numbers:
+    x + 0 is x and x + -inf is -inf.
+    """
+    zero, minus_inf = (torch.tensor(v, dtype=torch.float32, device=allowed.device) for v in (0.0, float("-inf")))
+    return torch.where(allowed, zero, minus_inf)
+
+
+def cached_attention(q, k, v, past_k, past_v, bias):
+    """Softmax over [past | new] without concatenating the cache: two score blocks, two value products.
+
+    What the exported step runs, so the runtime can hand in its whole preallocated cache as the past
+    (`bias`, from `attention_bias`, masks the empty slots) and the graph never copies it.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.cat([q @ past_k.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1) * scale
+    scores = cast_to(scores, torch.float32)  # the softmax accumulates in fp32, also in fp16 exports
+    probs = cast_to(torch.softmax(scores + bias, dim=-1), q.dtype)
+    past_len = past_k.shape[2]
+    return probs[..., :past_len] @ past_v + probs[..., past_len:] @ v
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's own cannot drop just the bias)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_embd = config.n_embd
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+
+    def forward(self, x, mask: torch.Tensor | None = None, past: tuple | None = None):
+        """-> (output (B, T, C), (k, v) of these T tokens).
+
+        past None, mask None: causal attention over x (SDPA's fused causal kernel; training's path)
+        past None, mask given: (B, 1, T, T) bool from `attention_allowed`, for padded batches
+        past (k, v) given: the cached step, attending over [past | x]; mask is the (B, 1, T, P+T) float
+                           bias from `attention_bias`
+        """
+        x = cast_to(x, self.c_attn.weight.dtype)
+        q, k, v = (split_heads(t, self.head_dim) for t in self.c_attn(x).split(self.n_embd, dim=2))
+        if past is not None:
+            y = cached_attention(q, k, v, *past, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(merge_heads(y))), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = cast_to(x, self.c_fc.weight.dtype)
+        # GPT-2 was trained with the tanh approximation; exact GELU drifts from its checkpoints.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask: torch.Tensor | None = None, past: tuple | None = None):
+        """-> (x, (k, v)). The residual stream keeps x's dtype; `mask`/`past` pick the attention (see there)."""
+        y, kv = self.attn(self.ln_1(x), mask, past)
+        x = x + cast_to(y, x.dtype)
+        return x + cast_to(self.mlp(self.ln_2(x)), x.dtype), kv
+
+
+def is_row(x) -> bool:
+    return isinstance(x, (list, tuple)) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 1)
+
+
+def as_token_batch(tokens, name: str = "idx", pad_id: int = 0, left: bool = False):
+    """Token ids as a (B, T) LongTensor, and a (B, T) mask (1 = real token) when rows had to be padded.
+
+    Takes a tensor or array (T,) or (B, T), a list of ints, or a list of token lists. Lists of different
+    lengths (what `Tokenizer.encode_batch` returns) are padded with `pad_id`, on the right unless `left`;
+    the mask is None when nothing was padded.
+    """
+    mask = None
+    if isinstance(tokens, (list, tuple)) and tokens and all(is_row(r) for r in tokens):
+        rows = [r.tolist() if hasattr(r, "tolist") else list(r) for r in tokens]
+        lengths = [len(r) for r in rows]
+        for r, n in enumerate(lengths):
+            if n == 0:
+                raise InvalidInput(f"{name} row {r} is empty: every row needs at least one token")
+        longest = max(lengths)
+        if min(lengths) < longest:
+            pads = [[pad_id] * (longest - n) for n in lengths]
+            rows = [p + r if left else r + p for r, p in zip(rows, pads)]
+            mask = torch.tensor([[0] * len(p) + [1] * n if left else [1] * n + [0] * len(p)
+                                 for n, p in zip(lengths, pads)])
+        tokens = rows
+    if not isinstance(tokens, torch.Tensor):
+        try:
+            tokens = torch.tensor(tokens)
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidInput(f"{name} must be token ids: a tensor, a list of ints or a list of token lists") from None
+    if tokens.numel() == 0:
+        tokens = tokens.long()
+    if tokens.dtype not in (torch.long, torch.int, torch.int32, torch.int16, torch.uint8):
+        raise InvalidInput(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.dim() == 1:
+        tokens = tokens.unsqueeze(0)
+    if tokens.dim() != 2:
+        raise InvalidInput(f"{name} must have shape (B, T) or (T,), got {tuple(tokens.shape)}")
+    return tokens.long(), mask
+
+
+def with_padding_mask(tokens, attention_mask=None, name: str = "idx", pad_id: int = 0):
+    """`as_token_batch`, and the attention mask that goes with it: the padding made here for token lists of
+    different lengths, else the caller's `attention_mask` (may be None)."""
+    idx, padded = as_token_batch(tokens, name, pad_id)
+    if padded is None:
+        return idx, attention_mask
+    if attention_mask is not None:
+        raise InvalidInput(f"{name} rows of different lengths are padded here; attention_mask goes with a batch "
+                           "you padded yourself")
+    return idx, padded
+
+
+def as_index_tensor(idx, device=None, name: str = "idx") -> torch.Tensor:
+    """A (B, T) LongTensor of equal-length token ids (no padding allowed)."""
+    tokens, mask = as_token_batch(idx, name)
+    if mask is not None:
+        raise InvalidInput(f"{name} rows must all have the same length")
+    return tokens.to(device) if device is not None else tokens
+
+
+def row_lengths(tokens: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
+    return mask.sum(dim=1).tolist() if mask is not None else [tokens.shape[1]] * tokens.shape[0]
+
+
+def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last 1 in a (B, T) mask (right or left padding)."""
+    return (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT expects a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 paper: scale the residual projections by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings are left out by default (token ones are tied to the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def check_tokens(self, idx: torch.Tensor, name: str = "idx") -> None:
+        T = idx.shape[1]
+        if T == 0:
+            raise InvalidInput(f"{name} is empty: give at least one token")
+        if T > self.config.block_size:
+            raise InvalidInput(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InvalidInput(f"token id {bad} in {name} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def body(self, idx, pos, mask: torch.Tensor | None = None, past: Sequence[tuple] | None = None):
+        """Embeddings and every block: the residual stream (B, T, C) before ln_f, and each layer's (k, v).
+
+        `pos` is (T,) or (B, T); `mask` and `past` (one (k, v) per layer) choose the attention, see
+        `CausalSelfAttention.forward`.
+        """
+        tr = self.transformer
+        x = tr.drop(cast_to(tr.wte(idx), tr.wpe.weight.dtype) + tr.wpe(pos))
+        presents = []
+        for i, block in enumerate(tr.h):
+            x, kv = block(x, mask, None if past is None else past[i])
+            presents.append(kv)
+        return x, presents
+
+    def padding_mask(self, idx: torch.Tensor, attention_mask, name: str):
+        """The (B, T) mask of real tokens, or None when every position is real (then the fused causal path runs)."""
+        if attention_mask is None:
+            return None
+        mask, _ = as_token_batch(attention_mask, "attention_mask")
+        if mask.shape != idx.shape:
+            raise InvalidInput(f"attention_mask shape {tuple(mask.shape)} differs from {name} shape {tuple(idx.shape)}")
+        mask = (mask != 0).long().to(idx.device)
+        empty = (mask.sum(dim=1) == 0).nonzero()
+        if len(empty):
+            raise InvalidInput(f"attention_mask row {int(empty[0])} has no real tokens (all 0 / all padding)")
+        return None if bool(mask.all()) else mask
+
+    def padded_targets(self, targets, idx: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+        """(B, T) targets with -1 (ignored by the loss) wherever the input is padding."""
+        from_lists = isinstance(targets, (list, tuple))
+        targets, target_mask = as_token_batch(targets, "targets", pad_id=-1)
+        if from_lists:  # compare row by row, so the error can say which row
+            rows, target_rows = row_lengths(idx, mask), row_lengths(targets, target_mask)
+            if len(target_rows) != len(rows):
+                raise InvalidInput(f"targets has {len(target_rows)} rows but {name} has {len(rows)}")
+            for r, (n, m) in enumerate(zip(rows, target_rows)):
+                if n != m:
+                    raise InvalidInput(f"targets row {r} has {m} tokens, which differs from its {n} input tokens "
+                                       "(targets are the inputs shifted by one: the same length)")
+        if targets.shape != idx.shape:
+            raise InvalidInput(f"targets shape {tuple(targets.shape)} differs from {name} shape {tuple(idx.shape)}")
+        targets = targets.to(idx.device)
+        return targets if mask is None else targets.masked_fill(mask == 0, -1)
+
+    def forward(self, idx=None, targets=None, *, input_ids=None, attention_mask=None,
+                return_logits: bool = True) -> GPTOutput:
+        """Logits for every position, and the mean cross-entropy over real target positions if `targets` is given.
+
+        idx / input_ids: a (B, T) or (T,) tensor, a list of ints, or a list of token lists of any lengths
+            (padded on the right here). attention_mask: (B, T), 1 = real token, for a batch padded on the
+            right (or on the left, as generation batches are); positions count real tokens only, so a
+            padded row gives the same outputs as the row alone. targets: the same shape, or the same
+            ragged lists; -1 and padding are ignored. return_logits=False skips the LM head (poolers).
+        Returns GPTOutput: unpacks as `logits, loss`, plus `.last_hidden_state` and `.pooler_output`.
+        """
+        name = "idx"
+        if input_ids is not None:
+            if idx is not None:
+                raise InvalidInput("give the token ids once: as idx or as input_ids, not both")
+            idx, name = input_ids, "input_ids"
+        if idx is None:
+            raise InvalidInput("forward needs token ids: model(idx) or model(input_ids=...)")
+        idx, attention_mask = with_padding_mask(idx, attention_mask, name)
+        idx = idx.to(self.device)
+        self.check_tokens(idx, name)
+        mask = self.padding_mask(idx, attention_mask, name)
+        if targets is not None:
+            if not return_logits:
+                raise InvalidInput("a loss needs the logits: drop return_logits=False or targets")
+            targets = self.padded_targets(targets, idx, mask, name)
+        B, T = idx.shape
+        if mask is None:  # every position real: no mask to build, SDPA's causal kernel
+            x, _ = self.body(idx, torch.arange(T, dtype=torch.long, device=idx.device))
+        else:
+            pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            x, _ = self.body(idx, pos, attention_allowed(mask, 0, T))
+        hidden = self.transformer.ln_f(x)
+        if mask is None:
+            pooled = hidden[:, -1]
+        else:
+            pooled = hidden[torch.arange(B, device=idx.device), last_real_positions(mask)]
+        logits = self.lm_head(cast_to(hidden, self.lm_head.weight.dtype)) if return_logits else None
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return GPTOutput(logits, loss, hidden, pooled)
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context window (e.g. load gpt2 then use 256 positions)."""
+        if not 0 < block_size <= self.config.block_size:
+            raise InvalidInput(f"block_size must be in (0, {self.config.block_size}], got {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, override_args: dict | None = None) -> "GPT":
+        """Hub names (gpt2, gpt2-medium, gpt2-large, gpt2-xl), `shakespeare`, a local HF GPT-2 directory,
+        or a nanoGPT-style `.pt` checkpoint. See `gptx.model.weights`."""
+        from gptx.model.weights import load_pretrained
+
+        return load_pretrained(name_or_path, override_args)
+
+    def new_token_count(self, prompt_len: int, max_new_tokens, max_length) -> int:
+        """max_new_tokens, or max_length (the total, prompt included, as in transformers) minus the prompt: the
+        runtime's rule. max_new_tokens alone may run past the context (the reference crops it, as nanoGPT does)."""
+        from gptx.runtime.generation import resolve_new_tokens
+        from gptx.runtime.sampler import validate_sampling
+
+        if max_length is not None:
+            return resolve_new_tokens(max_new_tokens, max_length, prompt_len, self.config.block_size)
+        if max_new_tokens is None:
+            raise InvalidInput("give max_new_tokens (tokens to add) or max_length (total length, prompt included)")
+        validate_sampling(max_new_tokens=max_new_tokens)
+        return int(max_new_tokens)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, *, max_length: int | None = None, repetition_penalty: float = 1.0,
+                 seed: int | None = None):
+        """Reference generation: re-runs the whole context each step (no cache), so it is slow but obviously right.
+
+        Tokens are picked by the runtime's own sampler (`gptx.runtime.sampler.Sampler`), so with the same seed and
+        settings this gives the same tokens as `gptx.runtime.load(export).generate_ids`. temperature 0 is greedy.
+        A tensor or equal-length lists give a (B, T + new) tensor; ragged lists are left-padded with an
+        attention mask and give a list of token lists (prompt + new tokens, no padding). Past block_size,
+        max_new_tokens slides the context window (nanoGPT); max_length must fit in it.
+        """
+        from gptx.runtime.sampler import Sampler, SamplingParams
+
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        idx, mask = as_token_batch(idx, "idx", left=True)
+        B, T = idx.shape
+        new_tokens = self.new_token_count(T, max_new_tokens, max_length)
+        self.check_tokens(idx)
+        idx = idx.to(self.device)
+        mask = None if mask is None else mask.to(self.device)
+        sampler = Sampler(params, self.config.vocab_size)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = np.zeros((B, self.config.vocab_size), dtype=bool)
+            real = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
+            for row in range(B):
+                seen[row, idx[row][real[row]].cpu().numpy()] = True
+        window = self.config.block_size
+        for _ in range(new_tokens):
+            context_mask = None if mask is None else mask[:, -window:]
+            # the LM head on the last position only (the pooled one: generation rows always end in a real token)
+            last = self(idx[:, -window:], attention_mask=context_mask, return_logits=False).pooler_output
+            logits = self.lm_head(cast_to(last, self.lm_head.weight.dtype))
+            next_ids = sampler(logits.float().cpu().numpy(), seen)
+            if seen is not None:
+                seen[np.arange(B), next_ids] = True
+            idx = torch.cat((idx, torch.as_tensor(next_ids, dtype=torch.long, device=idx.device)[:, None]), dim=1)
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        if mask is None:
+            return idx
+        return [row[row_mask.bool()].tolist() for row, row_mask in zip(idx, mask)]

@@ -1,0 +1,59 @@
+"""The one small, typed interface every engine implements: allocate cache buffers, run the graph once.
+
+Backends hold no cache bookkeeping: which slots are filled, where new keys/values go and the empty-past
+special case of prefill live once, in `gptx/runtime/kv_cache.py`. A backend only says what it can do
+(`Capabilities`), makes zeroed buffers in its native array type and runs one graph call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Sequence, Union
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+# numpy-style indexing (slices, integer arrays) works on both; a backend returns its native type
+Array = Union[np.ndarray, "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    max_batch: int | None      # rows one call may take; None = bounded by memory only (ONNX Runtime, torch)
+    max_seq: int               # positions: the model's block_size, or a TensorRT engine's --max-seq
+    devices: tuple[str, ...]   # where this backend can run: ("cpu",), ("cpu", "cuda"), ("cuda",)
+    min_past: int = 0          # smallest past a call may take: TensorRT profiles cannot express 0, so prefill
+                               # gets `min_past` masked dummy slots (added by kv_cache.py, nowhere else)
+    writes_cache: bool = False # the graph writes the new keys/values into the past buffers itself (the
+                               # manifest's `in_place` contract): `run` returns no presents, rows are prefixes
+
+
+class Backend(ABC):
+    name: ClassVar[str] = "?"
+    capabilities: Capabilities
+
+    def __init__(self, manifest: dict, directory: Path | None, device: str = "cpu"):
+        self.manifest = manifest
+        self.directory = directory
+        self.device = device
+        cfg = manifest["config"]
+        self.n_layer, self.n_head, self.head_dim = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
+        self.block_size = cfg["block_size"]
+
+    @abstractmethod
+    def allocate(self, rows: int, window: int) -> list[Array]:
+        """2 * n_layer zeroed buffers [rows, n_head, window, head_dim] (key, value per layer, layer-major)."""
+
+    @abstractmethod
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+            past: Sequence[Array]) -> tuple[np.ndarray, list[Array]]:
+        """One graph call, nothing else: (B, V) float32 numpy logits of the last position, and the presents
+        (the new tokens' keys/values, [B, n_head, T, head_dim], native arrays). Never writes the cache, except
+        where `capabilities.writes_cache`: then the graph itself writes into `past` and presents is []."""
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}"

@@ -1,0 +1,356 @@
+"""Writing files so that nothing half-written is ever seen and nothing is left behind: one place for all of gptx.
+
+- `atomic_write` / `atomic_path`: write beside the target under a pid-tagged name, fsync, rename into place.
+- `replace_dir`: swap a finished directory into place; on Linux `renameat2(RENAME_EXCHANGE)` makes the swap a
+  single atomic step, so a concurrent reader sees the old tree or the new one, never a missing path.
+- `clean_stale`: debris of a writer that died (SIGKILL, power loss) carries that writer's pid in its name;
+  the next writer of the same target removes it only when that pid is no longer running, so a live writer's
+  files are never touched. (A dead writer whose pid was reused by another process is left alone: safe side.)
+- `writable_dirs_and_files`: created files and directories follow the umask (some libraries write 0600).
+
+Pure standard library, no PyTorch: the runtime uses it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .errors import GptxError
+
+TMP, PARTIAL, OLD = "tmp", "partial", "old"
+# .NAME.tmp-PID, .NAME.partial-PID-TOKEN, .NAME.old-PID-TOKEN
+_DEBRIS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|partial|old)-(?P<pid>\d+)(?:-(?P<token>[0-9a-f]+))?$")
+# what a full or read-only disk looks like; EFBIG is what a file-size limit (ulimit -f) gives
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def notice(message: str) -> None:
+    """One line on stderr for things the user should know about but that are not errors."""
+    print(f"gptx: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- umask
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask is a set-and-return)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain `mkdir`/`open` would have (onnx writes its
+    external data file 0600 and tempfile makes 0700 directories; a server running as another user could not
+    read those)."""
+    mask = current_umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def make_dir(path: Path) -> Path:
+    """mkdir with the umask's mode (tempfile.mkdtemp would give 0700)."""
+    os.mkdir(path, 0o777)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- debris
+def debris_path(target: Path, kind: str) -> Path:
+    """A sibling of `target` that says which process owns it: `.NAME.KIND-PID[-TOKEN]`."""
+    target = Path(target)
+    suffix = f"{os.getpid()}" if kind == TMP else f"{os.getpid()}-{secrets.token_hex(4)}"
+    return target.with_name(f".{target.name}.{kind}-{suffix}")
+
+
+def debris_target(name: str) -> str | None:
+    """The name of the file a piece of debris (`.NAME.tmp-PID`...) belongs to, or None if `name` is not debris."""
+    m = _DEBRIS.match(name)
+    return m["name"] if m else None
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process may be writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OverflowError:
+        return False
+    return True
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a directory tree."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_stale(target: Path, announce: Callable[[str], None] = notice) -> list[Path]:
+    """Remove debris (`.NAME.tmp|partial|old-PID...`) of `target` left by processes that are no longer running."""
+    target = Path(target)
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for path in siblings:
+        m = _DEBRIS.match(path.name)
+        if not m or m["name"] != target.name or pid_alive(int(m["pid"])):
+            continue
+        if m["kind"] != TMP and not m["token"]:
+            continue
+        remove_tree(path)
+        removed.append(path)
+    if removed:
+        names = ", ".join(p.name for p in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+        announce(f"removed {len(removed)} leftover(s) of an interrupted run beside {target}: {names}")
+    return removed
+
+
+# ------------------------------------------------------------------------------------------- untrusted paths
+def resolve_inside(root: Path, rel) -> Path | None:
+    """`root/rel` with symlinks resolved, or None when it is not a usable path strictly inside `root`
+    (absolute, `..` or a symlink out, NUL bytes, symlink loops, names too long). For paths read from files."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel):
+        return None
+    try:
+        base = Path(root).resolve()
+        path = (Path(root) / rel).resolve()
+        path.exists()  # raises for names the OS refuses (too long...)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (pathlib, Python < 3.13)
+        return None
+    return path if path != base and path.is_relative_to(base) else None
+
+
+# ------------------------------------------------------------------------------------------- writes
+def fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem/OS lets a directory be fsync'd
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def disk_error(path: Path, e: OSError) -> GptxError:
+    return GptxError(f"cannot write {path}: {e.strerror or e}")
+
+
+def drop_cached_pages(path: Path) -> None:
+    """Ask the kernel to evict a file's unmapped pages from the page cache (a hint: nothing on disk changes, and
+    pages another process maps stay). Why: pages that a read() brought in (a checksum, a copy, the export's own
+    write) sit in the cache as large folios, and a process that maps the file (ONNX Runtime maps external
+    weights) gets a whole folio resident for each row it gathers. Measured on the GPT-2 int4 export (Linux 6.18,
+    ext4, 8 MB readahead): 48 token lookups made 37 MiB of the file resident beyond what loading touched when
+    it came from such a cache, 6 MiB when its pages were faulted in from disk; decode peak RSS 251 vs 222 MiB."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # the caller's own open reports a missing or unreadable file in its own words
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+MADV_RANDOM = 1  # Linux's madvise advice: no readahead around a fault in these pages
+
+
+def advise_random_access(path: Path) -> int:
+    """Tell the kernel that this process reads its mappings of `path` at random (MADV_RANDOM, a hint: nothing
+    changes on disk or in the data), so a page fault there brings in that page, not a readahead window around it.
+    Returns how many mapped ranges took the advice (0 where there is no /proc/self/maps or no madvise).
+
+    Why (hand-written: neither the mmap module nor ONNX Runtime can advise a mapping ONNX Runtime made): after
+    loading, the only reads of the weights file's pages are rows gathered by token id, the token lookup and the
+    int4 head's exact re-score (gptx.export.optimize.rescore_head). Each miss otherwise reads a readahead window,
+    and the mapping then makes its neighbours resident too: on GPT-2 int4 (Linux 6.18, ext4, 8 MB readahead),
+    128 decode tokens with 64 re-scored rows each peaked at 279 MiB RSS, 197 MiB with this advice, for about
+    50 ms more on the first 128 tokens (benchmarks/README.md)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    target = str(Path(path).resolve())
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((lo, hi - lo))
+    except OSError:
+        return 0
+    if not ranges:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return sum(libc.madvise(start, length, MADV_RANDOM) == 0 for start, length in ranges)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; when the block succeeds it replaces `target` in one rename.
+
+    For writers that want a path (torch.save, onnx.save). On any failure the temporary file is removed
+    and `target` is untouched. Disk-full and permission errors become one-line GptxErrors.
+    """
+    target = Path(target)
+    clean_stale(target)
+    tmp = debris_path(target, TMP)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(target, e) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def check_writable_file(path: Path, option: str) -> Path:
+    """Fail before any work if `path` cannot become a regular file we write (a directory, /dev/full...)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise GptxError(f"{option} {path} is a directory; give a file path")
+    if path.exists() and not path.is_file():
+        raise GptxError(f"{option} {path} is not a regular file")
+    if not path.parent.is_dir():
+        raise GptxError(f"{option} {path}: directory {path.parent} does not exist")
+    return path
+
+
+def atomic_write(target: str | Path, data: bytes | memoryview | str) -> Path:
+    """Write text or any bytes-like object to `target` atomically (the umask decides its mode)."""
+    target = Path(target)
+    payload = data.encode() if isinstance(data, str) else data
+    with atomic_path(target) as tmp, open(tmp, "xb") as f:
+        f.write(payload)
+    return target
+
+
+# ------------------------------------------------------------------------------------------- directories
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the OS or filesystem can't."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    AT_FDCWD = -100
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the finished directory `new` at `target` (a sibling), replacing what is there, with renames only.
+
+    Linux: one atomic exchange, then the old tree (now at `new`) is deleted: a reader polling `target`
+    always finds a complete directory. Elsewhere: rename the old one aside, rename the new one in, delete
+    the old one (a reader may briefly find no `target`, never a mix).
+    """
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.rename(new, target)
+    elif _exchange(new, target):
+        remove_tree(new)
+    else:
+        old = debris_path(target, OLD)
+        os.rename(target, old)
+        os.rename(new, target)
+        remove_tree(old)
+    fsync_dir(target.parent)
+
+
+# ------------------------------------------------------------------------------------------- hashes
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- signals
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every `finally`/cleanup runs (e.g. the export's partial directory)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within this block SIGTERM unwinds the stack like SIGINT does. Main thread only (signal's rule)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM until the block ends, then deliver them to the handlers they would have met.
+
+    For calls that cannot unwind midway: an exception raised inside torch's JIT tracer leaves it in a state
+    that segfaults (seen about 1 in 20 SIGTERMs during `gptx export`), so the export finishes its trace first.
+    Main thread only (signal's rule); elsewhere the block runs as is.
+    """
+    import threading
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    # None: a handler installed outside Python, which could not be put back afterwards
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, signals):
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        signal.raise_signal(caught[0])  # -> KeyboardInterrupt, Terminated (the CLI) or the default action

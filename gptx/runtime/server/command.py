@@ -1,0 +1,103 @@
+"""`gptx serve DIR`: the OpenAI-compatible server on uvicorn, or on Ray Serve with --ray.
+
+gptx/cli.py's `serve` command parses the options and calls `run_serve`; everything heavy (the engine, FastAPI, uvicorn,
+Ray) is imported when it runs, so `gptx --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+
+from ..errors import GptxError, InvalidInput
+
+def run_serve(directory: Path, host: str, port: int, max_batch: int, max_queue: int, max_tokens_limit: int | None,
+              backend: str, device: str, threads: int | None, api_key: str | None,
+              model_name: str | None, chat_template: Path | None, max_body_bytes: int, shutdown_timeout: float,
+              ray: bool, replicas: int, autoscale: str | None, ray_address: str | None,
+              replica_cpus: float | None) -> None:
+    from .app import ServerConfig
+    from .chat import ChatTemplate
+
+    directory = Path(directory).resolve()
+    config = ServerConfig(model_name=model_name or directory.name, max_batch=max_batch, max_queue=max_queue,
+                          max_tokens_limit=max_tokens_limit, api_key=api_key or None, max_body_bytes=max_body_bytes,
+                          chat_template=ChatTemplate.from_file(chat_template) if chat_template else ChatTemplate())
+    load_options = engine_options(backend, device, threads)
+    setup_logging()
+    if ray:
+        from .ray_app import run_on_ray
+
+        run_on_ray(directory, load_options, config, host=host, port=port, replicas=replicas,
+                   autoscale=parse_autoscale(autoscale), address=ray_address, replica_cpus=replica_cpus,
+                   shutdown_timeout=shutdown_timeout)
+        return
+    if autoscale or ray_address or replica_cpus or replicas != 1:
+        raise InvalidInput("--replicas, --autoscale, --ray-address and --replica-cpus need --ray")
+    import gptx.runtime
+
+    engine = gptx.runtime.load(directory, **load_options)
+    run_uvicorn(engine, config, host, port, shutdown_timeout)
+
+
+def engine_options(backend: str, device: str, threads: int | None) -> dict:
+    options = {"backend": backend, "device": device}
+    if threads is not None:
+        if backend not in ("auto", "onnxruntime"):
+            raise InvalidInput("--threads sets ONNX Runtime's thread pool: use it with --backend onnxruntime")
+        options["threads"] = threads
+    return options
+
+
+def parse_autoscale(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, sep, high = text.partition(":")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit() or not 0 < int(low) <= int(high):
+        raise InvalidInput(f"--autoscale takes MIN:MAX replicas with 1 <= MIN <= MAX, got {text!r}")
+    return int(low), int(high)
+
+
+def setup_logging() -> None:
+    """One line per request on stderr (logger gptx.server), beside uvicorn's own startup lines."""
+    logger = logging.getLogger("gptx")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def announce(url: str, config, where: str) -> None:
+    """The URL and a curl line to try, printed when the server starts."""
+    auth = ' -H "Authorization: Bearer $GPTX_API_KEY"' if config.api_key else ""
+    print(f"gptx serve: {config.model_name} ({where}) at {url}/v1  (max batch {config.max_batch}, queue "
+          f"{config.max_queue}{', API key required' if config.api_key else ''}; SIGTERM or Ctrl-C stops)\n"
+          f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
+          f"    -d '{{\"model\": \"{config.model_name}\", \"prompt\": \"Hello,\", \"max_tokens\": 16}}'",
+          flush=True)
+
+
+def run_uvicorn(engine, config, host: str, port: int, shutdown_timeout: float) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host=host, port=port, access_log=False,
+                                           timeout_graceful_shutdown=shutdown_timeout, timeout_keep_alive=5,
+                                           lifespan="on", log_level="info"))
+    if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        logging.getLogger("gptx.server").warning("listening on %s without an API key", host)
+    host_in_url = f"[{host}]" if ":" in host else host
+    announce(f"http://{host_in_url}:{port}", config, engine.backend.describe())
+    # uvicorn shuts down gracefully on SIGTERM (stops accepting, waits up to shutdown_timeout for in-flight
+    # requests, cancels the rest, closes the pool), then re-raises the signal with the handler it found: a no-op
+    # here, so a clean shutdown exits 0 instead of dying by the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    if not server.started:  # e.g. the port is taken (uvicorn has logged why)
+        raise GptxError(f"the server could not start on {host}:{port}")
+

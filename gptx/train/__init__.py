@@ -1,0 +1,1 @@
+"""Training and fine-tuning on a text file, with optional TensorBoard / W&B / MLflow reporting. Needs torch."""
