@@ -403,23 +403,3 @@ def test_remote_engine_that_fails_to_load_says_why(tmp_path):
 
     with pytest.raises(RuntimeError, match="ManifestError|not found|manifest"):
         harness.Remote("broken", "gptx", "fp32", ("GptxEngine", ("broken", tmp_path / "nope", "fp32"), {}), threads=1)
-
-
-def test_huge_pages_ab_arms_differ_only_in_the_tunable(export_dir, tmp_path):
-    import huge_pages_ab
-
-    from gptx.launcher import OPT_OUT, TUNABLE, glibc_version, huge_page_environment, thp_mode
-
-    user = {"PATH": "/bin", "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{TUNABLE}"}
-    off = huge_pages_ab.arm_environment(user, huge_pages=False)
-    assert off == {"PATH": "/bin", OPT_OUT: "0", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
-    assert huge_pages_ab.arm_environment({"PATH": "/bin"}, huge_pages=True) == {"PATH": "/bin", OPT_OUT: "1"}
-
-    # the real `gptx` command in each arm: off never runs with the tunable, on runs with it where it helps
-    gptx = str(Path(sys.executable).parent / "gptx")
-    rows = {arm: huge_pages_ab.bench(gptx, export_dir, 4, arm, tmp_path / f"{arm}.json", new_tokens=3, runs=1)
-            for arm in (True, False)}
-    expected = TUNABLE if huge_page_environment({}, glibc_version(), thp_mode()) else None
-    assert rows[False]["glibc_tunables"] is None
-    assert rows[True]["glibc_tunables"] == expected
-    assert rows[True]["decode_tokens_per_s"] > 0 and rows[False]["peak_rss_mib"] > 0
