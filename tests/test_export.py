@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptx.export.convert import ExportError, export
-from gptx.export.validate import run_sequence
+from gptx.export.validate import teacher_forced
 from gptx.runtime.backends import create_backend
 from gptx.runtime.manifest import ManifestError, load_manifest
 
@@ -70,8 +70,8 @@ def test_ort_matches_pytorch_for_past_lengths_0_to_many(export_dir, gpt, batch):
     lengths = [5 + 3 * i for i in range(batch)]
     prompts = [rng.integers(0, 50257, n).tolist() for n in lengths]
     cont = rng.integers(0, 50257, (batch, 12))
-    ort_out = run_sequence(ort_backend, prompts, cont, pad_id=50256)
-    torch_out = run_sequence(torch_backend, prompts, cont, pad_id=50256)
+    ort_out = list(teacher_forced(ort_backend, prompts, cont, pad_id=50256))
+    torch_out = list(teacher_forced(torch_backend, prompts, cont, pad_id=50256))
     for row, prompt in enumerate(prompts):
         full = torch.tensor([prompt + cont[row].tolist()])
         with torch.no_grad():

@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from gptx.runtime.sampler import Sampler, SamplingParams, apply_repetition_penalty, top_k_filter, top_p_filter
+from gptx.runtime.sampler import Sampler, SamplingParams, apply_repetition_penalty, candidates, sample, sample_row
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -21,18 +21,75 @@ def test_invalid_sampling_parameters(kwargs, match):
         SamplingParams(**kwargs)
 
 
-def test_top_k_keeps_k_best():
-    logits = np.array([[1.0, 5.0, 3.0, 4.0, 2.0]])
-    out = top_k_filter(logits, 2)
-    assert np.isfinite(out).sum() == 2 and set(np.flatnonzero(np.isfinite(out[0]))) == {1, 3}
+def kept(logits, **params):
+    """candidates() as sorted ids and their weights (exp(logit / T - max))."""
+    ids, weights = candidates(np.asarray(logits, np.float32), SamplingParams(**params))
+    ids = np.arange(len(logits)) if ids is None else ids
+    order = np.argsort(ids)
+    return ids[order].tolist(), weights[order]
+
+
+def test_top_k_keeps_k_best_and_temperature_scales_the_weights():
+    ids, weights = kept([1.0, 5.0, 3.0, 4.0, 2.0], temperature=1.0, top_k=2)
+    assert ids == [1, 3] and np.allclose(weights, [1.0, np.exp(-1.0)])
+    ids, weights = kept([1.0, 5.0, 3.0, 4.0, 2.0], temperature=0.5, top_k=2)
+    assert ids == [1, 3] and np.allclose(weights, [1.0, np.exp(-2.0)])
+    assert kept([1.0, 3.0, 3.0, 2.0, 3.0], temperature=1.0, top_k=2)[0] == [1, 2, 4]  # ties at the k-th all stay
+    ids, weights = kept([0.0, 1.0, 2.0], temperature=1.0)  # no filter: the whole row
+    assert ids == [0, 1, 2] and np.allclose(weights, np.exp([-2.0, -1.0, 0.0]))
 
 
 def test_top_p_keeps_smallest_set_reaching_mass():
-    probs = np.array([[0.5, 0.3, 0.15, 0.05]])
-    out = top_p_filter(np.log(probs), 0.75)
-    assert list(np.isfinite(out[0])) == [True, True, False, False]
-    out = top_p_filter(np.log(probs), 0.1)  # the top token always survives
-    assert list(np.isfinite(out[0])) == [True, False, False, False]
+    logits = np.log([0.5, 0.3, 0.15, 0.05])
+    ids, weights = kept(logits, temperature=1.0, top_p=0.75)
+    assert ids == [0, 1] and np.allclose(weights, [1.0, 0.6])
+    assert kept(logits, temperature=1.0, top_p=0.1)[0] == [0]  # the top token always stays
+    assert kept(logits, temperature=1.0, top_p=0.96)[0] == [0, 1, 2, 3]
+
+
+def test_top_p_mass_is_relative_to_the_top_k_set():
+    """Top-k keeps 0.5, 0.2, 0.2 (a tie at the k-th), 0.9 of the mass; within it the first two hold 0.7 / 0.9 =
+    0.78 >= 0.75, so the third goes (measured against the whole row, 0.7 < 0.75, it would stay)."""
+    assert kept(np.log([0.5, 0.2, 0.2, 0.1]), temperature=1.0, top_k=2, top_p=0.75)[0] == [0, 1]
+
+
+def test_top_p_from_the_partitioned_set_and_from_the_whole_row():
+    """1000 tokens, the rest ~e^-30 behind. Five likely ones: the top-m partition answers. A hundred tied ones: the
+    best TOP_P_CANDIDATES (64) hold 0.64 < 0.905, so the whole row is cut; ties go in index order."""
+    x = np.full(1000, -30.0)
+    x[[10, 500, 3, 999, 42]] = np.log([0.4, 0.3, 0.2, 0.06, 0.04])
+    assert kept(x, temperature=1.0, top_p=0.85)[0] == [3, 10, 500]
+    flat = np.full(1000, -30.0)
+    flat[::10] = 0.0
+    ids, weights = kept(flat, temperature=1.0, top_p=0.905)
+    assert ids == list(range(0, 910, 10)) and np.allclose(weights, 1.0)
+
+
+class FixedDraw:
+    """An RNG whose uniform draw is the given number: what inverse-CDF sampling turns into a token."""
+
+    def __init__(self, u):
+        self.u = u
+
+    def random(self):
+        return self.u
+
+
+def test_sample_row_inverts_the_cdf_of_the_candidates():
+    logits = np.log(np.array([0.1, 0.5, 0.3, 0.1], np.float32))  # top_p 0.75 keeps 1 (0.625) and 2 (0.375)
+    params = SamplingParams(temperature=1.0, top_p=0.75)
+    assert [sample_row(logits, params, FixedDraw(u)) for u in (0.0, 0.6, 0.63, 0.99)] == [1, 1, 2, 2]
+    assert sample_row(np.full(4, np.nan, np.float32), params, FixedDraw(0.5)) == -1
+
+
+def test_sample_mixes_greedy_and_sampled_rows_and_flags_non_finite_ones():
+    logits = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [np.nan, 0.0, 1.0], [0.0, 1.0, 5.0]], np.float32)
+    greedy, drawn = SamplingParams(temperature=0), SamplingParams(temperature=1.0)
+    rngs = [FixedDraw(0.5)] * 4  # row 1 draws from [0.67, 0.09, 0.24]: 0.5 falls in token 0
+    assert sample(logits, [greedy, drawn, greedy, greedy], rngs).tolist() == [1, 0, -1, 2]
+    penalised = SamplingParams(temperature=0, repetition_penalty=10.0)  # 5 / 10 < 1: token 1 wins
+    seen = [None, None, None, np.array([False, False, True])]
+    assert sample(logits, [greedy, greedy, greedy, penalised], rngs, seen).tolist() == [1, 0, -1, 1]
 
 
 def test_repetition_penalty_direction():
@@ -68,25 +125,6 @@ def test_sampler_rows_are_independent():
         assert np.array_equal(together[:, row], alone)
     same = draws(Sampler(params, 500), np.repeat(logits[:1], 2, axis=0), 30)
     assert np.array_equal(same[:, 0], same[:, 1]) and len(set(same[:, 0])) > 3
-
-
-@pytest.mark.parametrize("top_k, top_p", [(None, 0.9), (None, 0.999), (None, 0.3), (40, None), (40, 0.5), (1, 0.9),
-                                          (None, 1.0), (None, None)])
-def test_candidate_set_follows_the_filter_rules(top_k, top_p):
-    """The fast path (argpartition a top-m set, cut the whole row only when it holds < p) keeps exactly the tokens
-    top_p_filter(top_k_filter(...)) keeps; 0.999 of a flat distribution forces the whole-row fallback."""
-    from gptx.runtime.sampler import candidates
-
-    rng = np.random.default_rng(1)
-    for scale in (0.5, 4.0):
-        x = (rng.standard_normal(50257) * scale).astype(np.float32)
-        params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
-        ids, weights = candidates(x, params)
-        ids = np.arange(len(x)) if ids is None else ids
-        scaled = (x / np.float32(0.7)).astype(np.float64)  # the rules in float64: float32 sums drift over 50k
-        expected = np.flatnonzero(np.isfinite(top_p_filter(top_k_filter(scaled, top_k), top_p)))
-        assert sorted(ids.tolist()) == expected.tolist()
-        np.testing.assert_allclose(weights, np.exp(scaled[ids] - scaled.max()), rtol=1e-5)
 
 
 def test_top_p_ties_at_the_cut_are_kept_in_index_order():

@@ -16,6 +16,8 @@ from gptx.runtime.backends.base import Backend, Capabilities
 
 class TorchBackend(Backend):
     name = "torch"
+    requires = "torch"
+    install_hint = "pip install 'gptx[torch]'"
 
     def __init__(self, manifest: dict, directory: Path | None, device: str = "cpu", model=None,
                  half: bool | None = None):
@@ -23,7 +25,7 @@ class TorchBackend(Backend):
         try:
             import torch
         except ImportError:
-            raise GptxError("the torch backend needs PyTorch: pip install 'gptx[torch]'") from None
+            raise GptxError(f"the torch backend needs PyTorch: {self.install_hint}") from None
         from gptx.export.kv_step import KVStep
         from gptx.model.weights import load_export_source
 
@@ -34,7 +36,7 @@ class TorchBackend(Backend):
             half = manifest["dtype"] == "float16"
         self.step_module = KVStep(model.to(device).float(), half=half).eval()
         self.kv_dtype = self.step_module.compute_dtype
-        self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, devices=("cpu", "cuda"))
+        self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size)
 
     def allocate(self, rows: int, window: int):
         shape = (rows, self.n_head, window, self.head_dim)

@@ -70,11 +70,6 @@ def teacher_forced(backend: Backend, prompts: list[list[int]], continuation: np.
         yield gen.decode_one_token(continuation[:, col])
 
 
-def run_sequence(backend: Backend, prompts: list[list[int]], continuation: np.ndarray, pad_id: int) -> list[np.ndarray]:
-    """`teacher_forced` as a list: (B, V) logits per call."""
-    return list(teacher_forced(backend, prompts, continuation, pad_id))
-
-
 def logit_agreement(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray | None = None) -> dict:
     """Two engines' logits for the same positions ((N, V), already cut to the real vocabulary): counts and sums
     that add up across calls (`merge_agreement`), so long texts never hold every position's logits at once."""

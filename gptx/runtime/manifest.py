@@ -321,16 +321,6 @@ def load_manifest(directory: str | Path, verify_hashes: bool = False) -> dict:
     raise AssertionError("unreachable")
 
 
-def check_manifest(manifest: dict, directory: Path) -> None:
-    """Validate an in-memory manifest for `directory` (what load_manifest does after reading it)."""
-    where = str(Path(directory) / MANIFEST_NAME)
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"{where} holds {_type_name(manifest)}, not a JSON object: not a gptx manifest")
-    m = parse(Manifest, manifest, "", where)
-    check_consistency(m, where)
-    check_paths(m, Path(directory), where)
-
-
 def save_manifest(manifest: dict, directory: str | Path) -> Path:
     """Atomic write (pid-tagged tmp + rename) so a crash never leaves half a manifest."""
     return atomic_write(Path(directory) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")

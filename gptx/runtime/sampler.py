@@ -4,10 +4,10 @@ Each row draws from its own `np.random.Generator`, one uniform number per sample
 a pure function of (its logits, its params, its seed) and never of the other rows in the batch: what
 continuous batching needs. A batch given one seed gives every row `default_rng(seed)`.
 
-Small pure functions (gpt-fast style: apply_repetition_penalty, top_k_filter, top_p_filter, softmax) state
-the rules; `sample_row` applies the same rules on a small candidate set so a step never sorts 50k logits
-when a top-m partition already holds the answer (it falls back to a value sort of the row when it does not),
-and never runs numpy's scalar cumsum over the whole vocabulary (`cumsum_search`).
+Small pure functions (gpt-fast style) state the rules: `candidates` keeps the tokens top-k and top-p allow,
+working on a small candidate set so a step never sorts 50k logits when a top-m partition already holds the
+answer (it falls back to a value sort of the row when it does not), and `sample_row` draws one of them without
+numpy's scalar cumsum over the whole vocabulary (`cumsum_search`).
 """
 
 from __future__ import annotations
@@ -78,33 +78,6 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return np.where(seen, penalised, logits)
 
 
-def top_k_filter(logits: np.ndarray, k: int | None) -> np.ndarray:
-    if not k or k >= logits.shape[-1]:
-        return logits
-    kth = np.partition(logits, -k, axis=-1)[..., -k, None]
-    return np.where(logits < kth, -np.inf, logits)
-
-
-def top_p_filter(logits: np.ndarray, p: float | None) -> np.ndarray:
-    """Keep the smallest set of most likely tokens whose mass reaches p (the top token always stays)."""
-    if p is None or p >= 1.0:
-        return logits
-    order = np.argsort(-logits, axis=-1)
-    sorted_logits = np.take_along_axis(logits, order, axis=-1)
-    probs = softmax(sorted_logits)
-    mass_before = np.cumsum(probs, axis=-1) - probs
-    sorted_logits = np.where(mass_before >= p, -np.inf, sorted_logits)
-    out = np.empty_like(logits)
-    np.put_along_axis(out, order, sorted_logits, axis=-1)
-    return out
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    x = x - np.max(x, axis=-1, keepdims=True)
-    e = np.exp(x)
-    return e / np.sum(e, axis=-1, keepdims=True)
-
-
 # ---------------------------------------------------------------------------------------------- per row
 def cumsum_search(weights: np.ndarray, fraction: float, total: float | None = None, side: str = "right") -> int:
     """np.searchsorted(cdf, fraction * total, side), cdf = np.cumsum(weights, dtype=np.float64), total = cdf[-1]
@@ -151,11 +124,11 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray |
     """(ids, weights) of the tokens a draw may pick: weights = exp(logits / T - max), ids None meaning the whole
     row; logits not finite -> ids of length 0.
 
-    The same rules as top_p_filter(top_k_filter(logits / T, k), p), applied to a candidate set: top-k
-    partitions (ties at the k-th value stay, as in top_k_filter); top-p partitions the TOP_P_CANDIDATES best
-    and cuts the whole row only when those hold less than p of the mass. Big temporaries are few and reused:
-    a new 50k-entry array can cost 0.2-0.4 ms of page faults here when glibc has handed freed blocks back to the
-    OS."""
+    The rules: top-k keeps the k highest of logits / T (ties at the k-th value all stay); top-p then keeps the
+    smallest set of the most likely whose mass reaches p (the top token always stays). Top-k partitions; top-p
+    partitions the TOP_P_CANDIDATES best and cuts the whole row only when those hold less than p of the mass.
+    Big temporaries are few and reused: a new 50k-entry array can cost 0.2-0.4 ms of page faults here when glibc
+    has handed freed blocks back to the OS."""
     x = logits / np.float32(params.temperature)
     vocab = x.shape[0]
     k, top_p = params.top_k, params.top_p

@@ -89,7 +89,6 @@ class RequestStream:
             self.pool.scheduler.remove_request(self.id)
 
 
-PoolStats = SchedulerStats  # waiting, active, max_batch, max_queue, steps
 
 
 class Pool:
@@ -134,7 +133,7 @@ class Pool:
         for request_id in list(self._inboxes):
             self._deliver([StepOutput(request_id, None, "", True, "cancelled")])
 
-    def stats(self) -> PoolStats:
+    def stats(self) -> SchedulerStats:
         """Waiting requests, active rows, bounds and steps so far (cheap; any thread)."""
         return self.scheduler.stats()
 

@@ -1,55 +1,67 @@
-"""Backend registry: name -> class (imported lazily: each needs its own package), and what `auto` means here."""
+"""Backend registry: name -> class (imported only when used: each needs its own package), and what `auto` means.
+
+The runtime lists its own engines here. Any other registers itself as a `gptx.backends` entry point of its
+distribution, as the PyTorch reference backend does (gptx.export.torch_backend, pyproject.toml): the runtime
+never names a module outside itself, and reads the entry points only when a name it does not hold is asked for.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
-import importlib.util
 from pathlib import Path
 
 from ..errors import GptxError
 from .base import Backend, Capabilities
-from .tensorrt_backend import INSTALL_HINT as TENSORRT_HINT  # imports neither tensorrt nor torch
 
-# name -> (module, class, the package it needs). The one list of backend names; the CLI derives its choices from it.
-REGISTRY = {
-    "onnxruntime": (".onnxruntime_backend", "OnnxRuntimeBackend", "onnxruntime"),
-    "torch": ("gptx.export.torch_backend", "TorchBackend", "torch"),
-    "tensorrt": (".tensorrt_backend", "TensorRTBackend", "tensorrt"),
-}
-BACKENDS = tuple(REGISTRY)
-INSTALL_HINTS = {"onnxruntime": "pip install onnxruntime", "torch": "pip install 'gptx[torch]'",
-                 "tensorrt": TENSORRT_HINT}
+GROUP = "gptx.backends"
+BUILTIN = {"onnxruntime": "gptx.runtime.backends.onnxruntime_backend:OnnxRuntimeBackend",  # entry-point syntax
+           "tensorrt": "gptx.runtime.backends.tensorrt_backend:TensorRTBackend"}
 
-__all__ = ["BACKENDS", "REGISTRY", "Backend", "Capabilities", "available", "backend_class", "create_backend",
-           "resolve"]
+__all__ = ["BACKENDS", "GROUP", "Backend", "Capabilities", "backend_class", "create_backend", "registry", "resolve"]
 
 
-def available(name: str) -> bool:
-    return importlib.util.find_spec(REGISTRY[name][2]) is not None
+@functools.cache
+def registry() -> dict[str, str]:
+    """Every backend name -> "module:Class": the runtime's own first, then the registered ones by name."""
+    from importlib.metadata import entry_points
+
+    registered = sorted((ep.name, ep.value) for ep in entry_points(group=GROUP) if ep.name not in BUILTIN)
+    return {**BUILTIN, **dict(registered)}
+
+
+def __getattr__(name: str):
+    if name == "BACKENDS":  # the one list of names (the CLI's choices), read from the entry points on first use
+        return tuple(registry())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def known(name: str) -> bool:
+    return name in BUILTIN or name in registry()
+
+
+def backend_class(name: str) -> type[Backend]:
+    if not known(name):
+        raise GptxError(f"unknown backend {name!r}: choose auto, {', '.join(registry())}")
+    module, _, attr = (BUILTIN.get(name) or registry()[name]).partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def resolve(name: str, manifest: dict, device: str) -> str:
     """`auto`: a TensorRT engine when one was built for CUDA, else ONNX Runtime, else PyTorch."""
     if name != "auto":
-        if name not in REGISTRY:
-            raise GptxError(f"unknown backend {name!r}: choose auto, {', '.join(BACKENDS)}")
+        backend_class(name)  # refuses an unknown name
         return name
-    if device == "cuda" and manifest.get("engines") and available("tensorrt"):
+    if device == "cuda" and manifest.get("engines") and backend_class("tensorrt").available():
         return "tensorrt"
-    if available("onnxruntime"):
-        return "onnxruntime"
-    if available("torch"):
-        return "torch"
-    raise GptxError("no backend available: pip install onnxruntime (or torch)")
-
-
-def backend_class(name: str) -> type[Backend]:
-    module, cls, _ = REGISTRY[name]
-    return getattr(importlib.import_module(module, __name__), cls)
+    for fallback in ("onnxruntime", "torch"):
+        if known(fallback) and backend_class(fallback).available():
+            return fallback
+    raise GptxError("no backend available: pip install onnxruntime (or 'gptx[torch]')")
 
 
 def create_backend(name: str, manifest: dict, directory: Path, device: str = "cpu", **kwargs) -> Backend:
-    name = resolve(name, manifest, device)
-    if not available(name):
-        raise GptxError(f"backend {name!r} is not installed: {INSTALL_HINTS[name]}")
-    return backend_class(name)(manifest, directory, device, **kwargs)
+    cls = backend_class(resolve(name, manifest, device))
+    if not cls.available():
+        raise GptxError(f"backend {cls.name!r} is not installed: {cls.install_hint}")
+    return cls(manifest, directory, device, **kwargs)

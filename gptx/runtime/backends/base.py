@@ -7,6 +7,7 @@ special case of prefill live once, in `gptx/runtime/kv_cache.py`. A backend only
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,6 @@ Array = Union[np.ndarray, "torch.Tensor"]
 class Capabilities:
     max_batch: int | None      # rows one call may take; None = bounded by memory only (ONNX Runtime, torch)
     max_seq: int               # positions: the model's block_size, or a TensorRT engine's --max-seq
-    devices: tuple[str, ...]   # where this backend can run: ("cpu",), ("cpu", "cuda"), ("cuda",)
     min_past: int = 0          # smallest past a call may take: TensorRT profiles cannot express 0, so prefill
                                # gets `min_past` masked dummy slots (added by kv_cache.py, nowhere else)
     writes_cache: bool = False # the graph writes the new keys/values into the past buffers itself (the
@@ -34,6 +34,8 @@ class Capabilities:
 
 class Backend(ABC):
     name: ClassVar[str] = "?"
+    requires: ClassVar[str]      # the package it runs on, as imported: `available` looks for it without importing it
+    install_hint: ClassVar[str]  # how to install that package
     capabilities: Capabilities
 
     def __init__(self, manifest: dict, directory: Path | None, device: str = "cpu"):
@@ -43,6 +45,10 @@ class Backend(ABC):
         cfg = manifest["config"]
         self.n_layer, self.n_head, self.head_dim = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
         self.block_size = cfg["block_size"]
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec(cls.requires) is not None
 
     @abstractmethod
     def allocate(self, rows: int, window: int) -> list[Array]:

@@ -57,6 +57,8 @@ def session_options(threads: int | None = None):
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    requires = "onnxruntime"
+    install_hint = "pip install onnxruntime"
 
     def __init__(self, manifest: dict, directory: Path, device: str = "cpu", threads: int | None = None):
         super().__init__(manifest, directory, device)
@@ -86,8 +88,7 @@ class OnnxRuntimeBackend(Backend):
         check_graph(manifest, self.session, str(model_path))
         if device == "cpu" and manifest.get("weights_file"):  # from here on it reads rows by token id
             advise_random_access(Path(directory) / manifest["weights_file"])
-        self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, devices=("cpu", "cuda"),
-                                         writes_cache=in_place)
+        self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, writes_cache=in_place)
         self.past_names, self.present_names = kv_names(manifest)
         self.kv_dtype = DTYPES[next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0])]
         self.output_names = [LOGITS, *self.present_names]

@@ -91,6 +91,8 @@ def select_engine(manifest: dict, directory, engine: str | None = None) -> dict:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    requires = "tensorrt"
+    install_hint = INSTALL_HINT
 
     def __init__(self, manifest: dict, directory: Path, device: str = "cuda", engine: str | None = None):
         super().__init__(manifest, directory, device)
@@ -142,7 +144,7 @@ class TensorRTBackend(Backend):
         if set(profiles) != {"prefill", "decode"} or max(profiles.values()) >= self.engine.num_optimization_profiles:
             raise GptxError(f"{path} lacks the prefill/decode profiles gptx needs: run `gptx build {directory}` again")
         self.capabilities = Capabilities(max_batch=self.max_batch, max_seq=min(self.max_seq, self.block_size),
-                                         devices=("cuda",), min_past=1)
+                                         min_past=1)
         stream = torch.cuda.current_stream()
         self.contexts = {}
         for name, index in profiles.items():
