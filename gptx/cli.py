@@ -107,7 +107,7 @@ def say(text: str) -> None:
 def guarded(fn):
     """GptxError -> one red line, exit 1; a missing optional package -> which extra to install;
     Ctrl-C / SIGTERM -> unwind (cleanups run), exit 130 / 143. Everything else propagates as a bug."""
-    from gptx.runtime.fsutil import Terminated, terminate_as_interrupt
+    from gptx.runtime.signals import Terminated, terminate_as_interrupt
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -131,13 +131,13 @@ def guarded(fn):
 
 def writable(path: Path | None, option: str) -> Path | None:
     """Check an output file option before the work starts (not a directory, not /dev/full, parent exists)."""
-    from gptx.runtime.fsutil import check_writable_file
+    from gptx.runtime.files import check_writable_file
 
     return None if path is None else check_writable_file(path, option)
 
 
 def write_json(path: Path | None, data: dict) -> None:
-    from gptx.runtime.fsutil import atomic_write
+    from gptx.runtime.files import atomic_write
 
     if path is not None:
         atomic_write(path, json.dumps(data, indent=2) + "\n")

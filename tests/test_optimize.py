@@ -249,12 +249,12 @@ def mapped_kib(path) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-cache behaviour of Linux (smaps, fadvise)")
 def test_token_lookups_make_only_their_rows_resident(tmp_path):
-    """A CPU load first evicts the weights file from the page cache (fsutil.drop_cached_pages). Pages that a read()
+    """A CPU load first evicts the weights file from the page cache (page_cache.drop_cached_pages). Pages that a read()
     brought in from disk sit there as large folios, and the session's mapping would make a whole folio resident
     for each token it looks up: on Linux 6.18 / ext4, 48 lookups then made 18 of the 37 MB table resident."""
     from gptx.model import GPT, GPTConfig
     from gptx.runtime import load
-    from gptx.runtime.fsutil import drop_cached_pages
+    from gptx.runtime.page_cache import drop_cached_pages
 
     torch.manual_seed(0)
     out = tmp_path / "q8"
@@ -275,9 +275,9 @@ def test_token_lookups_make_only_their_rows_resident(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
 def test_a_cpu_session_reads_its_weights_file_without_readahead(export_dir, tmp_path):
     """After loading, the file is read only by token id (lookup, re-score): every mapping of it is advised random
-    (smaps VmFlags "rr"), so a miss brings in one page, not a readahead window (fsutil.advise_random_access)."""
+    (smaps VmFlags "rr"), so a miss brings in one page, not a readahead window (page_cache.advise_random_access)."""
     from gptx.runtime import load
-    from gptx.runtime.fsutil import advise_random_access
+    from gptx.runtime.page_cache import advise_random_access
 
     out = tmp_path / "q4"
     shutil.copytree(export_dir, out)

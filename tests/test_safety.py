@@ -22,7 +22,8 @@ from gptx.model import GPT, GPTConfig
 from gptx.export.convert import ExportError, export
 from gptx.model.weights import save_checkpoint
 from gptx.runtime.errors import ManifestError, ModelLoadError
-from gptx.runtime.fsutil import Terminated, clean_stale, interrupts_deferred, replace_dir, terminate_as_interrupt
+from gptx.runtime.files import clean_stale, replace_dir
+from gptx.runtime.signals import Terminated, interrupts_deferred, terminate_as_interrupt
 from gptx.runtime.manifest import check_files, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -415,7 +416,7 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_tmp(tmp_pa
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-            "from gptx.runtime.errors import GptxError\nfrom gptx.runtime.fsutil import atomic_write\n"
+            "from gptx.runtime.errors import GptxError\nfrom gptx.runtime.files import atomic_write\n"
             "try:\n    atomic_write(sys.argv[1], 'x' * 100_000)\n"
             "except GptxError as e:\n    print(e)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, env=child_env(),

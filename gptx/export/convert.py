@@ -20,18 +20,18 @@ from pathlib import Path
 import torch
 
 from gptx.runtime.errors import ExportError
-from gptx.runtime.fsutil import (
+from gptx.runtime.files import (
     DISK_ERRNOS,
     PARTIAL,
     clean_stale,
     debris_path,
     debris_target,
     follow_umask,
-    interrupts_deferred,
     make_dir,
     remove_tree,
     replace_dir,
 )
+from gptx.runtime.signals import interrupts_deferred
 from gptx.runtime.manifest import (
     EXPORT_DTYPES,
     FORMAT,

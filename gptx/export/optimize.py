@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gptx.runtime.errors import GptxError, InvalidInput
-from gptx.runtime.fsutil import atomic_path
+from gptx.runtime.files import atomic_path
 from gptx.runtime.io_names import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names, present_names
 from gptx.runtime.manifest import IN_PLACE, QUANT_SCHEMES, load_manifest, record_files, save_manifest
 
@@ -552,7 +552,7 @@ def quantized_embedding(model, lm_head: str, bits: int, shared: bool) -> str:
     resident while the lookup still points at them. A copy that only the lookup reads starts paged out (38 MB
     less RSS after load for GPT-2 at 8 bits), and only looked-up rows become resident once its pages are faulted
     in from disk; pages a read() left in the cache are mapped a whole folio at a time, so the CPU backend evicts
-    the file's cached pages before it loads (fsutil.drop_cached_pages; benchmarks/README.md, "Where int4's peak
+    the file's cached pages before it loads (page_cache.drop_cached_pages; benchmarks/README.md, "Where int4's peak
     RSS goes").
     """
     from onnx import helper, numpy_helper

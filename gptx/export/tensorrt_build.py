@@ -27,7 +27,7 @@ from pathlib import Path
 
 from gptx.runtime.backends.tensorrt_backend import INSTALL_HINT, normalize_cc
 from gptx.runtime.errors import BuildError, GptxError, InvalidInput
-from gptx.runtime.fsutil import atomic_write
+from gptx.runtime.files import atomic_write
 from gptx.runtime.manifest import ENGINE_PRECISIONS, load_manifest, record_files, save_manifest
 
 ENGINE_FILE = "engine.plan"

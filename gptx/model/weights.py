@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from gptx.runtime.errors import InvalidInput, ModelLoadError
-from gptx.runtime.fsutil import atomic_path, resolve_inside
+from gptx.runtime.files import atomic_path, resolve_inside
 
 from gptx.model.gpt import GPT, GPTConfig
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ManifestError
-from .fsutil import atomic_write, resolve_inside, sha256_file
+from .files import atomic_write, resolve_inside, sha256_file
 from .io_names import input_names, output_names, past_names, present_names
 
 MANIFEST_NAME = "manifest.json"

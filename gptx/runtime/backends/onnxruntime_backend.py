@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GptxError, InvalidInput
-from ..fsutil import advise_random_access, drop_cached_pages
+from ..page_cache import advise_random_access, drop_cached_pages
 from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from ..manifest import check_graph, kv_names, writes_cache_in_place
 from .base import Backend, Capabilities

@@ -6,7 +6,7 @@
 - `clean_stale`: debris of a writer that died (SIGKILL, power loss) carries that writer's pid in its name;
   the next writer of the same target removes it only when that pid is no longer running, so a live writer's
   files are never touched. (A dead writer whose pid was reused by another process is left alone: safe side.)
-- `writable_dirs_and_files`: created files and directories follow the umask (some libraries write 0600).
+- `follow_umask`: created files and directories follow the umask (some libraries write 0600).
 
 Pure standard library, no PyTorch: the runtime uses it too.
 """
@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -158,59 +157,6 @@ def disk_error(path: Path, e: OSError) -> GptxError:
     return GptxError(f"cannot write {path}: {e.strerror or e}")
 
 
-def drop_cached_pages(path: Path) -> None:
-    """Ask the kernel to evict a file's unmapped pages from the page cache (a hint: nothing on disk changes, and
-    pages another process maps stay). Why: pages that a read() brought in (a checksum, a copy, the export's own
-    write) sit in the cache as large folios, and a process that maps the file (ONNX Runtime maps external
-    weights) gets a whole folio resident for each row it gathers. Measured on the GPT-2 int4 export (Linux 6.18,
-    ext4, 8 MB readahead): 48 token lookups made 37 MiB of the file resident beyond what loading touched when
-    it came from such a cache, 6 MiB when its pages were faulted in from disk; decode peak RSS 251 vs 222 MiB."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # the caller's own open reports a missing or unreadable file in its own words
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-MADV_RANDOM = 1  # Linux's madvise advice: no readahead around a fault in these pages
-
-
-def advise_random_access(path: Path) -> int:
-    """Tell the kernel that this process reads its mappings of `path` at random (MADV_RANDOM, a hint: nothing
-    changes on disk or in the data), so a page fault there brings in that page, not a readahead window around it.
-    Returns how many mapped ranges took the advice (0 where there is no /proc/self/maps or no madvise).
-
-    Why (hand-written: neither the mmap module nor ONNX Runtime can advise a mapping ONNX Runtime made): after
-    loading, the only reads of the weights file's pages are rows gathered by token id, the token lookup and the
-    int4 head's exact re-score (gptx.export.optimize.rescore_head). Each miss otherwise reads a readahead window,
-    and the mapping then makes its neighbours resident too: on GPT-2 int4 (Linux 6.18, ext4, 8 MB readahead),
-    128 decode tokens with 64 re-scored rows each peaked at 279 MiB RSS, 197 MiB with this advice, for about
-    50 ms more on the first 128 tokens (benchmarks/README.md)."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    target = str(Path(path).resolve())
-    ranges = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == target:
-                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                    ranges.append((lo, hi - lo))
-    except OSError:
-        return 0
-    if not ranges:
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return sum(libc.madvise(start, length, MADV_RANDOM) == 0 for start, length in ranges)
-
-
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; when the block succeeds it replaces `target` in one rename.
@@ -304,53 +250,3 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------- signals
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so every `finally`/cleanup runs (e.g. the export's partial directory)."""
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within this block SIGTERM unwinds the stack like SIGINT does. Main thread only (signal's rule)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT / SIGTERM until the block ends, then deliver them to the handlers they would have met.
-
-    For calls that cannot unwind midway: an exception raised inside torch's JIT tracer leaves it in a state
-    that segfaults (seen about 1 in 20 SIGTERMs during `gptx export`), so the export finishes its trace first.
-    Main thread only (signal's rule); elsewhere the block runs as is.
-    """
-    import threading
-
-    signals = (signal.SIGINT, signal.SIGTERM)
-    # None: a handler installed outside Python, which could not be put back afterwards
-    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, signals):
-        yield
-        return
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signals}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if caught:
-        signal.raise_signal(caught[0])  # -> KeyboardInterrupt, Terminated (the CLI) or the default action
