@@ -20,7 +20,8 @@ from torch.nn import functional as F
 
 from gptx.runtime.errors import InvalidInput
 
-from gptx.model.gpt import GPT, as_index_tensor, with_padding_mask
+from gptx.model.gpt import GPT
+from gptx.model.inputs import as_index_tensor, with_padding_mask
 
 
 class GPTClassifier(nn.Module):

@@ -2,8 +2,8 @@
 
 Modelled on nanoGPT's model.py, with what makes it bit-compatible with GPT-2 / transformers (the tanh
 approximation of GELU) and what its users expect from transformers' GPT-2: `input_ids=` / `attention_mask=`,
-padded and ragged batches, and a result with `.logits`, `.loss`, `.last_hidden_state`, `.pooler_output`
-that still unpacks as nanoGPT's `logits, loss`.
+padded and ragged batches (read by `inputs.py`), and a result with `.logits`, `.loss`, `.last_hidden_state`,
+`.pooler_output` that still unpacks as nanoGPT's `logits, loss`.
 
 There is one transformer forward. Training, the classifier, reference generation and the exported
 KV-cache step (`kv_step.py`) all run `GPT.body` -> `Block.forward`; only the attention differs, chosen by
@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gptx.model.inputs import (as_token_batch, check_tokens, last_real_positions, new_token_count, padded_targets,
+                               padding_mask, with_padding_mask)
 from gptx.runtime.errors import InvalidInput
 
 
@@ -91,41 +93,6 @@ def cast_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-class KeepLeadingReshape(torch.autograd.Function):
-    """Reshape the trailing dims and keep (batch, seq): exported as Reshape(x, [0, 0, *tail]).
-
-    Written by hand because the tracer turns `view(B, T, H, D)` (and `unflatten`) into Shape/Gather/Slice/Concat
-    arithmetic per reshape (~300 extra nodes for GPT-2), and on CPU each node costs dispatch time at every
-    decode step. Used only while exporting (no backward).
-    """
-
-    @staticmethod
-    def forward(ctx, x, tail: tuple[int, ...]):
-        return x.reshape(x.shape[0], x.shape[1], *tail)
-
-    @staticmethod
-    def symbolic(g, x, tail: tuple[int, ...]):
-        shape = g.op("Constant", value_t=torch.tensor([0, 0, *tail], dtype=torch.int64))
-        return g.op("Reshape", x, shape)
-
-
-def reshape_tail(x: torch.Tensor, *tail: int) -> torch.Tensor:
-    """Reshape all but the first two dims: a constant-target Reshape in ONNX, a plain view otherwise."""
-    if torch.onnx.is_in_onnx_export():
-        return KeepLeadingReshape.apply(x, tail)
-    return x.reshape(*x.shape[:2], *tail)
-
-
-def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """(B, T, C) -> (B, n_head, T, head_dim)."""
-    return reshape_tail(x, -1, head_dim).transpose(1, 2)
-
-
-def merge_heads(y: torch.Tensor) -> torch.Tensor:
-    """(B, n_head, T, head_dim) -> (B, T, C)."""
-    return reshape_tail(y.transpose(1, 2), -1)
-
-
 def attention_allowed(attention_mask: torch.Tensor, past_len, new_len) -> torch.Tensor:
     """(B, 1, T, P+T) bool: slot j is visible to new token i if it is filled (mask 1) and not in its future.
 
@@ -139,23 +106,11 @@ def attention_allowed(attention_mask: torch.Tensor, past_len, new_len) -> torch.
     return (filled & (j <= i)) | (j == i)
 
 
-def attention_bias(allowed: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, S) float32: 0 where `allowed`, -inf elsewhere; built once per step, added in every layer.
-
-    Adding a bias instead of a masked_fill per layer: ONNX Runtime's broadcast Where is scalar and
-    single-threaded (12 ms for 12 x 512 x 512 scores here, against 0.4 ms for the vectorised Add), which was
-    10% of a 512-token prefill; the one Where left runs once, on one head's worth of slots. Same numbers:
-    x + 0 is x and x + -inf is -inf.
-    """
-    zero, minus_inf = (torch.tensor(v, dtype=torch.float32, device=allowed.device) for v in (0.0, float("-inf")))
-    return torch.where(allowed, zero, minus_inf)
-
-
 def cached_attention(q, k, v, past_k, past_v, bias):
     """Softmax over [past | new] without concatenating the cache: two score blocks, two value products.
 
     What the exported step runs, so the runtime can hand in its whole preallocated cache as the past
-    (`bias`, from `attention_bias`, masks the empty slots) and the graph never copies it.
+    (`bias`, 0 or -inf per slot, masks the empty slots) and the graph never copies it.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.cat([q @ past_k.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1) * scale
@@ -178,6 +133,10 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    # (B, T, ...) -> (B, T, *tail), heads split or merged; the export swaps in one that traces to a single ONNX
+    # Reshape (gptx/export/kv_step.py)
+    reshape_tail = staticmethod(lambda x, tail: x.reshape(*x.shape[:2], *tail))
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -193,16 +152,17 @@ class CausalSelfAttention(nn.Module):
         past None, mask None: causal attention over x (SDPA's fused causal kernel; training's path)
         past None, mask given: (B, 1, T, T) bool from `attention_allowed`, for padded batches
         past (k, v) given: the cached step, attending over [past | x]; mask is the (B, 1, T, P+T) float
-                           bias from `attention_bias`
+                           bias the exported step builds (gptx/export/kv_step.py)
         """
         x = cast_to(x, self.c_attn.weight.dtype)
-        q, k, v = (split_heads(t, self.head_dim) for t in self.c_attn(x).split(self.n_embd, dim=2))
+        q, k, v = (self.reshape_tail(t, (-1, self.head_dim)).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
         if past is not None:
             y = cached_attention(q, k, v, *past, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(merge_heads(y))), (k, v)
+        return self.resid_dropout(self.c_proj(self.reshape_tail(y.transpose(1, 2), (-1,)))), (k, v)
 
 
 class MLP(nn.Module):
@@ -231,76 +191,6 @@ class Block(nn.Module):
         y, kv = self.attn(self.ln_1(x), mask, past)
         x = x + cast_to(y, x.dtype)
         return x + cast_to(self.mlp(self.ln_2(x)), x.dtype), kv
-
-
-def is_row(x) -> bool:
-    return isinstance(x, (list, tuple)) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 1)
-
-
-def as_token_batch(tokens, name: str = "idx", pad_id: int = 0, left: bool = False):
-    """Token ids as a (B, T) LongTensor, and a (B, T) mask (1 = real token) when rows had to be padded.
-
-    Takes a tensor or array (T,) or (B, T), a list of ints, or a list of token lists. Lists of different
-    lengths (what `Tokenizer.encode_batch` returns) are padded with `pad_id`, on the right unless `left`;
-    the mask is None when nothing was padded.
-    """
-    mask = None
-    if isinstance(tokens, (list, tuple)) and tokens and all(is_row(r) for r in tokens):
-        rows = [r.tolist() if hasattr(r, "tolist") else list(r) for r in tokens]
-        lengths = [len(r) for r in rows]
-        for r, n in enumerate(lengths):
-            if n == 0:
-                raise InvalidInput(f"{name} row {r} is empty: every row needs at least one token")
-        longest = max(lengths)
-        if min(lengths) < longest:
-            pads = [[pad_id] * (longest - n) for n in lengths]
-            rows = [p + r if left else r + p for r, p in zip(rows, pads)]
-            mask = torch.tensor([[0] * len(p) + [1] * n if left else [1] * n + [0] * len(p)
-                                 for n, p in zip(lengths, pads)])
-        tokens = rows
-    if not isinstance(tokens, torch.Tensor):
-        try:
-            tokens = torch.tensor(tokens)
-        except (TypeError, ValueError, RuntimeError):
-            raise InvalidInput(f"{name} must be token ids: a tensor, a list of ints or a list of token lists") from None
-    if tokens.numel() == 0:
-        tokens = tokens.long()
-    if tokens.dtype not in (torch.long, torch.int, torch.int32, torch.int16, torch.uint8):
-        raise InvalidInput(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
-    if tokens.dim() == 1:
-        tokens = tokens.unsqueeze(0)
-    if tokens.dim() != 2:
-        raise InvalidInput(f"{name} must have shape (B, T) or (T,), got {tuple(tokens.shape)}")
-    return tokens.long(), mask
-
-
-def with_padding_mask(tokens, attention_mask=None, name: str = "idx", pad_id: int = 0):
-    """`as_token_batch`, and the attention mask that goes with it: the padding made here for token lists of
-    different lengths, else the caller's `attention_mask` (may be None)."""
-    idx, padded = as_token_batch(tokens, name, pad_id)
-    if padded is None:
-        return idx, attention_mask
-    if attention_mask is not None:
-        raise InvalidInput(f"{name} rows of different lengths are padded here; attention_mask goes with a batch "
-                           "you padded yourself")
-    return idx, padded
-
-
-def as_index_tensor(idx, device=None, name: str = "idx") -> torch.Tensor:
-    """A (B, T) LongTensor of equal-length token ids (no padding allowed)."""
-    tokens, mask = as_token_batch(idx, name)
-    if mask is not None:
-        raise InvalidInput(f"{name} rows must all have the same length")
-    return tokens.to(device) if device is not None else tokens
-
-
-def row_lengths(tokens: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
-    return mask.sum(dim=1).tolist() if mask is not None else [tokens.shape[1]] * tokens.shape[0]
-
-
-def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of each row's last 1 in a (B, T) mask (right or left padding)."""
-    return (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
 
 
 class GPT(nn.Module):
@@ -346,17 +236,6 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def check_tokens(self, idx: torch.Tensor, name: str = "idx") -> None:
-        T = idx.shape[1]
-        if T == 0:
-            raise InvalidInput(f"{name} is empty: give at least one token")
-        if T > self.config.block_size:
-            raise InvalidInput(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise InvalidInput(f"token id {bad} in {name} is outside the vocabulary [0, {self.config.vocab_size})")
-
     def body(self, idx, pos, mask: torch.Tensor | None = None, past: Sequence[tuple] | None = None):
         """Embeddings and every block: the residual stream (B, T, C) before ln_f, and each layer's (k, v).
 
@@ -370,36 +249,6 @@ class GPT(nn.Module):
             x, kv = block(x, mask, None if past is None else past[i])
             presents.append(kv)
         return x, presents
-
-    def padding_mask(self, idx: torch.Tensor, attention_mask, name: str):
-        """The (B, T) mask of real tokens, or None when every position is real (then the fused causal path runs)."""
-        if attention_mask is None:
-            return None
-        mask, _ = as_token_batch(attention_mask, "attention_mask")
-        if mask.shape != idx.shape:
-            raise InvalidInput(f"attention_mask shape {tuple(mask.shape)} differs from {name} shape {tuple(idx.shape)}")
-        mask = (mask != 0).long().to(idx.device)
-        empty = (mask.sum(dim=1) == 0).nonzero()
-        if len(empty):
-            raise InvalidInput(f"attention_mask row {int(empty[0])} has no real tokens (all 0 / all padding)")
-        return None if bool(mask.all()) else mask
-
-    def padded_targets(self, targets, idx: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
-        """(B, T) targets with -1 (ignored by the loss) wherever the input is padding."""
-        from_lists = isinstance(targets, (list, tuple))
-        targets, target_mask = as_token_batch(targets, "targets", pad_id=-1)
-        if from_lists:  # compare row by row, so the error can say which row
-            rows, target_rows = row_lengths(idx, mask), row_lengths(targets, target_mask)
-            if len(target_rows) != len(rows):
-                raise InvalidInput(f"targets has {len(target_rows)} rows but {name} has {len(rows)}")
-            for r, (n, m) in enumerate(zip(rows, target_rows)):
-                if n != m:
-                    raise InvalidInput(f"targets row {r} has {m} tokens, which differs from its {n} input tokens "
-                                       "(targets are the inputs shifted by one: the same length)")
-        if targets.shape != idx.shape:
-            raise InvalidInput(f"targets shape {tuple(targets.shape)} differs from {name} shape {tuple(idx.shape)}")
-        targets = targets.to(idx.device)
-        return targets if mask is None else targets.masked_fill(mask == 0, -1)
 
     def forward(self, idx=None, targets=None, *, input_ids=None, attention_mask=None,
                 return_logits: bool = True) -> GPTOutput:
@@ -421,12 +270,12 @@ class GPT(nn.Module):
             raise InvalidInput("forward needs token ids: model(idx) or model(input_ids=...)")
         idx, attention_mask = with_padding_mask(idx, attention_mask, name)
         idx = idx.to(self.device)
-        self.check_tokens(idx, name)
-        mask = self.padding_mask(idx, attention_mask, name)
+        check_tokens(idx, self.config.block_size, self.config.vocab_size, name)
+        mask = padding_mask(idx, attention_mask, name)
         if targets is not None:
             if not return_logits:
                 raise InvalidInput("a loss needs the logits: drop return_logits=False or targets")
-            targets = self.padded_targets(targets, idx, mask, name)
+            targets = padded_targets(targets, idx, mask, name)
         B, T = idx.shape
         if mask is None:  # every position real: no mask to build, SDPA's causal kernel
             x, _ = self.body(idx, torch.arange(T, dtype=torch.long, device=idx.device))
@@ -459,19 +308,6 @@ class GPT(nn.Module):
 
         return load_pretrained(name_or_path, override_args)
 
-    def new_token_count(self, prompt_len: int, max_new_tokens, max_length) -> int:
-        """max_new_tokens, or max_length (the total, prompt included, as in transformers) minus the prompt: the
-        runtime's rule. max_new_tokens alone may run past the context (the reference crops it, as nanoGPT does)."""
-        from gptx.runtime.generation import resolve_new_tokens
-        from gptx.runtime.sampler import validate_sampling
-
-        if max_length is not None:
-            return resolve_new_tokens(max_new_tokens, max_length, prompt_len, self.config.block_size)
-        if max_new_tokens is None:
-            raise InvalidInput("give max_new_tokens (tokens to add) or max_length (total length, prompt included)")
-        validate_sampling(max_new_tokens=max_new_tokens)
-        return int(max_new_tokens)
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, *, max_length: int | None = None, repetition_penalty: float = 1.0,
@@ -489,8 +325,8 @@ class GPT(nn.Module):
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         idx, mask = as_token_batch(idx, "idx", left=True)
         B, T = idx.shape
-        new_tokens = self.new_token_count(T, max_new_tokens, max_length)
-        self.check_tokens(idx)
+        new_tokens = new_token_count(T, max_new_tokens, max_length, self.config.block_size)
+        check_tokens(idx, self.config.block_size, self.config.vocab_size)
         idx = idx.to(self.device)
         mask = None if mask is None else mask.to(self.device)
         sampler = Sampler(params, self.config.vocab_size)
