@@ -18,11 +18,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as H
+from render_docs import wrap
 from report import pct
 
 from gptx.export.optimize import PRESETS, QuantPreset
@@ -30,7 +33,25 @@ from gptx.runtime import benchmark as B
 from gptx.runtime.bench_report import fmt
 
 Q = QuantPreset
-# name -> (recipe, what it tries); BEFORE = int4 as exported before these presets (no fusions, fp32 token table);
+
+
+@dataclass(frozen=True)
+class Lab:
+    """A recipe only the sweep builds: `preset` with another MatMulNBits algorithm (hqq: half-quadratic, float zero
+    points; gptq: calibrated on the bundled text; rtn: Intel Neural Compressor's round-to-nearest) and/or a
+    re-scored LM head at `rescore_bits` (2, 4 or 8) instead of the layers' bits."""
+
+    preset: QuantPreset
+    algorithm: str = "blockwise"
+    rescore_bits: int | None = None
+
+    @property
+    def block_size(self) -> int:
+        return self.preset.block_size
+
+
+GPTQ_CALIBRATION = (8, 64)  # windows x tokens of the bundled text's training part
+# name -> (recipe, what it tries); BEFORE = int4 as exported before the presets (no fusions, fp32 token table);
 # FP16 = a 16-bit export (`--dtype fp16`), the candidate for a 16-bit CPU mode
 BEFORE, FP16 = "before", "fp16"
 CANDIDATES = {
@@ -47,25 +68,24 @@ CANDIDATES = {
     "b32 sym, fp32 accumulate": (Q(4, accuracy_level=1), "accuracy_level 1: fp32 activations"),
     "b32 asym": (Q(4, symmetric=False), "zero points (the token table stays fp32: no sharing with zero points)"),
     "b16 asym": (Q(4, block_size=16, symmetric=False), "zero points, smaller blocks"),
-    "HQQ b32": (Q(4, method="hqq", symmetric=False), "half-quadratic quantization (float zero points)"),
-    "GPTQ b32 asym": (Q(4, method="gptq", symmetric=False), "GPTQ, 8 x 64 calibration tokens of the training text"),
-    "RTN b32": (Q(4, method="rtn"), "Intel Neural Compressor's round-to-nearest"),
+    "HQQ b32": (Lab(Q(4, symmetric=False), "hqq"), "half-quadratic quantization (float zero points)"),
+    "GPTQ b32 asym": (Lab(Q(4, symmetric=False), "gptq"), "GPTQ, 8 x 64 calibration tokens of the training text"),
+    "RTN b32": (Lab(Q(4), "rtn"), "Intel Neural Compressor's round-to-nearest"),
     "b32 sym, head 8-bit": (Q(4, head_bits=8), "tied embedding / LM head at 8 bits (llama.cpp's q4_0 does too)"),
     "b32 asym, head 8-bit": (Q(4, symmetric=False, head_bits=8), ""),
     "b16 asym, head 8-bit": (Q(4, block_size=16, symmetric=False, head_bits=8), ""),
-    "HQQ b32, head 8-bit": (Q(4, method="hqq", symmetric=False, head_bits=8), ""),
+    "HQQ b32, head 8-bit": (Lab(Q(4, symmetric=False, head_bits=8), "hqq"), ""),
     "b32 sym, head + layer 0 8-bit": (Q(4, head_bits=8, wide_layers=1), ""),
     "b64 asym, head + layer 0 8-bit": (Q(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1), ""),
     "b32 asym, head + layers 0-1 8-bit": (Q(4, symmetric=False, head_bits=8, wide_layers=2), ""),
     "int4 with the head 8-bit": (Q(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1,
                                    wide_method="dynamic"),
-                                 ("the int4 default until 2026-12-06: the LM head as dynamic int8 instead of 4-bit + "
-                                  "exact top-64")),
+                                 "the LM head as dynamic int8 instead of 4-bit + exact top-64"),
     "int4 with exact top-16": (Q(4, block_size=64, symmetric=False, head_bits=8, wide_layers=1,
                                  wide_method="dynamic", head_rescore=16), "16 best logits recomputed instead of 64"),
-    "int4, head 2-bit, exact top-64": (replace(PRESETS["int4"], rescore_bits=2),
+    "int4, head 2-bit, exact top-64": (Lab(PRESETS["int4"], rescore_bits=2),
                                        "the re-scored head at 2 bits: 10 MB less a token; the tail logits stay 2-bit"),
-    "int4, head 2-bit, exact top-256": (replace(PRESETS["int4"], rescore_bits=2, head_rescore=256), ""),
+    "int4, head 2-bit, exact top-256": (Lab(replace(PRESETS["int4"], head_rescore=256), rescore_bits=2), ""),
     "int4, layers b128": (replace(PRESETS["int4"], block_size=128), "larger blocks: fewer scales to read and apply"),
     "int4, layers b256": (replace(PRESETS["int4"], block_size=256), ""),
     "int4, layers b128 sym": (replace(PRESETS["int4"], block_size=128, symmetric=True), ""),
@@ -75,8 +95,68 @@ CANDIDATES = {
 QUALITY_WINDOWS = (64, 128)
 
 
+class Calibration:
+    """GPTQ's calibration inputs: prefill calls (empty past) on windows of the bundled text's training part."""
+
+    def __init__(self, manifest: dict, graph_inputs: list[str]):
+        from gptx.export.validate import sample_windows
+        from gptx.runtime import io_names as io
+        from gptx.runtime.tokenizer import Tokenizer
+
+        windows, length = GPTQ_CALIBRATION
+        cfg = manifest["config"]
+        length = min(length, cfg["block_size"])
+        ids = sample_windows(Tokenizer(), windows, length, held_out=False)
+        empty = np.zeros((1, cfg["n_head"], 0, cfg["n_embd"] // cfg["n_head"]), np.float32)
+        feeds = [{io.INPUT_IDS: row[None], io.ATTENTION_MASK: np.ones((1, length), np.int64),
+                  io.POSITION_IDS: np.arange(length, dtype=np.int64)[None],
+                  getattr(io, "LOGITS_INDEX", None): np.array([[length - 1]], np.int64),  # where the graph has it
+                  **dict.fromkeys(io.past_names(cfg["n_layer"]), empty)} for row in ids]
+        self.feeds = [{k: v for k, v in f.items() if k in graph_inputs} for f in feeds]
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def get_next(self):  # the CalibrationDataReader protocol, for tools that call it directly
+        return self.feeds.pop(0) if self.feeds else None
+
+
+def lab_quantize(proto, recipe: Lab, manifest: dict):
+    """quantize_weights for a Lab recipe, from optimize.py's own steps: (model, the manifest's quantization)."""
+    from onnx import helper
+    from onnxruntime.quantization import matmul_nbits_quantizer as q
+
+    from gptx.export import optimize as O
+
+    p = recipe.preset
+    configs = {"blockwise": lambda: None, "rtn": q.RTNWeightOnlyQuantConfig,
+               "hqq": lambda: q.HQQWeightOnlyQuantConfig(block_size=p.block_size, bits=p.bits),
+               "gptq": lambda: q.GPTQWeightOnlyQuantConfig(calibration_data_reader=Calibration(
+                   manifest, [i.name for i in proto.graph.input]), block_size=128)}
+    lm_head, wide = O.wide_matmuls(proto, p)
+    lm_head_bits = (recipe.rescore_bits or p.bits) if p.head_rescore else (p.head_bits or p.bits)
+    apart = [lm_head] if p.head_rescore and lm_head_bits != p.bits else []  # the re-scored head in its own pass
+    model = proto
+    if wide and p.wide_method == "dynamic":
+        model, wide = O.dynamic_int8(proto, wide), []
+    model = O.matmul_nbits(model, p, wide + apart, configs[recipe.algorithm]())
+    if wide:
+        model = O.matmul_nbits(model, Q(p.head_bits or p.bits, accuracy_level=p.accuracy_level), apart)
+    if apart:
+        model = O.matmul_nbits(model, replace(p, bits=lm_head_bits))
+    for node in model.graph.node:  # HQQ / GPTQ / RTN do not write the accuracy level
+        if node.op_type == "MatMulNBits" and p.accuracy_level:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", p.accuracy_level)])
+    model, info = O.weight_only_info(model, p, lm_head, lm_head_bits)
+    info["method"] = info["method"].replace("blockwise", recipe.algorithm, 1)
+    return model, {**info, "preset": "custom"}
+
+
 def make_export(fp32_dir: Path, out: Path, recipe, source: str) -> dict:
-    """A copy of the fp32 export quantized with `recipe`, the pre-preset int4 pipeline, or an fp16 export."""
+    """A copy of the fp32 export quantized with `recipe` (a QuantPreset or a Lab recipe), the pre-preset int4
+    pipeline, or an fp16 export."""
     import onnx
 
     from gptx.export.convert import export
@@ -87,11 +167,16 @@ def make_export(fp32_dir: Path, out: Path, recipe, source: str) -> dict:
     if recipe == FP16:
         return export(source, out, dtype="fp16", force=True, progress=False, validate=False)
     shutil.copytree(fp32_dir, out)
-    if recipe != BEFORE:
+    if isinstance(recipe, QuantPreset):
         return optimize_export(out, preset=recipe)
+    if isinstance(recipe, Lab):
+        optimize_export(out)  # the fusions, as for every preset
     manifest = load_manifest(out)
     proto = onnx.load(str(out / manifest["model_file"]))
-    proto, manifest["quantization"] = quantize_weights(proto, Q(4, embedding="fp32"), manifest)
+    if recipe == BEFORE:
+        proto, manifest["quantization"] = quantize_weights(proto, Q(4, embedding="fp32"))
+    else:
+        proto, manifest["quantization"] = lab_quantize(proto, recipe, manifest)
     save_graph(proto, out, manifest)
     return manifest
 
@@ -151,7 +236,8 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def write_markdown(res: dict, path: Path) -> None:
+def render_markdown(res: dict) -> str:
+    """The whole of docs/quantization.md (render_docs block "quantization") from the sweep's results."""
     q, s = res["quality"], res.get("speed", {}).get("results", {})
     L = ["# Quantization: quality x speed\n",
          "Generated by `benchmarks/quant_sweep.py` (raw numbers in `docs/quantization.json`); do not edit by hand.\n",
@@ -186,14 +272,14 @@ def write_markdown(res: dict, path: Path) -> None:
                  f"{fmt(sp.get('file_mb'), '.0f')} | {note} |")
     L += ["", "## Findings (computed from the table)\n", *[f"- {n}" for n in findings(res)]]
     L += [*[f"- {n}" for n in res.get("notes", [])]]
-    path.write_text("\n".join(L) + "\n")
+    return "\n".join(L) + "\n"
 
 
 def findings(res: dict) -> list[str]:
     q, s = res["quality"], res.get("speed", {}).get("results", {})
     width = res.get("quality_model_width")
     # blocks longer than the sample's rows are capped at its width there, so their quality says nothing of GPT-2's
-    unmeasured = {n for n in q if n in CANDIDATES and isinstance(CANDIDATES[n][0], QuantPreset)
+    unmeasured = {n for n in q if n in CANDIDATES and isinstance(CANDIDATES[n][0], (QuantPreset, Lab))
                   and width and CANDIDATES[n][0].block_size > width}
     ok = [n for n, r in q.items() if n in CANDIDATES and CANDIDATES[n][0] != FP16 and n not in unmeasured
           and r["top1_agreement"] >= 0.97 and r["perplexity_ratio"] <= 1.01]
@@ -209,7 +295,7 @@ def findings(res: dict) -> list[str]:
                                            for n in named) + ".")
     tail = [n for n, r in q.items() if n in CANDIDATES and r["top1_agreement"] >= 0.97 and r["perplexity_ratio"] > 1.01]
     if tail:
-        low_head = any(isinstance(CANDIDATES[n][0], QuantPreset) and CANDIDATES[n][0].rescore_bits for n in tail)
+        low_head = any(isinstance(CANDIDATES[n][0], Lab) and CANDIDATES[n][0].rescore_bits for n in tail)
         why = (" (a low-bit head's re-score makes its K best logits exact, but perplexity also reads the true "
                "token's logit where it falls outside them, and there the head's error stays)") if low_head else ""
         out.append(f"Top-1 met, perplexity ratio above 1.01: {', '.join(tail)}{why}.")
@@ -254,7 +340,7 @@ def main(argv=None) -> int:
             res["speed"] = speed(work, names, a.rounds)
     res["loadavg"] = list(os.getloadavg())
     a.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    write_markdown(res, a.md)
+    a.md.write_text(wrap("quantization", render_markdown(res)))
     H.log(f"wrote {a.md} and {a.json}")
     return 0
 

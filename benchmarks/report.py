@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from render_docs import wrap
+
 from gptx.runtime.bench_report import fmt, grouped_bars
 
 MODES = ("fp32", "16-bit", "8-bit", "4-bit")
@@ -236,6 +238,16 @@ def profile_tables(res: dict) -> list[str]:
     return L
 
 
+def render_markdown(res: dict, json_name: str = "docs/benchmarks.json") -> str:
+    """The whole of docs/benchmarks.md (render_docs block "benchmarks"), naming `json_name` as its source."""
+    L = header(res, json_name) + summary(res) + targets(res) + decode_table(res) + prefill_table(res)
+    L += memory_table(res)
+    L += quality_tables(res) + scaling_tables(res) + profile_tables(res)
+    if res.get("notes"):
+        L += ["## Notes\n", *[f"- {n}" for n in res["notes"]], ""]
+    return "\n".join(L) + "\n"
+
+
 def write_markdown(res: dict, path: Path, json_path: Path | None = None) -> None:
     """The report at `path`, naming `json_path` (the run's results) as its source."""
     json_name = "docs/benchmarks.json"
@@ -243,13 +255,75 @@ def write_markdown(res: dict, path: Path, json_path: Path | None = None) -> None
         root = Path(__file__).resolve().parents[1]
         resolved = json_path.resolve()
         json_name = str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(json_path)
-    L = header(res, json_name) + summary(res) + targets(res) + decode_table(res) + prefill_table(res)
-    L += memory_table(res)
-    L += quality_tables(res) + scaling_tables(res) + profile_tables(res)
-    if res.get("notes"):
-        L += ["## Notes\n", *[f"- {n}" for n in res["notes"]], ""]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(L) + "\n")
+    path.write_text(wrap("benchmarks", render_markdown(res, json_name)))
+
+
+def gptx_engine(res: dict, mode: str) -> str | None:
+    """The gptx engine of `mode` the README names: the --quantize scheme (not a preset) with the best decode."""
+    cands = [k for k, e in res["engines"].items() if e.get("family") == "gptx" and e.get("mode") == mode
+             and "weight-only" not in k and res.get("decode", {}).get("results", {}).get(k, {}).get("rate")]
+    return max(cands, key=lambda k: res["decode"]["results"][k]["rate"]) if cands else None
+
+
+def speed_summary(res: dict) -> str:
+    """README's Speed figures (render_docs block "speed_summary"): gptx against llama.cpp at each precision."""
+    m, s, dec, pre = res["machine"], res["settings"], res["decode"], res.get("prefill", {})
+    rate = {k: v.get("rate") for k, v in dec["results"].items()}
+    L = [f"From [docs/benchmarks.md](docs/benchmarks.md) (`benchmarks/compare_peers.py`, run {res['started']}: "
+         f"{m['cpu']}, {m['cores']} CPU cores; GPT-2-124M shapes with the same random weights in every engine, "
+         f"batch 1, prompt {s['prompt_len']} + {s['new_tokens']} new tokens, paired medians over {s['rounds']} "
+         "interleaved rounds, each engine in its own process):", "",
+         f"| mode | gptx decode tok/s | llama.cpp (best config) | gptx ÷ llama.cpp | prefill {s['prefill_len']} tok/s "
+         "(gptx / llama.cpp) | peak RSS MiB (gptx / llama.cpp) |", "|---|---:|---:|---:|---:|---:|"]
+    for mode in MODES:
+        g, lc = gptx_engine(res, mode), best_of(res, "llama.cpp", mode)
+        if not g:
+            continue
+        lp = best_of(res, "llama.cpp", mode, "prefill")
+        name = g.removeprefix("gptx ORT ")
+        rss = [res["engines"].get(k.removesuffix(" +FA"), {}).get("peak_rss_mib") if k else None for k in (g, lc)]
+        L.append(f"| {mode} | {'' if name == 'fp32' else f'`{name}` '}{fmt(rate[g])} | "
+                 f"{lc.removeprefix('llama.cpp ') + ' ' if lc else ''}{fmt(rate.get(lc))} | "
+                 f"{fmt(dec['pairs'].get(f'{g}/{lc}'), '.2f', '×')} | "
+                 f"{fmt(pre.get('results', {}).get(g, {}).get('rate'), '.0f')} / "
+                 f"{fmt(pre.get('results', {}).get(lp, {}).get('rate'), '.0f')} | {fmt(rss[0], '.0f')} / "
+                 f"{fmt(rss[1], '.0f')} |")
+    pairs, long, q = dec["pairs"], res.get("long") or {}, res.get("quality", {}).get("shakespeare", {})
+    facts = [f"gptx ONNX Runtime fp32 decodes {fmt(pairs.get('gptx ORT fp32/transformers'), '.1f', '×')} the rate of "
+             f"transformers and `int4` {fmt(pairs.get('gptx ORT int4/transformers'), '.1f', '×')}"]
+    if res.get("batch"):
+        facts.append(f"batch {res['batch']['batch']} gives {fmt(res['batch']['ratio'], '.2f', '×')} the throughput "
+                     "of batch 1")
+    if long:
+        first = next(iter(long.values()))
+        facts.append(f"per-token latency, last / first 100 tokens of {first['prompt_len']} + {first['new_tokens']}: "
+                     + ", ".join(f"{fmt(r['last100_over_first100'], '.2f')} ({k.removeprefix('gptx ORT ')})"
+                                 for k, r in long.items()))
+    top1 = [f"{k.replace('gptx ORT ', 'gptx ')} {pct(q[k]['top1_agreement'], '.1f')}"
+            for k in ("gptx ORT int4", "llama.cpp q4_0") if "top1_agreement" in q.get(k, {})]
+    if top1:
+        facts.append("top-1 agreement with full precision on the Shakespeare sample: " + " against ".join(top1))
+    L += ["", "; ".join(facts) + "."]
+    return "\n".join(L) + "\n"
+
+
+def quantize_choices(res: dict) -> str:
+    """README's `--quantize` figures (render_docs block "quantize_choices"), from the peer run's gptx rows."""
+    q = res.get("quality", {}).get("shakespeare", {})
+    pre = res.get("prefill", {}).get("results", {})
+    dec = res.get("decode", {}).get("results", {})
+    rows = []
+    for label in ("gptx ORT int8", "gptx ORT int8-dynamic", "gptx ORT int4", "gptx ORT int4-weight-only"):
+        if label not in q:
+            continue
+        rows.append(f"| `{label.removeprefix('gptx ORT ')}` | {pct(q[label].get('top1_agreement'), '.2f')} | "
+                    f"{fmt(q[label].get('perplexity_ratio'), '.4f')} | {fmt(dec.get(label, {}).get('rate'))} | "
+                    f"{fmt(pre.get(label, {}).get('rate'), '.0f')} |")
+    return "\n".join([f"Measured in [docs/benchmarks.md](docs/benchmarks.md) (run {res['started']}; quality on the "
+                      "Shakespeare sample against its fp32 export, speed on GPT-2-124M shapes, batch 1):", "",
+                      f"| scheme | top-1 | perplexity ratio | decode tok/s | prefill {res['settings']['prefill_len']} "
+                      "tok/s |", "|---|---:|---:|---:|---:|", *rows]) + "\n"
 
 
 def write_plot(res: dict, path: Path) -> Path:

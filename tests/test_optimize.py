@@ -3,7 +3,6 @@ import gc
 import re
 import shutil
 import sys
-from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -86,18 +85,13 @@ def test_int4_runs_layer_0_as_integer_gemms_and_rescores_its_4_bit_head(hf_dir, 
     assert (bad / "model.onnx").read_bytes() == before
 
 
-def test_a_rescored_head_takes_its_own_bits(export_dir, tmp_path):
-    out = tmp_path / "q4"
-    shutil.copytree(export_dir, out)
-    preset = QuantPreset(4, block_size=64, symmetric=False, head_rescore=8, rescore_bits=2)
-    q = optimize_export(out, preset=preset)["quantization"]
-    # the layers at 4 bits, the re-scored head alone at 2, with its 8 best logits recomputed
-    assert matmulnbits_bits(out) == [4] * 4 * N_LAYER + [2]
-    assert q["lm_head_bits"] == 2 and q["lm_head_rescored_top_k"] == 8 and op_counts(out)["TopK"] == 1
+def test_an_unknown_method_is_refused_before_writing(export_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(export_dir, bad)
-    with pytest.raises(InvalidInput, match="rescore_bits"):
-        optimize_export(bad, preset=replace(preset, rescore_bits=3))
+    before = (bad / "model.onnx").read_bytes()
+    with pytest.raises(InvalidInput, match="method 'hqq'"):  # the sweep's algorithms are not product presets
+        optimize_export(bad, preset=QuantPreset(4, method="hqq"))
+    assert (bad / "model.onnx").read_bytes() == before
 
 
 def test_int4_weight_only_keeps_the_sensitive_matrices_at_8_bits(export_dir, tmp_path):
@@ -127,14 +121,6 @@ def test_the_token_lookup_reads_the_lm_head_blocks(hf_dir, export_dir, tmp_path)
     assert list(concat.input) == [n.output[0] for n in head] and concat.output[0] == "logits"
     assert load_manifest(out)["quantization"]["lm_head_parts"] == HEAD_PARTS
     assert (out / "model.onnx.data").stat().st_size < (export_dir / "model.onnx.data").stat().st_size * 0.6
-
-    shared = tmp_path / "shared"
-    shutil.copytree(export_dir, shared)
-    optimize_export(shared, preset=QuantPreset(8, embedding="shared"))
-    g = graph(shared)
-    lookup = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
-    assert lookup.input[0] == [n for n in g.node if n.op_type == "MatMulNBits"][-1].input[1]  # one head, not split
-    assert load_manifest(shared)["quantization"]["lm_head_parts"] == 1
 
 
 def test_quantized_exports_get_the_fusions_too(hf_dir, tmp_path):

@@ -16,7 +16,7 @@ import io
 import itertools
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +34,14 @@ class QuantPreset:
     """One quantization recipe, in onnxruntime's MatMulNBitsQuantizer terms (method "dynamic" takes only `bits`)."""
 
     bits: int
-    # blockwise (ORT's default: per-block min/max, round to nearest) | hqq | gptq | rtn: weight-only, MatMulNBits;
+    # blockwise: weight-only, MatMulNBits (ORT's default quantizer: per-block min/max, round to nearest);
     # dynamic: int8 weights and int8 activations quantized per call (quantize_dynamic_int8)
     method: str = "blockwise"
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (MLAS's fast path), 1 = fp32
     # the token lookup: "copy" = GatherBlockQuantized over its own copy of the LM head's quantized blocks (paged in
-    # as rows are looked up: see quantized_embedding), "shared" = over the head's very initializer (a smaller
-    # file, but prepacking the head reads every page of it), "fp32" = keep the fp32 table
+    # as rows are looked up: see quantized_embedding), "fp32" = keep the fp32 table
     embedding: str = "copy"
     head_bits: int | None = None  # the tied embedding / LM head at other bits (blockwise, symmetric); None = bits
     wide_layers: int = 0  # the first N transformer layers' matrices at head_bits too (the most sensitive ones)
@@ -53,15 +52,13 @@ class QuantPreset:
     # K > 0: the LM head at `bits` like the layers (not head_bits), and its K best logits recomputed exactly from
     # the fp32 token table after it (rescore_head); the lookup then keeps the fp32 table
     head_rescore: int = 0
-    rescore_bits: int | None = None  # the re-scored head's bits (2, 4 or 8), same blocks as the layers; None = bits
 
 
-# `--quantize` uses the measured winners (docs/quantization.md: quality on the Shakespeare sample, speed on
-# GPT-2-124M shapes). int4 keeps the first layer at 8 bits, which alone lifts top-1 agreement from ~96% to ~98%,
-# as dynamic int8 (MatMulInteger), whose kernel is faster here than MatMulNBits's 8-bit one. Its LM head is 4-bit
-# with the 64 best logits recomputed from the fp32 table (rescore_head): 16 MB less read per token than the 8-bit
-# head llama.cpp's q4_0 keeps, ~1.1x the decode rate, and 97.65% instead of 97.5% top-1. "int4-weight-only" (an
-# earlier default) keeps the head and layer 0 as 8-bit MatMulNBits.
+# `--quantize` uses the measured winners of benchmarks/quant_sweep.py (docs/quantization.md: quality on the
+# Shakespeare sample, speed on GPT-2-124M shapes). int4 keeps the first layer, the most sensitive one, at 8 bits,
+# as dynamic int8 (MatMulInteger), whose kernel is faster than MatMulNBits's 8-bit one. Its LM head is 4-bit with
+# the 64 best logits recomputed from the fp32 table (rescore_head): fewer bytes read per token than an 8-bit head,
+# with exact logits where sampling looks. "int4-weight-only" keeps the head and layer 0 as 8-bit MatMulNBits.
 PRESETS = {
     "int8": QuantPreset(8),
     "int8-dynamic": QuantPreset(8, method="dynamic"),
@@ -73,7 +70,6 @@ PRESETS = {
 QUANT_BITS = {name: PRESETS[name].bits for name in QUANT_SCHEMES}  # every scheme the CLI offers has a preset
 HEAD_PARTS = 4  # the quantized LM head in 4 column slices (split_lm_head): a lower load-time peak RSS
 MATRICES_PER_LAYER = 4  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
-GPTQ_CALIBRATION = (8, 64)  # windows x tokens of the bundled text's training part
 
 
 def fuse(proto, n_head: int, n_embd: int):
@@ -284,46 +280,6 @@ def resolve_preset(quantize: str | None, preset: str | QuantPreset | None) -> tu
     return name, settings
 
 
-class _Calibration:
-    """GPTQ's calibration inputs: prefill calls (empty past) on windows of the bundled text's training part."""
-
-    def __init__(self, manifest: dict):
-        from gptx.runtime.tokenizer import Tokenizer
-
-        from gptx.export.validate import sample_windows
-
-        windows, length = GPTQ_CALIBRATION
-        cfg = manifest["config"]
-        length = min(length, cfg["block_size"])
-        ids = sample_windows(Tokenizer(), windows, length, held_out=False)
-        empty = np.zeros((1, cfg["n_head"], 0, cfg["n_embd"] // cfg["n_head"]), np.float32)
-        past = dict.fromkeys(past_names(cfg["n_layer"]), empty)
-        self.feeds = [{INPUT_IDS: row[None], ATTENTION_MASK: np.ones((1, length), np.int64),
-                       POSITION_IDS: np.arange(length, dtype=np.int64)[None], **past} for row in ids]
-
-    def __iter__(self):
-        return iter(self.feeds)
-
-    def get_next(self):  # the CalibrationDataReader protocol, for tools that call it directly
-        return self.feeds.pop(0) if self.feeds else None
-
-
-def _algo_config(preset: QuantPreset, manifest: dict):
-    from onnxruntime.quantization import matmul_nbits_quantizer as q
-
-    if preset.method == "blockwise":
-        return q.DefaultWeightOnlyQuantConfig(block_size=preset.block_size, is_symmetric=preset.symmetric,
-                                              accuracy_level=preset.accuracy_level, bits=preset.bits,
-                                              op_types_to_quantize=("MatMul",))
-    if preset.method == "hqq":
-        return q.HQQWeightOnlyQuantConfig(block_size=preset.block_size, bits=preset.bits)
-    if preset.method == "gptq":
-        return q.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Calibration(manifest), block_size=128)
-    if preset.method == "rtn":
-        return q.RTNWeightOnlyQuantConfig()
-    raise InvalidInput(f"unknown quantization method {preset.method!r}")
-
-
 def untie_lm_head(proto) -> str | None:
     """Gemm(x, wte, transB=1) (how fp32 exports share the tied embedding) back to MatMul(x, wte^T): the weight-only
     quantizers only take MatMul. The new MatMul's name, or None when there was no such Gemm."""
@@ -366,9 +322,8 @@ def dynamic_int8(proto, nodes: list[str] | None = None):
     """int8 weights (per tensor) and int8 activations quantized on every call for the MatMuls named in `nodes`
     (None: every MatMul with constant weights): onnxruntime's quantize_dynamic (DynamicQuantizeLinear +
     MatMulInteger, which the session fuses). It runs MLAS's integer GEMM, faster here than MatMulNBits's 8-bit
-    kernel: about 2x the 512-token prefill and 1.2-1.3x the decode rate of the weight-only int8 on GPT-2-124M
-    shapes, for slightly lower agreement with fp32 (benchmarks/README.md). Per-tensor weights: per-channel ones
-    measured far worse (93% top-1)."""
+    kernel: a faster prefill and decode than the weight-only int8, for slightly lower agreement with fp32
+    (docs/quantization.md). Per-tensor weights: per-channel ones measured far worse (docs/experiments.md)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -398,46 +353,59 @@ def quantize_dynamic_int8(proto, preset: QuantPreset):
     return model, info
 
 
-def quantize_weights(proto, preset: QuantPreset, manifest: dict):
-    """int8/int4 for every MatMul with constant weights, the LM head included: weight-only (MatMulNBits), or
-    dynamic int8 when the preset says so."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def matmul_nbits(model, settings: QuantPreset, exclude: list[str] = (), algo_config=None):
+    """Every MatMul with constant weights not named in `exclude` as a weight-only MatMulNBits, by onnxruntime's
+    MatMulNBitsQuantizer (`algo_config` None: its default blockwise round-to-nearest with `settings`)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as q
 
-    if preset.method == "dynamic":
-        return quantize_dynamic_int8(proto, preset)
+    config = algo_config or q.DefaultWeightOnlyQuantConfig(
+        block_size=settings.block_size, is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
+        bits=settings.bits, op_types_to_quantize=("MatMul",))
+    quantizer = q.MatMulNBitsQuantizer(model, bits=settings.bits, block_size=settings.block_size,
+                                       is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
+                                       nodes_to_exclude=list(exclude), algo_config=config)
+    with _quiet():
+        quantizer.process()
+    return quantizer.model.model
+
+
+def wide_matmuls(proto, preset: QuantPreset) -> tuple[str | None, list[str]]:
+    """(the LM head's MatMul, the MatMuls quantized at head_bits instead of bits): the first wide_layers layers'
+    four matrices, and the head unless it is re-scored (then it goes with the layers). Unties the head."""
     lm_head = untie_lm_head(proto) or tied_lm_head(proto)
-    head_bits = preset.head_bits or preset.bits
-    if preset.wide_method not in ("blockwise", "dynamic") or (preset.wide_method == "dynamic" and head_bits != 8):
-        raise InvalidInput(f"wide_method must be 'blockwise' or (with head_bits=8) 'dynamic', got "
-                           f"{preset.wide_method!r} with head_bits={head_bits}")
-    if preset.rescore_bits not in (None, 2, 4, 8):
-        raise InvalidInput(f"rescore_bits must be 2, 4 or 8 (MatMulNBits), got {preset.rescore_bits}")
     inits = {t.name for t in proto.graph.initializer}
     layer_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                      and n.name != lm_head]  # in graph order: layer 0's four matrices first
     wide = layer_matmuls[:MATRICES_PER_LAYER * preset.wide_layers]
-    # a re-scored head is quantized like the layers (at rescore_bits, if given, in a pass of its own); any other
-    # head at other bits goes with `wide`
-    lm_head_bits = (preset.rescore_bits or preset.bits) if preset.head_rescore else head_bits
-    apart = []
-    if lm_head and lm_head_bits != preset.bits:
-        (apart if preset.head_rescore else wide).append(lm_head)
+    if lm_head and (preset.head_bits or preset.bits) != preset.bits and not preset.head_rescore:
+        wide.append(lm_head)
+    return lm_head, wide
+
+
+def quantize_weights(proto, preset: QuantPreset):
+    """int8/int4 for every MatMul with constant weights, the LM head included: weight-only (MatMulNBits), or
+    dynamic int8 when the preset says so."""
+    if preset.method == "dynamic":
+        return quantize_dynamic_int8(proto, preset)
+    if preset.method != "blockwise":
+        raise InvalidInput(f"unknown quantization method {preset.method!r}: 'blockwise' or 'dynamic'")
+    head_bits = preset.head_bits or preset.bits
+    if preset.wide_method not in ("blockwise", "dynamic") or (preset.wide_method == "dynamic" and head_bits != 8):
+        raise InvalidInput(f"wide_method must be 'blockwise' or (with head_bits=8) 'dynamic', got "
+                           f"{preset.wide_method!r} with head_bits={head_bits}")
+    lm_head, wide = wide_matmuls(proto, preset)
     model = proto
     if wide and preset.wide_method == "dynamic":  # they become MatMulInteger, which MatMulNBitsQuantizer skips
         model, wide = dynamic_int8(proto, wide), []
-    passes = [(preset, wide + apart)]
+    model = matmul_nbits(model, preset, wide)
     if wide:
-        passes.append((QuantPreset(head_bits, accuracy_level=preset.accuracy_level), apart))
-    if apart:
-        passes.append((replace(preset, bits=lm_head_bits), []))
-    for settings, exclude in passes:
-        quantizer = MatMulNBitsQuantizer(model, bits=settings.bits, block_size=settings.block_size,
-                                         is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
-                                         nodes_to_exclude=exclude, algo_config=_algo_config(settings, manifest))
-        with _quiet():
-            quantizer.process()
-        model = quantizer.model.model
-    set_accuracy_level(model, preset.accuracy_level)  # HQQ / GPTQ / RTN do not write it
+        model = matmul_nbits(model, QuantPreset(head_bits, accuracy_level=preset.accuracy_level))
+    return weight_only_info(model, preset, lm_head, preset.bits if preset.head_rescore else head_bits)
+
+
+def weight_only_info(model, preset: QuantPreset, lm_head: str | None, lm_head_bits: int):
+    """The graph edits after MatMulNBitsQuantizer (biases folded, the token lookup, the head's re-score and
+    slices) and what the manifest records of them: (model, info)."""
     folded = fold_bias(model)
     counts = collections.Counter(n.op_type for n in model.graph.node)
     if counts["MatMulNBits"] == 0:
@@ -445,7 +413,7 @@ def quantize_weights(proto, preset: QuantPreset, manifest: dict):
     head = lm_head + f"_Q{lm_head_bits}" if lm_head else None
     embedding = "fp32 Gather"
     if preset.embedding != "fp32" and head and not preset.head_rescore:  # the re-score reads the fp32 table
-        embedding = quantized_embedding(model, head, lm_head_bits, preset.embedding == "shared")
+        embedding = quantized_embedding(model, head, lm_head_bits)
     head_output = next((n.output[0] for n in model.graph.node if n.name == head), None)
     rescored = rescore_head(model, head_output, preset.head_rescore) if preset.head_rescore and head_output else 0
     head_parts = split_lm_head(model, head, HEAD_PARTS) if head else 1  # slices the head that feeds the re-score
@@ -472,7 +440,7 @@ def rescore_head(model, logits: str, k: int) -> int:
     leaves fp32's too often (~91% top-1), so presets kept it at 8 bits, 15 MB more read per token than 4 bits on
     GPT-2. Re-scored, every logit that greedy or top-k/top-p sampling looks at is exact unless the true best token
     falls outside the 4-bit top K; the graph's logits are for the last position only, so this costs K rows per
-    sequence, not per prompt token (benchmarks/head_rescore_probe.py, docs/quantization.md). Call it before
+    sequence, not per prompt token (docs/quantization.md). Call it before
     split_lm_head, on the one MatMulNBits that computes `logits`. Returns K, or 0 when no MatMulNBits computes
     `logits` or the fp32 table is gone."""
     from onnx import helper, numpy_helper
@@ -505,16 +473,6 @@ def rescore_head(model, logits: str, k: int) -> int:
     return k
 
 
-def set_accuracy_level(model, level: int) -> None:
-    from onnx import helper
-
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits" and level:
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
-
-
 def fold_bias(model) -> int:
     """MatMulNBits -> Add(constant bias) becomes one MatMulNBits with its optional bias input (input 5)."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -540,20 +498,18 @@ def fold_bias(model) -> int:
     return folded
 
 
-def quantized_embedding(model, lm_head: str, bits: int, shared: bool) -> str:
+def quantized_embedding(model, lm_head: str, bits: int) -> str:
     """Replace the fp32 token lookup by a GatherBlockQuantized over the LM head's quantized matrix.
 
     The LM head's MatMulNBits holds wte^T as (vocab, k_blocks, block bytes), row v = token v's embedding in
     K-blocks: exactly what GatherBlockQuantized reads along its last axis. Only symmetric blocks (implicit zero
     point, which both ops put at 2^(bits-1)) qualify; otherwise the fp32 table stays and the manifest says so.
 
-    Measured (docs/quantization.md): sharing the initializer saves file size but not memory. ONNX Runtime maps
-    external weights from the file and reads all of the head's pages to prepack them, and those pages stay
-    resident while the lookup still points at them. A copy that only the lookup reads starts paged out (38 MB
-    less RSS after load for GPT-2 at 8 bits), and only looked-up rows become resident once its pages are faulted
-    in from disk; pages a read() left in the cache are mapped a whole folio at a time, so the CPU backend evicts
-    the file's cached pages before it loads (page_cache.drop_cached_pages; benchmarks/README.md, "Where int4's peak
-    RSS goes").
+    The lookup reads a copy, not the head's own initializer: ONNX Runtime maps external weights from the file and
+    reads all of the head's pages to prepack them, and those pages would stay resident while the lookup pointed
+    at them. A copy that only the lookup reads starts paged out, and only looked-up rows become resident once its
+    pages are faulted in from disk; pages a read() left in the cache are mapped a whole folio at a time, so the
+    CPU backend evicts the file's cached pages before it loads (page_cache.drop_cached_pages).
     """
     from onnx import helper, numpy_helper
 
@@ -569,13 +525,10 @@ def quantized_embedding(model, lm_head: str, bits: int, shared: bool) -> str:
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     vocab, k_blocks = attrs["N"], -(-attrs["K"] // attrs["block_size"])
     gather_scales = numpy_helper.from_array(scales.reshape(vocab, k_blocks, 1), head.input[2] + "_gather")
-    data = head.input[1]
-    if not shared:
-        copy = numpy_helper.from_array(numpy_helper.to_array(inits[data]), data + "_gather")
-        model.graph.initializer.append(copy)
-        data = copy.name
+    copy = numpy_helper.from_array(numpy_helper.to_array(inits[head.input[1]]), head.input[1] + "_gather")
+    model.graph.initializer.append(copy)
     rows = gather.output[0] + "_blocks"
-    lookup = helper.make_node("GatherBlockQuantized", [data, gather.input[1], gather_scales.name], [rows],
+    lookup = helper.make_node("GatherBlockQuantized", [copy.name, gather.input[1], gather_scales.name], [rows],
                               name="wte/GatherBlockQuantized", domain="com.microsoft", gather_axis=0,
                               quantize_axis=2, block_size=attrs["block_size"], bits=bits)
     shape = numpy_helper.from_array(np.array([0, 0, -1], np.int64), rows + "_shape")
@@ -586,7 +539,7 @@ def quantized_embedding(model, lm_head: str, bits: int, shared: bool) -> str:
     model.graph.node.insert(position, lookup)
     model.graph.initializer.extend([gather_scales, shape])
     model.graph.initializer.remove(inits[WTE])
-    return f"GatherBlockQuantized over {'the LM head' if shared else 'a copy of the LM head'}'s {bits}-bit blocks"
+    return f"GatherBlockQuantized over a copy of the LM head's {bits}-bit blocks"
 
 
 def split_lm_head(model, lm_head: str, parts: int) -> int:
@@ -594,8 +547,8 @@ def split_lm_head(model, lm_head: str, parts: int) -> int:
 
     Why: ONNX Runtime prepacks each MatMulNBits weight into its own layout and frees the original only once
     that node is packed, so the largest matrix sets the load-time peak RSS. On GPT-2 that is the 8-bit head
-    (43 MB with its scales): in slices only a quarter of it is held twice at a time (benchmarks/README.md,
-    "Where int4's peak RSS goes"). A step pays one Concat of a (batch, 1, vocab) row. Returns the number of
+    (43 MB with its scales): in slices only a quarter of it is held twice at a time. A step pays one Concat of a
+    (batch, 1, vocab) row. Returns the number of
     head nodes: 1 when the head is not a plain [A, B, scales] MatMulNBits, which then stays as it is."""
     from onnx import helper, numpy_helper
 
@@ -603,7 +556,7 @@ def split_lm_head(model, lm_head: str, parts: int) -> int:
     if head is None or len(head.input) != 3 or parts < 2:
         return 1
     if any(head.input[1] in n.input for n in model.graph.node if n is not head):
-        return 1  # the lookup shares the head's blocks (embedding="shared"): slices would hold them twice
+        return 1  # something else reads the head's blocks: slices would hold them twice
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     inits = {t.name: t for t in model.graph.initializer}
     data, scales = (numpy_helper.to_array(inits[name]) for name in head.input[1:3])
@@ -652,7 +605,7 @@ def optimize_export(directory: str | Path, fuse_graph: bool = True, quantize: st
         manifest["optimizations"] = [*manifest.get("optimizations", []), *fused, *fewer, *attention]
     if chosen:
         name, settings = chosen
-        proto, manifest["quantization"] = quantize_weights(proto, settings, manifest)
+        proto, manifest["quantization"] = quantize_weights(proto, settings)
         manifest["quantization"]["preset"] = name
     save_graph(proto, directory, manifest)
     return manifest
