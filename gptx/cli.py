@@ -518,7 +518,17 @@ def serve(
              "generation_prompt, stop; see docs/serving.md).")] = None,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Larger request bodies get 413.")] = 1 << 20,
     shutdown_timeout: Annotated[float, typer.Option(
-        min=0, help="On SIGTERM, seconds in-flight requests may take to finish before they are cancelled.")] = 10.0,
+        min=0, help="On SIGTERM, seconds in-flight requests may take to finish (/health answers 503 meanwhile) "
+                    "before they end with a shutting_down error.")] = 10.0,
+    max_connections: Annotated[int, typer.Option(
+        min=1, help="Open connections at most; past it a new connection gets 503 and is closed.")] = 512,
+    header_timeout: Annotated[float, typer.Option(
+        min=0.1, help="Seconds a request's headers may take to arrive (from the connection or its first byte).")]
+    = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        min=0.1, help="Seconds a request's body may take to arrive after its headers.")] = 30.0,
+    keep_alive_timeout: Annotated[float, typer.Option(
+        min=0.1, help="Seconds an idle kept-alive connection stays open between requests.")] = 5.0,
     ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve: a local Ray, or --ray-address. "
                                                     "Needs gptx\\[ray].")] = False,
     replicas: Annotated[int, typer.Option(min=1, help="Ray: replicas, each with its own engine and pool.")] = 1,

@@ -28,15 +28,22 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path, ready_timeout: float = 60.0):
+    def __init__(self, args: list[str], log_path: Path, ready_timeout: float = 60.0, open_files: int | None = None):
+        """open_files: the process's RLIMIT_NOFILE (soft and hard), as `ulimit -n` would set it."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+        def limit_open_files():
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", *map(str, args),
                                           "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=ROOT, start_new_session=True)
+                                         cwd=ROOT, start_new_session=True,
+                                         preexec_fn=limit_open_files if open_files else None)
         try:
             self.wait_ready(ready_timeout)
         except BaseException:
@@ -58,6 +65,13 @@ class ServerProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def rss_bytes(self) -> int:
+        """The server's resident memory now (Linux /proc)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS in /proc")
 
     def metrics(self) -> dict[str, float]:
         """/metrics as {'name{labels}': value} (the samples only)."""

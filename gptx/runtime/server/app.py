@@ -2,16 +2,18 @@
 
     POST /v1/completions        prompt: text, texts, token ids or lists of them; SSE with stream=true
     POST /v1/chat/completions   messages rendered with the chat template (chat.py)
-    GET  /v1/models             the one model served
-    GET  /health                200 once the pool runs (readiness), 503 before and while shutting down
+    GET  /v1/models             the one model served; /v1/models/{id} that model (404 for any other id)
+    GET  /health                200 once the pool runs (readiness), 503 before and while draining / shutting down
     GET  /metrics               Prometheus (metrics.py)
 
 All generation goes through the runtime's async pool (engine.serving()), opened in the app's lifespan: requests
 from every client are batched continuously. Bad input is refused before any compute: 400 with OpenAI's error
-body (an unknown field, a wrong type, a value out of range, a prompt that cannot fit the context), 413 for a body
-over `max_body_bytes`, 429 with Retry-After when the pool's queue is full, 401 without the API key. A client that
-goes away frees its rows (the pool's cancel, applied at the scheduler's next step). A request that fails answers
-500 (or an error event mid-stream) and the server keeps serving.
+body (a parameter we cannot honour, a wrong type, a value out of range, a prompt that cannot fit the context), 413
+for a body over `max_body_bytes`, 415 for a body sent as something other than JSON, 431 for too many headers, 429
+with Retry-After when the pool's queue is full, 401 without the API key. Unknown fields that cannot change the
+output are ignored and named in the `x-gptx-ignored-fields` header (schemas.py). A client that goes away frees its
+rows (the pool's cancel, applied at the scheduler's next step). A request that fails answers 500 (or an error event
+mid-stream) and the server keeps serving. `app.state.drain(timeout)` is the SIGTERM drain (edge.DrainingServer).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -29,21 +32,25 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import GptxError, InvalidInput, QueueFull
-from ..scheduler import DEFAULT_PREFILL_TOKENS
+from ..scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB, max_group
 from ..serving import Event, RequestStream
 from .chat import ChatTemplate
 from .metrics import Metrics
-from .schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, GenerationFields, error_body
+from .schemas import (MAX_IGNORED_NAMED, MAX_STOP, UNSUPPORTED, ChatCompletionRequest, CompletionRequest,
+                      GenerationFields, error_body)
 
 log = logging.getLogger("gptx.server")
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions; chat defaults to the context
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+OFF_LOOP_PROMPT_BYTES = 16 * 1024  # longer prompt texts are tokenized in a worker thread (tiktoken drops the GIL)
+JSON_TYPES = ("application/json", "text/json")
 
 
 @dataclass(frozen=True)
@@ -52,12 +59,14 @@ class ServerConfig:
     max_batch: int = 8
     max_queue: int = 64
     max_tokens_limit: int | None = None   # the most new tokens one request may ask for (None: up to the context)
-    max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK        # prompt tokens computed per scheduler step
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB  # memory for reusing computed prompt prefixes
     api_key: str | None = None            # requests to /v1/* need `Authorization: Bearer <key>`
     max_body_bytes: int = 1 << 20
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)
     replica: str | None = None            # the x-gptx-replica header (default host:pid)
     retry_after_seconds: int = 1
+    max_headers: int = 100                # more request headers get 431, before authentication
 
 
 class APIError(Exception):
@@ -82,6 +91,7 @@ class RequestRecord:
     completion_tokens: int = 0
     finish: str = ""
     ttft: float | None = None
+    ignored: list[str] = field(default_factory=list)   # unknown fields ignored (the x-gptx-ignored-fields header)
 
 
 class Frontdoor:
@@ -91,8 +101,10 @@ class Frontdoor:
     The body limit is ours, not FastAPI's `max_body_size`: that one (newest FastAPI only) answers a declared
     Content-Length over the limit in plain text, and uvicorn has none."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, replica: str, metrics: Metrics):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, max_headers: int, replica: str,
+                 metrics: Metrics):
         self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
+        self.max_headers = max_headers
         self.replica = replica.encode("latin-1", "replace")
 
     async def __call__(self, scope, receive, send):
@@ -105,8 +117,10 @@ class Frontdoor:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), (b"x-gptx-replica", self.replica),
-                                                  (b"x-request-id", record.id.encode())]}
+                extra = [(b"x-gptx-replica", self.replica), (b"x-request-id", record.id.encode())]
+                if record.ignored:
+                    extra.append((b"x-gptx-ignored-fields", ", ".join(record.ignored).encode()))
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         received = 0
@@ -127,7 +141,8 @@ class Frontdoor:
             else:
                 await self.app(scope, receive_within_limit, send_with_headers)
         finally:
-            endpoint = scope["path"] if scope["path"] in ROUTES else "other"
+            endpoint = (scope["path"] if scope["path"] in ROUTES else
+                        "/v1/models/{id}" if scope["path"].startswith("/v1/models/") else "other")
             seconds = time.perf_counter() - record.started
             self.metrics.http_requests.labels(endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(seconds)
@@ -139,6 +154,9 @@ class Frontdoor:
                          f" finish={record.finish}" if record.finish else "", ttft, seconds)
 
     def refusal(self, scope) -> APIError | None:
+        if len(scope["headers"]) > self.max_headers:  # their total size is bounded by the HTTP server (edge.py)
+            return APIError(431, f"the request has {len(scope['headers'])} headers, over this server's limit of "
+                                 f"{self.max_headers}", code="request_header_fields_too_large")
         headers = dict(scope["headers"])
         if self.api_key is not None and scope["path"].startswith("/v1/"):
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
@@ -160,13 +178,13 @@ class Generation:
     response), iterated as (choice index, Event) with per-token timing, cancelled together by `close()`."""
 
     def __init__(self, pool, prompts: list[list[int]], max_tokens: int, options: dict, stop: list[str],
-                 record: RequestRecord, metrics: Metrics):
-        self.record, self.metrics = record, metrics
+                 record: RequestRecord, metrics: Metrics, live: set):
+        self.record, self.metrics, self.live = record, metrics, live
         self.streams: list[RequestStream] = []
         try:
             for i, ids in enumerate(prompts):
                 self.streams.append(pool.events(ids, max_tokens=max_tokens, stop=stop, request_id=f"{record.id}-{i}",
-                                                **options))
+                                                group=record.id, **options))
         except BaseException:
             for stream in self.streams:
                 stream.cancel()
@@ -176,6 +194,7 @@ class Generation:
         self._last_token: list[float | None] = [None] * len(prompts)
         record.prompt_tokens = sum(map(len, prompts))
         metrics.prompt_tokens.inc(record.prompt_tokens)
+        live.add(self)  # what a SIGTERM drain waits for, until close()
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         source = _indexed(self.streams[0]) if len(self.streams) == 1 else _merged(self.streams)
@@ -184,6 +203,7 @@ class Generation:
                 now = time.perf_counter()
                 if self._last_token[i] is None:
                     self.metrics.ttft.observe(now - self.record.started)
+                    self.metrics.cached_prompt_tokens.inc(event.cached_tokens)
                     if self.record.ttft is None:
                         self.record.ttft = now - self.record.started
                 else:
@@ -205,6 +225,7 @@ class Generation:
                 self._finished(i, "error" if failed else "cancelled")
         self.record.completion_tokens = sum(self.tokens)
         self.record.finish = ",".join(dict.fromkeys(r for r in self.finish if r))
+        self.live.discard(self)
 
     def usage(self) -> dict:
         completion = sum(self.tokens)
@@ -309,12 +330,15 @@ def sse(payload: dict | str) -> str:
 def create_app(engine, config: ServerConfig) -> FastAPI:
     metrics = Metrics(config.max_batch)
     replica = config.replica or f"{socket.gethostname()}:{os.getpid()}"
-    state: dict = {"pool": None}
+    state: dict = {"pool": None, "draining": False}
+    live: set[Generation] = set()   # requests generating or still sending their response
+    max_token_bytes = max(map(len, engine.tokenizer.ranks()))  # no token carries more text than this
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async with engine.serving(max_batch=config.max_batch, max_queue=config.max_queue,
-                                  max_prefill_tokens=config.max_prefill_tokens, on_step=metrics.on_step) as pool:
+                                  prefill_chunk=config.prefill_chunk, prefix_cache_mb=config.prefix_cache_mb,
+                                  on_step=metrics.on_step) as pool:
             state["pool"] = pool
             try:
                 yield
@@ -322,18 +346,33 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                 state["pool"] = None
 
     app = FastAPI(title="gptx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Frontdoor, api_key=config.api_key, max_body_bytes=config.max_body_bytes, replica=replica,
-                       metrics=metrics)
+    app.add_middleware(Frontdoor, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       max_headers=config.max_headers, replica=replica, metrics=metrics)
+
+    async def drain(timeout: float) -> None:
+        """SIGTERM: /health and new requests answer 503 while the requests in flight run for up to `timeout`
+        seconds; then the pool closes under what is left, whose streams end with the `shutting_down` error event
+        and [DONE] (non-streaming ones get 503)."""
+        state["draining"] = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while live and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        pool = state["pool"]
+        if live and pool is not None:
+            log.warning("%d request(s) still running after the shutdown timeout of %gs: ending them", len(live),
+                        timeout)
+            await pool.aclose()
+            deadline = loop.time() + 5.0  # their last events are already queued: they go out at once
+            while live and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+
+    app.state.drain = drain
 
     # -- errors: every refusal in OpenAI's shape ------------------------------------------------
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         return e.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, e: RequestValidationError):
-        message, param = describe_validation_error(e.errors())
-        return APIError(400, message, param=param).response()
 
     @app.exception_handler(InvalidInput)
     async def invalid_input(request: Request, e: InvalidInput):
@@ -361,9 +400,39 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
 
     # -- helpers shared by the two generation endpoints ------------------------------------------
     def running_pool():
+        if state["draining"]:
+            raise APIError(503, "the server is shutting down; retry", "server_error", code="shutting_down")
         if state["pool"] is None:
             raise APIError(503, "the server is not ready", "server_error", code="not_ready")
         return state["pool"]
+
+    async def parse(model: type[GenerationFields], request: Request) -> GenerationFields:
+        """The body as `model`: JSON with or without a Content-Type (not as a form or plain text: a browser may send
+        those cross-site without asking). Unknown fields are refused or ignored by the rule in schemas.py."""
+        content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type and content_type not in JSON_TYPES and not content_type.endswith("+json"):
+            raise APIError(415, f"the body must be JSON sent with `Content-Type: application/json` (this request "
+                                f"says {ascii(content_type[:100])})", code="unsupported_media_type")
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # gone before its body arrived (or closed by the body timeout): nobody reads this
+            raise APIError(400, "the request body did not arrive", code="incomplete_body") from None
+        try:
+            body = model.model_validate_json(raw)
+        except ValidationError as e:
+            message, param = describe_validation_error(e.errors(include_url=False))
+            raise APIError(400, message, param=param) from None
+        unknown = body.unknown_fields()
+        refused = [name for name in unknown if name in UNSUPPORTED]
+        if refused:
+            raise APIError(400, f"{refused[0]} is not supported by this server", param=refused[0],
+                           code="unsupported_parameter")
+        if unknown:
+            record: RequestRecord = request.scope["gptx.record"]
+            shown = [ascii(name[:64])[1:-1].replace(",", " ") for name in unknown[:MAX_IGNORED_NAMED]]
+            record.ignored = shown + ([f"(+{len(unknown) - len(shown)} more)"] if len(unknown) > len(shown) else [])
+            log.info("%s ignored unknown fields: %s", record.id, ", ".join(record.ignored))
+        return body
 
     def check_model(name: str | None) -> None:
         if name is not None and name != config.model_name:
@@ -388,19 +457,41 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                            param="max_tokens", code="context_length_exceeded")
         return requested
 
-    def encode(prompt) -> list[int]:
-        try:
-            return engine.prompt_ids(prompt)
-        except InvalidInput as e:
-            raise APIError(400, str(e), param="prompt") from None
+    def at_least_fits(prompt, requested: int | None) -> None:
+        """Refuse a prompt text that certainly cannot fit, from its length alone: every token carries at most
+        `max_token_bytes` bytes of text, so a text of B bytes is at least ceil(B / max_token_bytes) tokens. Cheap,
+        and exact in the refusing direction: a text this refuses would be refused after tokenizing too."""
+        if not isinstance(prompt, str):
+            return
+        size = len(prompt) if prompt.isascii() else len(prompt.encode("utf-8", "surrogatepass"))
+        tokens = math.ceil(size / max_token_bytes)
+        context = engine.block_size
+        if tokens >= context or (requested is not None and tokens + requested > context):
+            raise APIError(400, f"the prompt of {size} bytes is at least {tokens} tokens: with "
+                                f"{requested or 1} new token(s) it cannot fit the model's context of {context} tokens",
+                           param="prompt", code="context_length_exceeded")
+
+    async def encode(prompts: list, requested: int | None) -> list[list[int]]:
+        """Token ids of each prompt, after the cheap bound; long texts are tokenized off the event loop."""
+        for prompt in prompts:
+            at_least_fits(prompt, requested)
+
+        def tokenize():
+            try:
+                return [engine.prompt_ids(p) for p in prompts]
+            except InvalidInput as e:
+                raise APIError(400, str(e), param="prompt") from None
+
+        if sum(len(p) for p in prompts if isinstance(p, str)) > OFF_LOOP_PROMPT_BYTES:
+            return await asyncio.to_thread(tokenize)
+        return tokenize()
 
     async def respond(request: Request, body: GenerationFields, prompts: list, max_tokens: int, stop: list[str],
                       fmt: CompletionFormat):
         record: RequestRecord = request.scope["gptx.record"]
-        gen = Generation(running_pool(), prompts, max_tokens, body.sampling(), stop, record, metrics)
+        gen = Generation(running_pool(), prompts, max_tokens, body.sampling(), stop, record, metrics, live)
         if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(stream_chunks(gen, fmt, usage), media_type="text/event-stream",
+            return StreamingResponse(stream_chunks(gen, fmt, *body.usage_options()), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         texts: list[list[str]] = [[] for _ in prompts]
 
@@ -421,25 +512,31 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         choices = [fmt.choice(i, "".join(t), gen.finish[i]) for i, t in enumerate(texts)]
         return JSONResponse(fmt.envelope(fmt.object, choices, usage=gen.usage()))
 
-    async def stream_chunks(gen: Generation, fmt: CompletionFormat, include_usage: bool) -> AsyncIterator[str]:
-        extra = {"usage": None} if include_usage else {}
+    async def stream_chunks(gen: Generation, fmt: CompletionFormat, include_usage: bool,
+                            continuous_usage: bool) -> AsyncIterator[str]:
+        def usage() -> dict:  # every chunk carries `usage`: null, or the counts so far with continuous_usage_stats
+            return {"usage": gen.usage()} if continuous_usage else {"usage": None} if include_usage else {}
+
         failed = False  # a client that goes away cancels this generator: its rows count as cancelled
         try:
             for choice in fmt.opening():
-                yield sse(fmt.envelope(fmt.chunk_object, [choice], **extra))
+                yield sse(fmt.envelope(fmt.chunk_object, [choice], **usage()))
             async for i, event in gen.events():
                 text = fmt.piece(i, event.text)
                 if text or event.finish_reason:
-                    yield sse(fmt.envelope(fmt.chunk_object, [fmt.chunk_choice(i, text, event.finish_reason)], **extra))
+                    yield sse(fmt.envelope(fmt.chunk_object, [fmt.chunk_choice(i, text, event.finish_reason)],
+                                           **usage()))
             if include_usage:
                 yield sse(fmt.envelope(fmt.chunk_object, [], usage=gen.usage()))
             yield sse("[DONE]")
         except APIError as e:  # the pool shut down under this request
             yield sse(e.body)
+            yield sse("[DONE]")
         except GptxError as e:  # a failed generation (e.g. non-finite logits): tell the client, keep serving
             failed = True
             log.error("%s failed: %s", gen.record.id, e)
             yield sse(error_body(str(e), "server_error"))
+            yield sse("[DONE]")
         except Exception as e:  # a bug: the client hears of it, the traceback goes to the log (re-raised)
             failed = True
             yield sse(error_body(f"internal error ({type(e).__name__}); see the server log", "server_error"))
@@ -449,33 +546,45 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
 
     # -- endpoints --------------------------------------------------------------------------------
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        body = await parse(CompletionRequest, request)
         check_model(body.model)
-        if len(body.prompts()) > config.max_queue:
-            raise APIError(400, f"at most {config.max_queue} prompts per request", param="prompt")
-        prompts = [encode(p) for p in body.prompts()]
-        max_tokens = token_budget(body.max_tokens, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        running_pool()  # 503 before any tokenizing while not ready or draining
+        if len(body.prompts()) > max_group(config.max_queue):  # the share of the queue one request may hold
+            raise APIError(400, f"at most {max_group(config.max_queue)} prompts per request", param="prompt")
+        prompts = await encode(body.prompts(), body.token_limit())
+        max_tokens = token_budget(body.token_limit(), prompts, COMPLETIONS_DEFAULT_MAX_TOKENS)
         fmt = CompletionFormat(config.model_name, request.scope["gptx.record"], len(prompts))
         return await respond(request, body, prompts, max_tokens, body.stops(), fmt)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        body = await parse(ChatCompletionRequest, request)
         check_model(body.model)
+        running_pool()
         template = config.chat_template
-        prompts = [encode(template.render([(m.role, m.text()) for m in body.messages]))]
+        prompts = await encode([template.render([(m.role, m.text()) for m in body.messages])], body.token_limit())
         max_tokens = token_budget(body.token_limit(), prompts, None)
         fmt = ChatFormat(config.model_name, request.scope["gptx.record"], 1)
         return await respond(request, body, prompts, max_tokens, [*body.stops(), *template.stop], fmt)
 
     created = int(time.time())
+    card = {"id": config.model_name, "object": "model", "created": created, "owned_by": "gptx",
+            "max_model_len": engine.block_size}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
-                                            "owned_by": "gptx", "max_model_len": engine.block_size}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model(model_id)
+        return card
 
     @app.get("/health")
     async def health():
+        if state["draining"]:
+            return JSONResponse({"status": "draining"}, 503)
         if state["pool"] is None:
             return JSONResponse({"status": "starting or stopping"}, 503)
         stats = state["pool"].stats()

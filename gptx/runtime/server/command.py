@@ -7,25 +7,31 @@ Ray) is imported when it runs, so `gptx --help` stays fast.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-
 from ..errors import GptxError, InvalidInput
+
 
 def run_serve(directory: Path, host: str, port: int, max_batch: int, max_queue: int, max_tokens_limit: int | None,
               backend: str, device: str, threads: int | None, api_key: str | None,
               model_name: str | None, chat_template: Path | None, max_body_bytes: int, shutdown_timeout: float,
               ray: bool, replicas: int, autoscale: str | None, ray_address: str | None,
-              replica_cpus: float | None) -> None:
+              replica_cpus: float | None, max_connections: int = 512, header_timeout: float = 10.0,
+              body_timeout: float = 30.0, keep_alive_timeout: float = 5.0) -> None:
     from .app import ServerConfig
     from .chat import ChatTemplate
+    from .edge import EdgeLimits
 
     directory = Path(directory).resolve()
     config = ServerConfig(model_name=model_name or directory.name, max_batch=max_batch, max_queue=max_queue,
-                          max_tokens_limit=max_tokens_limit, api_key=api_key or None, max_body_bytes=max_body_bytes,
+                          max_tokens_limit=max_tokens_limit, api_key=checked_api_key(api_key),
+                          max_body_bytes=max_body_bytes,
                           chat_template=ChatTemplate.from_file(chat_template) if chat_template else ChatTemplate())
+    limits = EdgeLimits(max_connections=max_connections, header_timeout=header_timeout, body_timeout=body_timeout,
+                        keep_alive_timeout=keep_alive_timeout)
     load_options = engine_options(backend, device, threads)
     setup_logging()
     if ray:
@@ -39,8 +45,22 @@ def run_serve(directory: Path, host: str, port: int, max_batch: int, max_queue: 
         raise InvalidInput("--replicas, --autoscale, --ray-address and --replica-cpus need --ray")
     import gptx.runtime
 
+    from .edge import reserve_file_descriptors
+
+    reserve_file_descriptors(limits.max_connections)  # before loading: a limit that cannot be met fails at once
     engine = gptx.runtime.load(directory, **load_options)
-    run_uvicorn(engine, config, host, port, shutdown_timeout)
+    run_uvicorn(engine, config, host, port, shutdown_timeout, limits)
+
+
+def checked_api_key(api_key: str | None) -> str | None:
+    """The key, or None for no authentication; an empty key (`--api-key ''`, `GPTX_API_KEY=`) is refused rather than
+    read as "no authentication"."""
+    if api_key is None and os.environ.get("GPTX_API_KEY") == "":  # the CLI reads an empty variable as unset
+        api_key = ""
+    if api_key is not None and not api_key.strip():
+        raise InvalidInput("the API key is empty (--api-key or GPTX_API_KEY): give a key, or set neither to serve "
+                           "without authentication")
+    return api_key
 
 
 def engine_options(backend: str, device: str, threads: int | None) -> dict:
@@ -81,23 +101,29 @@ def announce(url: str, config, where: str) -> None:
           flush=True)
 
 
-def run_uvicorn(engine, config, host: str, port: int, shutdown_timeout: float) -> None:
+def run_uvicorn(engine, config, host: str, port: int, shutdown_timeout: float, limits=None) -> None:
     import uvicorn
 
     from .app import create_app
+    from .edge import DrainingServer, EdgeLimits, protocol_for
 
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host=host, port=port, access_log=False,
-                                           timeout_graceful_shutdown=shutdown_timeout, timeout_keep_alive=5,
-                                           lifespan="on", log_level="info"))
+    limits = limits or EdgeLimits()
+    app = create_app(engine, config)
+    server = DrainingServer(uvicorn.Config(
+        app, host=host, port=port, access_log=False, lifespan="on", log_level="info", ws="none",
+        http=protocol_for(limits), h11_max_incomplete_event_size=limits.max_header_bytes,
+        timeout_keep_alive=limits.keep_alive_timeout, timeout_graceful_shutdown=FLUSH_SECONDS),
+        drain=app.state.drain, shutdown_timeout=shutdown_timeout)
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         logging.getLogger("gptx.server").warning("listening on %s without an API key", host)
     host_in_url = f"[{host}]" if ":" in host else host
     announce(f"http://{host_in_url}:{port}", config, engine.backend.describe())
-    # uvicorn shuts down gracefully on SIGTERM (stops accepting, waits up to shutdown_timeout for in-flight
-    # requests, cancels the rest, closes the pool), then re-raises the signal with the handler it found: a no-op
-    # here, so a clean shutdown exits 0 instead of dying by the signal.
+    # After draining, uvicorn re-raises the signal with the handler it found: a no-op here, so a clean shutdown
+    # exits 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     if not server.started:  # e.g. the port is taken (uvicorn has logged why)
         raise GptxError(f"the server could not start on {host}:{port}")
 
+
+FLUSH_SECONDS = 5  # after draining: time for the last bytes of finished responses to reach their clients

@@ -24,7 +24,7 @@ from ray import serve
 from ..errors import InvalidInput
 from ..manifest import load_manifest
 from .app import ServerConfig, create_app
-from .command import announce, setup_logging
+from .command import announce, checked_api_key, setup_logging
 
 APP_NAME = "gptx"
 HEALTH_CHECK_PERIOD_S = 2.0   # a dead replica is noticed (and replaced) within about this
@@ -125,7 +125,7 @@ def build(args: dict) -> serve.Application:
     given = {key: number(key) for key in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes")
              if args.get(key) is not None}  # the rest keep ServerConfig's defaults
     config = ServerConfig(model_name=str(args.get("model_name") or directory.name),
-                          api_key=os.environ.get("GPTX_API_KEY") or None, **given)
+                          api_key=checked_api_key(os.environ.get("GPTX_API_KEY")), **given)
     load_options = {"backend": str(args.get("backend", "auto")), "device": str(args.get("device", "cpu"))}
     if args.get("threads") is not None:
         load_options["threads"] = number("threads")

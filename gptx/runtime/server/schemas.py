@@ -1,9 +1,18 @@
-"""Request bodies of the OpenAI-compatible endpoints (pydantic), and OpenAI's error body.
+"""Request bodies of the OpenAI-compatible endpoints (pydantic), the rule for fields we do not know, and OpenAI's
+error body.
 
-Bodies are strict: unknown fields, wrong types (a string for a number, a bool for an int) and values out of
-OpenAI's ranges are refused with 400 before any work. OpenAI parameters this server does not implement are
-accepted only at their "off" value (echo=false, logprobs=null, penalties 0, ...), so clients that send the
-defaults explicitly keep working. Extensions beyond OpenAI's API: top_k, repetition_penalty, ignore_eos.
+Known fields are strict: wrong types (a string for a number, a bool for an int), NaN or infinite numbers and values
+out of OpenAI's ranges are refused with 400 before any work. Fields the server does not know are sorted by
+`unknown_fields`:
+
+- UNSUPPORTED: parameters that would change the output if honoured (tools, response_format, min_p, ...): 400.
+- OFF_VALUES: OpenAI parameters not implemented yet, accepted only at their "off" value (echo=false,
+  logprobs=null, penalties 0, ...), so clients that send the defaults explicitly keep working.
+- anything else cannot change what is generated (metadata, store, a client's bookkeeping): ignored, named in one
+  log line and in the `x-gptx-ignored-fields` response header, as vLLM does.
+
+Extensions beyond OpenAI's API (vLLM's names): top_k, repetition_penalty, ignore_eos,
+stream_options.continuous_usage_stats; max_completion_tokens on /v1/completions too.
 """
 
 from __future__ import annotations
@@ -24,9 +33,21 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-# OpenAI parameters this server does not implement: the values accepted (their "off" values)
+# OpenAI parameters this server does not implement yet: the values accepted (their "off" values)
 OFF_VALUES = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}), "echo": (False,),
               "logprobs": (None, False), "best_of": (None, 1), "suffix": (None,), "top_logprobs": (None,)}
+
+# Parameters (OpenAI's, vLLM's, llama.cpp's) that would change the output if honoured, and that this server does not
+# implement: refused whatever their value, never ignored.
+UNSUPPORTED = frozenset({
+    "tools", "tool_choice", "functions", "function_call", "response_format", "structured_outputs", "guided_json",
+    "guided_regex", "guided_choice", "guided_grammar", "grammar", "json_schema", "min_p", "typical_p", "tfs_z",
+    "mirostat", "min_tokens", "stop_token_ids", "bad_words", "allowed_token_ids", "logits_processors",
+    "include_stop_str_in_output", "prompt_logprobs", "use_beam_search", "length_penalty", "truncate_prompt_tokens",
+    "prediction", "audio", "modalities", "reasoning_effort", "n_probs", "penalty_last_n", "dry_multiplier",
+    "prompt_embeds", "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
+})
+MAX_IGNORED_NAMED = 8   # unknown fields named in the log line and the header (the rest are counted)
 
 
 def only_off(value, info: ValidationInfo):
@@ -36,32 +57,44 @@ def only_off(value, info: ValidationInfo):
     return value
 
 
+def Finite(default: float, **bounds):
+    """A float field that refuses NaN and infinities ("must be a finite number"), then checks its range."""
+    return Field(default, allow_inf_nan=False, **bounds)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class StreamOptions(Strict):
+class Lenient(BaseModel):
+    """Strict about the fields it knows; keeps the others (model_extra) for `unknown_fields` to sort."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(Lenient):
     include_usage: bool = False
+    continuous_usage_stats: bool = False   # vLLM's: usage (so far) in every chunk
 
 
-class GenerationFields(Strict):
+class GenerationFields(Lenient):
     """What both endpoints take."""
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name (chat); vLLM-style on completions
+    temperature: float = Finite(1.0, ge=0, le=2)
+    top_p: float = Finite(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Finite(0.0)
+    frequency_penalty: float = Finite(0.0)
     logit_bias: dict[str, Any] | None = None
     # extensions
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Finite(1.0, gt=0, le=10)
     ignore_eos: bool = False
 
     _off = field_validator("presence_penalty", "frequency_penalty", "logit_bias")(only_off)
@@ -71,6 +104,29 @@ class GenerationFields(Strict):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
         return self
+
+    @model_validator(mode="after")
+    def _one_limit(self):
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise ValueError(f"max_tokens ({self.max_tokens}) and max_completion_tokens ({self.max_completion_tokens})"
+                             " disagree: give one of them")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def usage_options(self) -> tuple[bool, bool]:
+        """(a last chunk with the usage, usage so far in every chunk)"""
+        options = self.stream_options
+        return (options is not None and options.include_usage,
+                options is not None and options.continuous_usage_stats)
+
+    def unknown_fields(self) -> list[str]:
+        """The names of the fields this server does not know (top level and stream_options)."""
+        names = list(self.model_extra or ())
+        if self.stream_options is not None:
+            names += [f"stream_options.{name}" for name in self.stream_options.model_extra or ()]
+        return names
 
     def sampling(self) -> dict:
         """Options for Pool.events (max_tokens, stop and the prompt are the endpoint's)."""
@@ -114,17 +170,7 @@ class ChatMessage(Strict):
 
 class ChatCompletionRequest(GenerationFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
     _off_here = field_validator("logprobs", "top_logprobs")(only_off)
-
-    @model_validator(mode="after")
-    def _one_limit(self):
-        if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("give max_tokens or max_completion_tokens, not both")
-        return self
-
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
