@@ -69,7 +69,7 @@ def test_seeded_sampling_is_the_same_alone_and_under_load(shakespeare):
     for i, (p, sp) in enumerate(zip(prompts, params)):
         alone = run(scheduler_for(shakespeare, max_batch=1), {0: [Request(shakespeare.tokenizer.encode(p), 24, sp)]})
         assert loaded[str(i)]["tokens"] == next(iter(alone.values()))["tokens"]
-        # the fixed-batch Generator draws from the same per-row RNG: the sync API agrees
+        # the synchronous API steps the same scheduler: the same tokens
         sync = shakespeare.generate_ids(shakespeare.tokenizer.encode(p), 24, temperature=0.9, top_k=sp.top_k,
                                         top_p=sp.top_p, seed=sp.seed)
         assert loaded[str(i)]["tokens"] == sync
@@ -141,13 +141,17 @@ def test_stop_strings_eos_and_context_end_a_request(shakespeare):
     assert len(got["to-context"]["tokens"]) == 128 - len(prompt) and got["to-context"]["reason"] == "length"
 
 
-def test_prefill_is_capped_in_padded_tokens(engine):
-    batches = []
-    scheduler = scheduler_for(engine, max_batch=8, max_prefill_tokens=25,
-                              on_step=lambda kind, s, b: batches.append((kind, b)))
+def test_prefill_spends_at_most_the_token_budget_per_step(engine):
+    """25 prompt tokens a step: two 10-token prompts share a call, the third gets a 5-token chunk and finishes
+    in the next step, whose budget the next prompts share."""
+    calls = []
+    scheduler = scheduler_for(engine, max_batch=8, prefill_chunk=25,
+                              on_step=lambda kind, s, b: calls.append((scheduler.steps, kind, b)))
     requests = [Request(list(range(100, 110)), 3, GREEDY) for _ in range(5)]  # 10 tokens each
     got = run(scheduler, {0: requests})
-    assert [b for kind, b in batches if kind == "prefill"] == [2, 2, 1]
+    prefills = [(step, b) for step, kind, b in calls if kind == "prefill"]
+    assert prefills == [(0, 2), (0, 1), (1, 1), (1, 2)]
+    assert scheduler.stats().prefilled_prompt_tokens == 50
     assert len(got) == 5 and all(r["reason"] == "length" for r in got.values())
 
 
@@ -166,3 +170,106 @@ def test_failures_stay_with_their_rows(engine):
     alone = engine.generate_ids([464, 2068], 6, temperature=0)
     assert got["ok"]["tokens"] == got["after"]["tokens"] == alone
     assert scheduler.cache.active == 0
+
+
+# ---------------------------------------------------------------------------------------------- chunked prefill
+def test_a_prompt_prefilled_in_chunks_gives_the_logits_of_one_call(shakespeare_any):
+    """The graph's past/new contract: 100 prompt tokens in chunks of 7 over the row's own past give the logits
+    of one call, under either cache contract, beside a row that decodes meanwhile."""
+    import numpy as np
+
+    from gptx.runtime.kv_cache import KVCache
+
+    backend = shakespeare_any.backend
+    prompt = np.random.default_rng(4).integers(0, 50000, 100).tolist()
+    whole = KVCache(backend, 1)
+    whole.claim()
+    expected = whole.prefill([0], [prompt])[0]
+    cache = KVCache(backend, 2)
+    other, row = cache.claim(), cache.claim()
+    cache.prefill([other], [[464, 2068]])
+    for start in range(0, 100, 7):
+        logits = cache.extend(row, prompt[start:start + 7])
+        # the other row decodes between chunks; the chunked row rides along without taking a token
+        cache.decode(np.array([11, 0]), live=np.array([True, False]))
+    assert cache.lengths.tolist() == [2 + 15, 100]
+    np.testing.assert_allclose(logits[0], expected, atol=1e-4)
+    # and the next token decodes as after one call
+    follow = cache.decode(np.array([11, 13]))[1]
+    whole_next = whole.decode(np.array([13]))[0]
+    np.testing.assert_allclose(follow, whole_next, atol=1e-4)
+
+
+def shared_prefix_requests(shakespeare, n: int, prefix_tokens: int = 70):
+    """n greedy requests whose prompts share their first `prefix_tokens` tokens, then differ."""
+    text = shakespeare_prompts(1, seed=5)[0] * 8
+    prefix = shakespeare.tokenizer.encode(text)[:prefix_tokens]
+    tails = [shakespeare.tokenizer.encode(p)[: 3 + 2 * i] for i, p in enumerate(shakespeare_prompts(n, seed=6))]
+    return [Request(prefix + tail, 6 + i, GREEDY, id=f"s{i}") for i, tail in enumerate(tails)]
+
+
+def test_chunked_and_prefix_reused_requests_are_batch_invariant(shakespeare_any):
+    """Prompts prefilled 9 tokens a step and starting with cached blocks, joining while others decode, give the
+    tokens and text each gives alone (computed in one call, no cache); later ones really took cached blocks."""
+    shakespeare = shakespeare_any
+    requests = shared_prefix_requests(shakespeare, 8)
+    alone = {r.id: shakespeare.generate_ids(list(r.prompt_ids), r.max_tokens, temperature=0, stop_at_eos=False)
+             for r in requests}
+    for r in requests:
+        r.stop_at_eos = False
+    calls = []
+    scheduler = scheduler_for(shakespeare, max_batch=3, prefill_chunk=9, prefix_cache_mb=4,
+                              on_step=lambda kind, s, b: calls.append((kind, b)))
+    got = run(scheduler, {0: requests[:2], 4: requests[2:5], 11: requests[5:]})
+    for r in requests:
+        assert got[r.id]["tokens"] == alone[r.id], r.id
+        assert got[r.id]["text"] == shakespeare.tokenizer.decode(alone[r.id])
+    # the first request computed the 70-token prefix (2 blocks of 32 cached); at least the last 5 reused them
+    assert scheduler.stats().cached_prompt_tokens >= 5 * 64
+    assert max(b for kind, b in calls if kind == "decode") == 3
+
+
+def test_prefix_reuse_is_exact_across_rows_and_bounded(shakespeare):
+    """A warm request landing in another row gives what a cold run gives; the cache holds at most its budget
+    and keys by the export (another export's chain root differs)."""
+    from gptx.runtime.prefix_cache import export_identity
+
+    first, second = shared_prefix_requests(shakespeare, 2)
+    scheduler = scheduler_for(shakespeare, max_batch=2, prefix_cache_mb=1)
+    blocker = Request([464, 2068], 30, GREEDY, id="blocker", stop_at_eos=False)
+    out = run(scheduler, {0: [blocker, first], 1: [second]})
+    assert scheduler.stats().cached_prompt_tokens == 64  # second reused both blocks of the shared 70 tokens
+    cold = run(scheduler_for(shakespeare, max_batch=1), {0: [Request(second.prompt_ids, second.max_tokens, GREEDY)]})
+    assert out["s1"]["tokens"] == next(iter(cold.values()))["tokens"]
+    cache = scheduler.prefixes
+    assert 0 < cache.bytes <= 1 << 20 and len(cache) >= 2
+    block = cache.bytes // len(cache)
+    small = scheduler_for(shakespeare, max_batch=1, prefix_cache_mb=2.5 * block / 2**20)
+    run(small, {0: [Request(list(range(100, 200)), 2, GREEDY)]})  # 3 full blocks, room for 2
+    assert len(small.prefixes) == 2 and small.prefixes.bytes <= 2.5 * block
+    other = dict(shakespeare.manifest, files=[])
+    assert export_identity(other) != export_identity(shakespeare.manifest)
+
+
+# ---------------------------------------------------------------------------------------------- fair admission
+def test_admission_round_robins_between_request_groups(engine):
+    """A request carrying 10 prompts (one group) cannot push single requests to the back: singles arriving
+    after it are admitted between its prompts; one group holds at most half the queue."""
+    scheduler = scheduler_for(engine, max_batch=1, max_queue=24)
+    for i in range(10):
+        scheduler.add_request(Request([464, 2068], 2, GREEDY, id=f"g{i}", group="big"))
+    for i in range(2):
+        scheduler.add_request(Request([464], 2, GREEDY, id=f"single{i}"))
+    with pytest.raises(QueueFull, match="at most 12"):
+        for i in range(10, 13):
+            scheduler.add_request(Request([464], 2, GREEDY, id=f"g{i}", group="big"))
+    assert scheduler.stats().waiting == 14
+    order = []
+    for _ in range(100):
+        if not scheduler.has_work():
+            break
+        for o in scheduler.step():
+            if o.request_id not in order:
+                order.append(o.request_id)
+    assert order[:5] == ["g0", "single0", "single1", "g1", "g2"]  # each group one turn per round
+    assert len(order) == 14

@@ -17,7 +17,8 @@ import numpy as np
 from gptx.runtime.backends import create_backend
 from gptx.runtime.backends.base import Backend
 from gptx.runtime.errors import ExportError, InvalidInput
-from gptx.runtime.generation import Generator
+from gptx.runtime.generation import Generation
+from gptx.runtime.kv_cache import KVCache
 from gptx.runtime.manifest import load_manifest
 from gptx.runtime.sampler import SamplingParams
 from gptx.runtime.tokenizer import Tokenizer
@@ -57,17 +58,14 @@ def reference_backend(directory: Path, manifest: dict, reference_model=None, dev
     return TorchBackend(manifest, directory, device, model=reference_model, half=False)
 
 
-def _greedy_generator(backend: Backend, prompts: list[list[int]], steps: int, pad_id: int) -> Generator:
-    vocab = backend.manifest["tokenizer"]["vocab_size"]
-    return Generator(backend, prompts, steps, SamplingParams(temperature=0), None, vocab, pad_id)
-
-
 def teacher_forced(backend: Backend, prompts: list[list[int]], continuation: np.ndarray, pad_id: int):
-    """Prefill the prompts, then feed `continuation` (B, steps) one column at a time; yields each call's logits."""
-    gen = _greedy_generator(backend, prompts, continuation.shape[1] + 1, pad_id)
-    yield gen.prefill()
+    """Prefill the prompts (one left-padded call), then feed `continuation` (B, steps) one column at a time, on the
+    runtime's slot cache; yields each call's logits."""
+    cache = KVCache(backend, len(prompts), max(map(len, prompts)) + continuation.shape[1] + 1, pad_id=pad_id)
+    rows = [cache.claim() for _ in prompts]
+    yield cache.prefill(rows, prompts)
     for col in range(continuation.shape[1]):
-        yield gen.decode_one_token(continuation[:, col])
+        yield cache.decode(continuation[:, col])
 
 
 def logit_agreement(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray | None = None) -> dict:
@@ -124,7 +122,9 @@ def text_agreement(ref: Backend, cand: Backend, windows: np.ndarray, vocab: int)
 
 def greedy(backend: Backend, prompts: list[list[int]], steps: int, pad_id: int) -> np.ndarray:
     """(B, steps) greedy continuation through the runtime's own generation loop."""
-    gen = _greedy_generator(backend, prompts, steps, pad_id)
+    vocab = backend.manifest["tokenizer"]["vocab_size"]
+    gen = Generation(backend, None, prompts, steps, SamplingParams(temperature=0), eos_token_id=pad_id,
+                     vocab_size=vocab, stop_at_eos=False)
     while not gen.is_done():
         gen.generate_next()
     return np.array(gen.tokens)

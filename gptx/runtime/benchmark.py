@@ -1,6 +1,6 @@
 """`gptx bench`: time to first token, prefill / decode throughput, per-token latency and peak memory.
 
-Measures the runtime's own generation loop (`Generator.generate_next`; greedy unless sampling is asked for, then
+Measures the runtime's own generation loop (`Generation.generate_next`; greedy unless sampling is asked for, then
 with a fixed seed) on synthetic prompts, so the numbers are what an app embedding gptx sees, sampler included. Torch-free at import: PyTorch is imported only to measure the
 torch backend (the backend does that) or CUDA memory (only when torch is already loaded).
 
@@ -178,19 +178,19 @@ def _median(values):
 
 # ---------------------------------------------------------------------------------------------- one config
 def one_run(backend, prompts, new_tokens: int, vocab: int, sampling=None) -> dict:
-    """One generation through the runtime's Generator (greedy unless `sampling`, a SamplingParams, says otherwise);
+    """One generation through the runtime's one loop (greedy unless `sampling`, a SamplingParams, says otherwise);
     every token timed, prefill through its on_step hook."""
-    from .generation import Generator
+    from .generation import Generation
     from .sampler import SamplingParams
 
     timing = {}
 
     def on_step(kind: str, seconds: float, batch: int) -> None:
         if kind == "prefill":
-            timing["prefill"] = seconds
+            timing["prefill"] = timing.get("prefill", 0.0) + seconds
 
-    gen = Generator(backend, prompts, new_tokens, sampling or SamplingParams(temperature=0.0), None, vocab,
-                    pad_id=vocab - 1, on_step=on_step)
+    gen = Generation(backend, None, prompts, new_tokens, sampling or SamplingParams(temperature=0.0),
+                     eos_token_id=vocab - 1, vocab_size=vocab, stop_at_eos=False, on_step=on_step)
     clock = time.perf_counter
     t0 = clock()
     gen.generate_next()

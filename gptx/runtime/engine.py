@@ -1,7 +1,8 @@
 """`gptx.runtime.load(DIR)` -> Engine: text in, text out, for apps that embed gptx (numpy + onnxruntime + tiktoken only).
 
-The synchronous calls (generate, stream, generate_ids, stream_ids, generator) run one fixed batch on the
-slot KV cache; `serving()` opens an async pool that batches many callers continuously on the same cache.
+Every call runs the one generation loop, the Scheduler (gptx/runtime/scheduler.py): the synchronous ones
+(generate, stream, generate_ids, stream_ids, generator) step a fixed batch of it in the caller's thread;
+`serving()` opens an async pool whose worker thread steps one for many callers (continuous batching).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import numpy as np
 from .backends import create_backend
 from .backends.base import Backend
 from .errors import InvalidInput
-from .generation import Generator, OnStep, check_prompt_ids, resolve_new_tokens
+from .generation import Generation, resolve_new_tokens
+from .kv_cache import OnStep
 from .manifest import load_manifest
+from .request import TokenIds, token_ids
 from .sampler import SamplingParams
-from .text import TextStream, normalize_stop
+from .text import normalize_stop
 from .tokenizer import Tokenizer
 
 
@@ -38,16 +41,19 @@ class Engine:
         return self.backend.capabilities.max_seq
 
     # -- token ids -------------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        """Text or token ids -> checked token ids; an empty prompt starts from <|endoftext|>, as GPT-2 was trained."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else check_prompt_ids(prompt, self.vocab_size)
-        return ids or [self.eos_token_id]
+    def prompt_ids(self, prompt: str | Sequence[int]) -> TokenIds:
+        """Text or token ids -> checked TokenIds (never checked again); an empty prompt starts from
+        <|endoftext|>, as GPT-2 was trained."""
+        ids = TokenIds(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else token_ids(prompt, self.vocab_size)
+        return ids or TokenIds([self.eos_token_id])
 
     def generator(self, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int | None = None,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   repetition_penalty: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-                  max_length: int | None = None, on_step: OnStep | None = None) -> Generator:
-        """The low-level loop for callers that want to own it (generate_next, is_done, tokens, stop_row).
+                  max_length: int | None = None, stop: str | Sequence[str] | None = None,
+                  on_step: OnStep | None = None) -> Generation:
+        """The loop for callers that want to own it (generate_next, is_done, tokens, texts, stop_row): a fixed
+        batch stepped through the scheduler in the caller's thread.
 
         max_new_tokens (default 64) or max_length (prompt + new tokens, as in transformers), not both."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
@@ -57,26 +63,36 @@ class Engine:
         if not prompts:
             raise InvalidInput("generator needs at least one prompt")
         new = resolve_new_tokens(max_new_tokens, max_length, max(map(len, prompts)), self.block_size)
-        return Generator(self.backend, prompts, new, params, self.eos_token_id if stop_at_eos else None,
-                         self.vocab_size, pad_id=self.eos_token_id, on_step=on_step)
+        return Generation(self.backend, self.tokenizer, prompts, new, params, eos_token_id=self.eos_token_id,
+                          vocab_size=self.vocab_size, stop_at_eos=stop_at_eos, stop=normalize_stop(stop),
+                          on_step=on_step)
 
     def generate_ids(self, prompt_ids, max_new_tokens: int | None = None, **options) -> list[int] | list[list[int]]:
         """New token ids (eos included when hit) for one prompt (list of ints) or a batch (list of lists)."""
         single = len(prompt_ids) == 0 or not isinstance(prompt_ids[0], (list, tuple, np.ndarray))
-        gen = self.generator([prompt_ids] if single else prompt_ids, max_new_tokens, **options)
-        while not gen.is_done():
-            gen.generate_next()
+        gen = self._run(self.generator([prompt_ids] if single else prompt_ids, max_new_tokens, **options))
         return gen.tokens[0] if single else gen.tokens
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None, **options) -> Iterator[int]:
         """Token ids as they are sampled (eos included when hit). Arguments are checked when called."""
-        gen = self.generator([prompt_ids], max_new_tokens, **options)
-        return self._ids(gen)
+        return self._ids(self.generator([prompt_ids], max_new_tokens, **options))
 
     @staticmethod
-    def _ids(gen: Generator) -> Iterator[int]:
+    def _run(gen: Generation) -> Generation:
         while not gen.is_done():
-            yield int(gen.generate_next()[0])
+            gen.generate_next()
+        return gen
+
+    @staticmethod
+    def _ids(gen: Generation) -> Iterator[int]:
+        try:
+            while not gen.is_done():
+                token = int(gen.generate_next()[0])
+                if token >= 0:
+                    yield token
+        finally:
+            if not gen.is_done():  # the caller stopped early: free the row
+                gen.stop()
 
     # -- text ------------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int | None = None,
@@ -91,16 +107,8 @@ class Engine:
             return []
         if not all(isinstance(p, str) for p in prompts):
             raise InvalidInput("generate takes a prompt string or a list of them; use generate_ids for token ids")
-        gen, texts = self._text_generator(prompts, max_new_tokens, stop, options)
-        while not gen.is_done():
-            for row, tok in enumerate(gen.generate_next().tolist()):
-                if tok >= 0:
-                    texts[row].push(tok)
-                    if texts[row].stopped:
-                        gen.stop_row(row)
-        for t in texts:
-            t.finish()
-        return texts[0].text if single else [t.text for t in texts]
+        gen = self._run(self.generator(prompts, max_new_tokens, stop=stop, **options))
+        return gen.texts[0] if single else gen.texts
 
     def stream(self, prompt: str, max_new_tokens: int | None = None, stop: str | Sequence[str] | None = None,
                **options) -> Iterator[str]:
@@ -108,29 +116,24 @@ class Engine:
         before the first piece; a multi-byte character split across tokens is held back until whole."""
         if not isinstance(prompt, str):
             raise InvalidInput("stream takes one prompt (str); use generate for a batch")
-        gen, (text,) = self._text_generator([prompt], max_new_tokens, stop, options)
-        return self._pieces(gen, text)
-
-    def _text_generator(self, prompts: list[str], max_new_tokens, stop, options) -> tuple[Generator, list[TextStream]]:
-        stops = normalize_stop(stop)
-        gen = self.generator([self.tokenizer.encode(p) for p in prompts], max_new_tokens, **options)
-        eos = self.eos_token_id if options.get("stop_at_eos", True) else None
-        return gen, [TextStream(self.tokenizer, stops, eos) for _ in prompts]
+        return self._pieces(self.generator([prompt], max_new_tokens, stop=stop, **options))
 
     @staticmethod
-    def _pieces(gen: Generator, text: TextStream) -> Iterator[str]:
-        while not gen.is_done() and not text.stopped:
-            piece = text.push(int(gen.generate_next()[0]))
-            if piece:
-                yield piece
-        piece = text.finish()
-        if piece:
-            yield piece
+    def _pieces(gen: Generation) -> Iterator[str]:
+        try:
+            while not gen.is_done():
+                gen.generate_next()
+                piece = "".join(o.text for o in gen.last_outputs)
+                if piece:
+                    yield piece
+        finally:
+            if not gen.is_done():
+                gen.stop()
 
     # -- serving ---------------------------------------------------------------------------------
     def serving(self, max_batch: int = 8, max_queue: int = 64, **options):
         """An async pool that batches concurrent requests continuously: `async with engine.serving() as pool`.
-        See gptx/runtime/serving.py (options: max_prefill_tokens, on_step)."""
+        See gptx/runtime/serving.py (options: prefill_chunk, prefix_cache_mb, on_step)."""
         from .serving import Pool
 
         return Pool(self, max_batch=max_batch, max_queue=max_queue, **options)

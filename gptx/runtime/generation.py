@@ -1,9 +1,11 @@
-"""The fixed-batch loop: claim a row per prompt, prefill them in one call, then decode one token at a time.
+"""The synchronous calls' loop: a fixed batch of prompts stepped through the Scheduler in the caller's thread.
 
-Shaped like onnxruntime-genai's Generator (the caller may own the loop) and gpt-fast's prefill /
-decode_one_token split. Backend-agnostic: it runs on the slot KV cache (gptx/runtime/kv_cache.py), the same
-machinery the continuous-batching scheduler uses. `on_step(kind, seconds, batch)` reports each graph step
-("prefill" | "decode") so benchmarks time the loop without patching it.
+`Generation` is what `Engine.generator` returns (onnxruntime-genai's Generator shape: the caller owns the loop)
+and what Engine.generate / stream / generate_ids and `gptx bench` run: the same scheduler as the serving pool,
+so EOS, stop strings, length limits and sampling are written once. Every prompt is prefilled in the first step
+(the budget covers them all), so each `generate_next()` gives every unfinished row exactly one token.
+`on_step(kind, seconds, batch)` reports each graph call ("prefill" | "decode") so benchmarks time the loop
+without patching it.
 """
 
 from __future__ import annotations
@@ -14,23 +16,11 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import InvalidInput
-from .kv_cache import KVCache, OnStep
-from .sampler import Sampler, SamplingParams, validate_sampling
-
-
-
-def check_prompt_ids(prompt, vocab_size: int) -> list[int]:
-    """A prompt as a list of ints, each a vocabulary id (floats such as 1.5, bools and strings are refused)."""
-    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
-        raise InvalidInput(f"token ids must be a list of integers, got {type(prompt).__name__}")
-    ids = []
-    for t in np.asarray(prompt).tolist() if isinstance(prompt, np.ndarray) else prompt:
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-            raise InvalidInput(f"token ids must be integers, got {t!r}")
-        if not 0 <= t < vocab_size:
-            raise InvalidInput(f"token id {t} is outside the vocabulary [0, {vocab_size})")
-        ids.append(int(t))
-    return ids
+from .kv_cache import OnStep
+from .request import Request
+from .sampler import SamplingParams, validate_sampling
+from .scheduler import Scheduler, StepOutput
+from .tokenizer import Tokenizer
 
 
 def resolve_new_tokens(max_new_tokens: int | None, max_length: int | None, longest_prompt: int, context: int) -> int:
@@ -54,67 +44,60 @@ def resolve_new_tokens(max_new_tokens: int | None, max_length: int | None, longe
     return int(new)
 
 
-class Generator:
-    """Owns one batch's cache rows and sampler. Use `generate_next()` until `is_done()`."""
+class Generation:
+    """A fixed batch stepped by the caller: `generate_next()` until `is_done()`; `tokens`, `texts` per row."""
 
-    def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 params: SamplingParams, eos_token_id: int | None, vocab_size: int, pad_id: int = 0,
-                 on_step: OnStep | None = None):
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise InvalidInput("every prompt needs at least one token")
-        prompts = [check_prompt_ids(p, vocab_size) for p in prompts]
-        longest = max(len(p) for p in prompts)
-        max_new_tokens = resolve_new_tokens(max_new_tokens, None, longest, backend.capabilities.max_seq)
-        self.backend = backend
-        self.prompts = prompts
-        self.max_new_tokens = max_new_tokens
-        self.eos_token_id = eos_token_id
-        self.sampler = Sampler(params, vocab_size)
-        self.batch = len(prompts)
-        # the window starts at the bucket holding the prompts and grows as tokens come (attention covers ~filled slots)
-        self.cache = KVCache(backend, self.batch, longest + 1, pad_id=pad_id, on_step=on_step)
-        self.rows = [self.cache.claim() for _ in prompts]
+    def __init__(self, backend: Backend, tokenizer: Tokenizer | None, prompts: Sequence[Sequence[int]],
+                 max_new_tokens: int, params: SamplingParams, *, eos_token_id: int, vocab_size: int,
+                 stop_at_eos: bool = True, stop: Sequence[str] = (), on_step: OnStep | None = None):
+        if not prompts:
+            raise InvalidInput("generation needs at least one prompt")
+        requests = [Request(p, max_new_tokens, params, stop, stop_at_eos, id=str(i)) for i, p in enumerate(prompts)]
+        self.scheduler = Scheduler(backend, tokenizer, eos_token_id=eos_token_id, vocab_size=vocab_size,
+                                   max_batch=len(prompts), max_queue=len(prompts),
+                                   prefill_chunk=max(sum(len(p) for p in prompts), 1), on_step=on_step)
+        self.requests = [self.scheduler.add_request(r) for r in requests]
         self.tokens: list[list[int]] = [[] for _ in prompts]
-        self.steps = 0
-        self.finished = np.zeros(self.batch, dtype=bool)
-        self.seen = None
-        if params.repetition_penalty != 1.0:
-            self.seen = np.zeros((self.batch, vocab_size), dtype=bool)
-            for row, p in enumerate(prompts):
-                self.seen[row, p] = True
-        self.last_logits: np.ndarray | None = None
-        self.last_ids: np.ndarray | None = None
+        self.texts: list[str] = ["" for _ in prompts]
+        self.finish_reasons: list[str | None] = [None for _ in prompts]
+        self.cached_tokens = [0 for _ in prompts]
+        self.last_outputs: list[StepOutput] = []
 
-    def prefill(self) -> np.ndarray:
-        return self.cache.prefill(self.rows, self.prompts)
-
-    def decode_one_token(self, ids: np.ndarray) -> np.ndarray:
-        return self.cache.decode(ids)
+    @property
+    def cache(self):
+        return self.scheduler.cache
 
     def is_done(self) -> bool:
-        return bool(self.finished.all()) or self.steps >= self.max_new_tokens
+        return all(r is not None for r in self.finish_reasons)
 
     def generate_next(self) -> np.ndarray:
-        """Sample one token for every row; rows already finished get -1."""
+        """One step: a token for every unfinished row (rows already finished, or stopped, get -1). A row whose
+        generation failed (e.g. non-finite logits) raises its error here."""
         if self.is_done():
             raise RuntimeError("generation is finished")
-        if self.last_ids is None:
-            self.last_logits = self.prefill()
-        else:
-            self.last_logits = self.decode_one_token(self.last_ids)
-        ids = self.sampler(self.last_logits, self.seen)
-        self.steps += 1
-        self.last_ids = ids
-        out = np.where(self.finished, -1, ids)
-        for row, tok in enumerate(out.tolist()):
-            if tok >= 0:
-                self.tokens[row].append(tok)
-                if self.seen is not None:
-                    self.seen[row, tok] = True
-        if self.eos_token_id is not None:
-            self.finished |= ids == self.eos_token_id
+        out = np.full(len(self.tokens), -1, dtype=np.int64)
+        self.last_outputs = self.scheduler.step()
+        for o in self.last_outputs:
+            row = int(o.request_id)
+            if o.error is not None:
+                self.stop()
+                raise o.error
+            if o.token_id is not None:
+                out[row] = o.token_id
+                self.tokens[row].append(o.token_id)
+            self.texts[row] += o.text
+            if o.finished:
+                self.finish_reasons[row] = o.finish_reason
         return out
 
     def stop_row(self, row: int) -> None:
-        """Mark a row finished (e.g. a stop string appeared); the batch goes on for the others."""
-        self.finished[row] = True
+        """Finish a row now (e.g. the caller saw what it wanted); the batch goes on for the others."""
+        if self.finish_reasons[row] is None:
+            self.finish_reasons[row] = "cancelled"
+            self.scheduler.remove_request(str(row))
+
+    def stop(self) -> None:
+        """Finish every row (frees the cache rows at once)."""
+        for row in range(len(self.tokens)):
+            self.stop_row(row)
+        self.scheduler.step()

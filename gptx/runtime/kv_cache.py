@@ -161,9 +161,61 @@ class KVCache:
         self._report("prefill", start, k)
         return logits
 
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
+    def extend(self, row: int, tokens: Sequence[int]) -> np.ndarray:
+        """Append `tokens` to `row` (a prompt chunk): one graph call of T new tokens over the row's filled slots
+        (the graph's past/new contract); (1, V) logits of the last one. An empty row takes the `prefill` path
+        (the backend's `min_past`); a non-empty past is at least one slot, so the contract holds for TensorRT."""
+        start_len = int(self.lengths[row])
+        if start_len == 0:
+            return self.prefill([row], [tokens])
+        start = time.perf_counter()
+        new = len(tokens)
+        end = start_len + new
+        if end > self.max_seq:
+            raise GptxError(f"{end} tokens exceed the context of {self.max_seq}")
+        self._grow_to(end)
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, new)
+        positions = np.arange(start_len, end, dtype=np.int64)[None, :]
+        past = [buf[row:row + 1] for buf in self.buffers]
+        if self.backend.capabilities.writes_cache:  # rows are prefixes: the mask covers the filled slots + new
+            self._handed = past
+            logits, _ = self.backend.run(ids, np.ones((1, end), np.int64), positions, past)
+        else:
+            mask = np.concatenate([self._mask[row:row + 1, : self.window], np.ones((1, new), np.int64)], axis=1)
+            logits, presents = self.backend.run(ids, mask, positions, past)
+            for buf, kv in zip(self.buffers, presents):
+                buf[row, :, start_len:end] = kv[0]
+        self.lengths[row] = end
+        self._mask[row, start_len:end] = 1
+        self._report("prefill", start, 1)
+        return logits
+
+    def read(self, row: int, start: int, end: int) -> np.ndarray:
+        """A host copy of slots [start, end) of `row`: [2 * n_layer, n_head, end - start, head_dim]."""
+        return np.stack([np.asarray(buf[row, :, start:end]) for buf in self.buffers])
+
+    def write(self, row: int, blocks: Sequence[np.ndarray]) -> None:
+        """Fill an empty row with `blocks` (from `read`, one after another from slot 0): it then holds them."""
+        slots = sum(b.shape[2] for b in blocks)
+        if slots > self.max_seq:
+            raise GptxError(f"{slots} cached tokens exceed the context of {self.max_seq}")
+        self._grow_to(slots)
+        at = 0
+        for block in blocks:
+            n = block.shape[2]
+            for buf, kv in zip(self.buffers, block):
+                buf[row, :, at:at + n] = kv
+            at += n
+        self.lengths[row] = slots
+        self._mask[row, :slots] = 1
+
+    def decode(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
         """One token for every active row (tokens: (active,)); (active, V) logits. Each row attends to its own
-        filled slots, sits at its own position and has its new keys/values written at its own offset."""
+        filled slots, sits at its own position and has its new keys/values written at its own offset.
+
+        `live` (bool, (active,)): only those rows take the token; the others (rows still being prefilled) ride
+        along in the call, their logits unused and their length unchanged (an in-place graph writes their
+        slot `length`, which their next prompt chunk overwrites)."""
         start = time.perf_counter()
         a = self.active
         lengths = self.lengths[:a]
@@ -176,19 +228,22 @@ class KVCache:
             self._views = self._handed = [buf[:a] for buf in self.buffers]
         ids = np.asarray(tokens, dtype=np.int64).reshape(a, 1)
         logits, presents = self.backend.run(ids, self._mask[:a], lengths[:, None], self._views)
+        every = live is None or bool(live.all())
         if self.backend.capabilities.writes_cache:  # the graph wrote slot lengths[r] of each row itself
-            self._mask[self._row_index[:a], lengths] = 1
-        elif a == 1 or lengths[0] == lengths[-1] and (lengths == lengths[0]).all():
+            rows = self._row_index[:a] if every else np.flatnonzero(live)
+            self._mask[rows, lengths[rows]] = 1
+        elif every and (a == 1 or lengths[0] == lengths[-1] and (lengths == lengths[0]).all()):
             slot = int(lengths[0])  # one slot column for every row: a plain slice, ~4x cheaper than indexing
             for buf, new in zip(self.buffers, presents):
                 buf[:a, :, slot:slot + 1] = new
             self._mask[:a, slot] = 1
+            rows = slice(0, a)
         else:
-            rows = self._row_index[:a]
+            rows = self._row_index[:a] if every else np.flatnonzero(live)
             for buf, new in zip(self.buffers, presents):
-                buf[rows, :, lengths] = new[:, :, 0]
-            self._mask[rows, lengths] = 1
-        lengths += 1
+                buf[rows, :, lengths[rows]] = new[rows, :, 0]
+            self._mask[rows, lengths[rows]] = 1
+        lengths[rows] += 1
         self._report("decode", start, a)
         return logits
 

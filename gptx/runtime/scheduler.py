@@ -1,4 +1,5 @@
-"""Continuous batching: requests join and leave the running batch at every step (onnxruntime-genai's Engine shape).
+"""Continuous batching: the engine's one generation loop. Requests join and leave the running batch at every
+step (onnxruntime-genai's Engine shape); the synchronous Engine calls and the async Pool both drive it.
 
     scheduler.add_request(Request(prompt_ids, max_tokens, params, stop))   # any thread; QueueFull when full
     while scheduler.has_work():
@@ -6,12 +7,17 @@
 
 One `step()`:
   1. retire cancelled requests (their rows are freed before any compute);
-  2. decode: ONE graph call for every active row (each at its own length, kv_cache.py), sample each row with
-     its own params and RNG, emit its token and new text, retire rows that hit EOS / a stop string / max_tokens;
-  3. admit: pop waiting requests into the free rows and prefill them in ONE left-padded call (at most
-     `max_prefill_tokens` padded tokens, so a burst of long prompts cannot stall the decode rows for long),
-     sample and emit their first token. They join the decode call of the next step.
-Decode runs before admission so rows freed by this step's retirements are refilled in the same step.
+  2. decode: ONE graph call for every row whose prompt is in (each at its own length, kv_cache.py), sample
+     each with its own params and RNG, emit its token and new text, retire rows that hit EOS / a stop string
+     / max_tokens;
+  3. prefill within a token budget (`prefill_chunk`): rows whose prompt is partly in continue, oldest first,
+     then waiting requests take the free rows (round-robin between request groups). A row's first tokens may
+     come from the prefix cache (prefix_cache.py: copied, not recomputed); the rest run as chunks of at most
+     the budget over the row's own past (the graph's past/new contract), one call per chunk (fresh chunks of
+     one length share a call: no padding). A row whose prompt is complete samples its first token.
+Decode runs first, so a long prompt costs the running rows at most one budget of prefill per token (vLLM's
+token budget, onnxruntime-genai's decode-first policy, llama.cpp's n_batch loop), and rows freed by this
+step's retirements are refilled in the same step.
 
 A row's tokens depend only on its prompt, params and seed: the graph treats rows independently (per-row mask
 and positions) and the sampler draws from the row's own RNG.
@@ -21,42 +27,39 @@ from __future__ import annotations
 
 import queue
 import threading
-import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Sequence
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 import numpy as np
 
 from .backends.base import Backend
 from .errors import InvalidInput, QueueFull
-from .generation import check_prompt_ids
 from .kv_cache import KVCache, OnStep
-from .sampler import SamplingParams, _is_int, non_finite_error, sample
-from .text import TextStream, normalize_stop
+from .prefix_cache import PrefixCache, export_identity
+from .request import Request, checked
+from .sampler import _is_int, non_finite_error, sample
+from .text import TextStream
 from .tokenizer import Tokenizer
 
-DEFAULT_PREFILL_TOKENS = 2048
+DEFAULT_PREFILL_CHUNK = 256      # prompt tokens per step (docs/serving.md: why this number)
+DEFAULT_PREFIX_CACHE_MB = 256    # host memory for reusable prompt blocks (0 turns reuse off)
 
 
-@dataclass
-class Request:
-    prompt_ids: Sequence[int]
-    max_tokens: int | None = 64           # new tokens at most; None = up to the context
-    params: SamplingParams = SamplingParams()
-    stop: str | Sequence[str] = ()        # empty strings are ignored
-    stop_at_eos: bool = True
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+def max_group(max_queue: int) -> int:
+    """The most prompts one request (group) may hold in the queue: half of it, so others always find room."""
+    return max(1, max_queue // 2)
 
 
 @dataclass
 class StepOutput:
+    """What one step produced for one request. Fields may grow (per-token logprobs, say); callers read by name."""
     request_id: str
     token_id: int | None                  # the token sampled this step (None when cancelled / failed)
     text: str                             # the new safe text (UTF-8 whole, cut at a stop string)
     finished: bool = False
     finish_reason: str | None = None      # "stop" (EOS or stop string) | "length" | "cancelled" | "error"
     error: BaseException | None = None    # with finish_reason "error": what failed (traceback kept)
+    cached_tokens: int = 0                # on a request's first token: prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,16 @@ class SchedulerStats:
     max_batch: int
     max_queue: int
     steps: int
+    cached_prompt_tokens: int = 0         # prompt tokens served from the prefix cache so far
+    prefilled_prompt_tokens: int = 0      # prompt tokens computed so far
 
 
 class _Row:
-    """An admitted request: its text stream, RNG, seen tokens (for repetition penalty), last token."""
+    """An admitted request: its text stream, RNG, seen tokens (for repetition penalty), progress."""
 
-    __slots__ = ("request", "text", "rng", "seen", "last_token", "generated")
+    __slots__ = ("request", "text", "rng", "seen", "last_token", "generated", "prefilled", "cached", "order")
 
-    def __init__(self, request: Request, text: TextStream, vocab_size: int):
+    def __init__(self, request: Request, text: TextStream | None, vocab_size: int, order: int):
         self.request = request
         self.text = text
         self.rng = request.params.rng()
@@ -83,16 +88,27 @@ class _Row:
             self.seen[list(request.prompt_ids)] = True
         self.last_token = -1
         self.generated = 0
+        self.prefilled = 0    # prompt tokens in the cache row
+        self.cached = 0       # of which copied from the prefix cache
+        self.order = order    # admission order: partly prefilled rows continue oldest first
+
+    @property
+    def decoding(self) -> bool:
+        return self.generated > 0
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, eos_token_id: int, vocab_size: int,
-                 max_batch: int = 8, max_queue: int = 64, max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
-                 on_step: OnStep | None = None):
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
-                            ("max_prefill_tokens", max_prefill_tokens)):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer | None, *, eos_token_id: int, vocab_size: int,
+                 max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_cache_mb: float = 0, on_step: OnStep | None = None):
+        """tokenizer None: token ids only (no text, no stop strings). prefix_cache_mb 0: no prefix reuse (on
+        by default in the serving pool, where requests share prompts; only host-memory caches can hold it)."""
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
             if not _is_int(value) or value < 1:
                 raise InvalidInput(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) or \
+                not 0 <= prefix_cache_mb < float("inf"):
+            raise InvalidInput(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
         limit = backend.capabilities.max_batch
         if limit is not None and max_batch > limit:
             raise InvalidInput(f"max_batch {max_batch} exceeds what the {backend.name} backend takes ({limit})")
@@ -101,13 +117,20 @@ class Scheduler:
         self.eos_token_id = eos_token_id
         self.vocab_size = vocab_size
         self.max_queue = max_queue
-        self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk = prefill_chunk
         self.context = backend.capabilities.max_seq
         self.cache = KVCache(backend, max_batch, pad_id=eos_token_id, on_step=on_step)
+        self.prefixes = None
+        if prefix_cache_mb and isinstance(self.cache.buffers[0], np.ndarray):
+            self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20), export_identity(backend.manifest))
         self.steps = 0
+        self.cached_tokens = 0
+        self.prefilled_tokens = 0
+        self._admitted = 0
         self._rows: list[_Row] = []          # aligned with the cache's rows [0, active)
-        self._lock = threading.Lock()        # guards the two below (add_request comes from other threads)
-        self._waiting: deque[Request] = deque()
+        self._lock = threading.Lock()        # guards the three below (add_request comes from other threads)
+        self._groups: OrderedDict[str, deque[Request]] = OrderedDict()  # waiting, by group, in round-robin order
+        self._waiting = 0
         self._known: set[str] = set()        # ids waiting or active
         # cancelled ids: SimpleQueue.put takes no lock a thread could already hold, so remove_request is safe
         # from any thread and from __del__ (which the garbage collector may run in the stepping thread)
@@ -118,33 +141,26 @@ class Scheduler:
         return self.cache.rows
 
     # ------------------------------------------------------------------------------ any thread
-    def add_request(self, request: Request) -> None:
-        """Check the request (ids in the vocabulary, fits the context, stop strings) and queue it."""
-        prompt = check_prompt_ids(request.prompt_ids, self.vocab_size)
-        if not prompt:
-            raise InvalidInput("a request needs at least one prompt token")
-        room = self.context - len(prompt)
-        if request.max_tokens is None:
-            if room < 1:
-                raise InvalidInput(f"the prompt of {len(prompt)} tokens fills the model's context of {self.context}")
-            max_tokens = room
-        elif not _is_int(request.max_tokens) or request.max_tokens < 1:
-            raise InvalidInput(f"max_tokens must be an integer >= 1, got {request.max_tokens!r}")
-        elif request.max_tokens > room:
-            raise InvalidInput(f"prompt of {len(prompt)} tokens + max_tokens {request.max_tokens} exceeds the "
-                               f"model's context of {self.context} tokens")
-        else:
-            max_tokens = int(request.max_tokens)
-        if not isinstance(request.params, SamplingParams):
-            raise InvalidInput("params must be a SamplingParams")
-        request.prompt_ids, request.max_tokens, request.stop = prompt, max_tokens, normalize_stop(request.stop)
+    def add_request(self, request: Request) -> Request:
+        """Check the request (ids in the vocabulary, fits the context, stop strings) and queue it; returns the
+        checked copy the scheduler runs. Every prompt counts against max_queue; one group may hold at most
+        `max_group(max_queue)` of it."""
+        request = checked(request, self.vocab_size, self.context, self.tokenizer is not None)
+        group = request.group if request.group is not None else request.id
         with self._lock:
             if request.id in self._known:
                 raise InvalidInput(f"request id {request.id!r} is already in use")
-            if len(self._waiting) >= self.max_queue:
+            if self._waiting >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
-            self._waiting.append(request)
+            waiting = self._groups.get(group)
+            if waiting is not None and len(waiting) >= max_group(self.max_queue):
+                raise QueueFull(f"one request may hold at most {max_group(self.max_queue)} places of the queue")
+            if waiting is None:
+                waiting = self._groups[group] = deque()
+            waiting.append(request)
+            self._waiting += 1
             self._known.add(request.id)
+        return request
 
     def remove_request(self, request_id: str) -> None:
         """Cancel a request; its row is freed at the start of the next step (unknown ids are ignored)."""
@@ -156,17 +172,16 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         with self._lock:
-            return SchedulerStats(len(self._waiting), len(self._rows), self.max_batch, self.max_queue, self.steps)
+            return SchedulerStats(self._waiting, len(self._rows), self.max_batch, self.max_queue, self.steps,
+                                  self.cached_tokens, self.prefilled_tokens)
 
     # ------------------------------------------------------------------------------ step thread
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         self._cancel(outputs)
-        if self._rows:
+        if any(r.decoding for r in self._rows):
             self._decode(outputs)
-        admitted = self._pop_admissible()
-        if admitted:
-            self._prefill(admitted, outputs)
+        self._prefill(outputs)
         with self._lock:
             self.steps += 1
         return outputs
@@ -178,73 +193,163 @@ class Scheduler:
         if not cancelled:
             return
         with self._lock:
-            for request in [r for r in self._waiting if r.id in cancelled]:
-                self._waiting.remove(request)
-                self._known.discard(request.id)
-                outputs.append(StepOutput(request.id, None, "", True, "cancelled"))
+            for group, waiting in list(self._groups.items()):
+                for request in [r for r in waiting if r.id in cancelled]:
+                    waiting.remove(request)
+                    self._waiting -= 1
+                    self._known.discard(request.id)
+                    outputs.append(StepOutput(request.id, None, "", True, "cancelled"))
+                if not waiting:
+                    del self._groups[group]
         rows = [row for row, r in enumerate(self._rows) if r.request.id in cancelled]
         outputs.extend(StepOutput(self._rows[row].request.id, None, "", True, "cancelled") for row in rows)
         self._retire(rows)
 
     def _decode(self, outputs: list[StepOutput]) -> None:
-        rows = range(len(self._rows))
-        tokens = np.fromiter((r.last_token for r in self._rows), dtype=np.int64, count=len(self._rows))
+        live = np.fromiter((r.decoding for r in self._rows), dtype=bool, count=len(self._rows))
+        tokens = np.fromiter((r.last_token if r.decoding else self.eos_token_id for r in self._rows),
+                             dtype=np.int64, count=len(self._rows))
+        rows = np.flatnonzero(live).tolist()
         try:
-            logits = self.cache.decode(tokens)
+            logits = self.cache.decode(tokens, live)
         except Exception as e:  # a failed graph call fails the rows in it, not the scheduler (traceback kept)
-            self._fail(list(rows), e, outputs)
-            return
-        self._sample_and_emit(list(rows), logits, outputs)
-
-    def _pop_admissible(self) -> list[Request]:
-        """FIFO into the free rows while the padded prefill stays within max_prefill_tokens (one always fits)."""
-        free = self.cache.rows - self.cache.active
-        batch: list[Request] = []
-        longest = 0
-        with self._lock:
-            while self._waiting and len(batch) < free:
-                width = max(longest, len(self._waiting[0].prompt_ids))
-                if batch and width * (len(batch) + 1) > self.max_prefill_tokens:
-                    break
-                batch.append(self._waiting.popleft())
-                longest = width
-        return batch
-
-    def _prefill(self, requests: list[Request], outputs: list[StepOutput]) -> None:
-        rows = [self.cache.claim() for _ in requests]
-        for request in requests:
-            eos = self.eos_token_id if request.stop_at_eos else None
-            self._rows.append(_Row(request, TextStream(self.tokenizer, request.stop, eos), self.vocab_size))
-        try:
-            logits = self.cache.prefill(rows, [r.prompt_ids for r in requests])
-        except Exception as e:  # as in _decode: only these requests fail
             self._fail(rows, e, outputs)
             return
-        self._sample_and_emit(rows, logits, outputs)
+        self._sample_and_emit(rows, logits[live], outputs)
 
-    def _sample_and_emit(self, rows: list[int], logits: np.ndarray, outputs: list[StepOutput]) -> None:
+    # -- prefill ------------------------------------------------------------------------------------
+    def _pop_waiting(self) -> Request | None:
+        """The next request, round-robin between groups (FIFO within a group, groups in arrival order)."""
+        with self._lock:
+            if not self._groups:
+                return None
+            group, waiting = next(iter(self._groups.items()))
+            request = waiting.popleft()
+            self._waiting -= 1
+            if waiting:
+                self._groups.move_to_end(group)
+            else:
+                del self._groups[group]
+            return request
+
+    def _admit(self, request: Request) -> int:
+        """Claim a row for `request` and fill it from the prefix cache (at least the last prompt token is left
+        to compute: its logits give the first token)."""
+        row = self.cache.claim()
+        eos = self.eos_token_id if request.stop_at_eos else None
+        text = TextStream(self.tokenizer, request.stop, eos) if self.tokenizer is not None else None
+        state = _Row(request, text, self.vocab_size, self._admitted)
+        self._admitted += 1
+        self._rows.append(state)
+        if self.prefixes is not None:
+            blocks = self.prefixes.match(request.prompt_ids, len(request.prompt_ids) - 1)
+            if blocks:
+                self.cache.write(row, blocks)
+                state.prefilled = state.cached = int(self.cache.lengths[row])
+                self.cached_tokens += state.cached
+        return row
+
+    def _plan(self) -> list[tuple[int, int, int]]:
+        """(row, start, end) prompt chunks for this step within the budget: partly prefilled rows first, oldest
+        first, then waiting requests into the free rows."""
+        budget = self.prefill_chunk
+        chunks = []
+        pending = sorted((r.order, row) for row, r in enumerate(self._rows)
+                         if not r.decoding and r.prefilled < len(r.request.prompt_ids))
+        for _, row in pending:
+            if budget <= 0:
+                return chunks
+            state = self._rows[row]
+            n = min(len(state.request.prompt_ids) - state.prefilled, budget)
+            chunks.append((row, state.prefilled, state.prefilled + n))
+            budget -= n
+        while budget > 0 and self.cache.active < self.cache.rows:
+            request = self._pop_waiting()
+            if request is None:
+                break
+            row = self._admit(request)
+            start = self._rows[row].prefilled
+            n = min(len(request.prompt_ids) - start, budget)
+            chunks.append((row, start, start + n))
+            budget -= n
+        return chunks
+
+    def _prefill(self, outputs: list[StepOutput]) -> None:
+        chunks = self._plan()
+        done: list[tuple[int, np.ndarray]] = []   # rows whose prompt is now complete, with their logits
+        failed: list[tuple[int, BaseException]] = []
+        i = 0
+        while i < len(chunks):
+            # fresh chunks of one length on consecutive rows share a call (no padding, a contiguous block)
+            j = i + 1
+            row, start, end = chunks[i]
+            if start == 0:
+                while j < len(chunks) and chunks[j][1] == 0 and chunks[j][2] == end and \
+                        chunks[j][0] == chunks[j - 1][0] + 1:
+                    j += 1
+            group = chunks[i:j]
+            i = j
+            rows = [c[0] for c in group]
+            tokens = [self._rows[r].request.prompt_ids[s:e] for r, s, e in group]
+            try:
+                if start == 0:
+                    logits = self.cache.prefill(rows, tokens)
+                else:
+                    logits = self.cache.extend(row, tokens[0])
+            except Exception as e:  # as in _decode: only these requests fail
+                failed.extend((r, e) for r in rows)
+                continue
+            for k, (r, s, e) in enumerate(group):
+                state = self._rows[r]
+                state.prefilled = e
+                self.prefilled_tokens += e - s
+                if e == len(state.request.prompt_ids):
+                    done.append((r, logits[k:k + 1]))
+        if self.prefixes is not None:
+            for r, _ in done:
+                self.prefixes.store(self._rows[r].request.prompt_ids, lambda s, e, r=r: self.cache.read(r, s, e))
+        # emit and retire together, after every chunk ran: retiring moves rows
+        for r, e in failed:
+            outputs.append(StepOutput(self._rows[r].request.id, None, "", True, "error", e))
+        if done:
+            self._sample_and_emit([r for r, _ in done], np.concatenate([x for _, x in done]), outputs,
+                                  retire=[r for r, _ in failed])
+        else:
+            self._retire([r for r, _ in failed])
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def _sample_and_emit(self, rows: list[int], logits: np.ndarray, outputs: list[StepOutput],
+                         retire: list[int] = ()) -> None:
         states = [self._rows[row] for row in rows]
         seen = [s.seen for s in states] if any(s.seen is not None for s in states) else None
         ids = sample(logits[:, : self.vocab_size], [s.request.params for s in states], [s.rng for s in states], seen)
-        done = []
+        done = list(retire)
         for row, state, token in zip(rows, states, ids.tolist()):
             request = state.request
             if token < 0:
                 outputs.append(StepOutput(request.id, None, "", True, "error", non_finite_error()))
                 done.append(row)
                 continue
+            first = state.generated == 0
             state.last_token = token
             state.generated += 1
             if state.seen is not None:
                 state.seen[token] = True
-            text = state.text.push(token)
             reason = None
-            if state.text.stopped:
-                reason = "stop"
-            elif state.generated >= request.max_tokens:
+            if state.text is not None:
+                text = state.text.push(token)
+                if state.text.stopped:
+                    reason = "stop"
+            else:
+                text = ""
+                if request.stop_at_eos and token == self.eos_token_id:
+                    reason = "stop"
+            if reason is None and state.generated >= request.max_tokens:
                 reason = "length"
-                text += state.text.finish()
-            outputs.append(StepOutput(request.id, token, text, reason is not None, reason))
+                if state.text is not None:
+                    text += state.text.finish()
+            outputs.append(StepOutput(request.id, token, text, reason is not None, reason,
+                                      cached_tokens=state.cached if first else 0))
             if reason is not None:
                 done.append(row)
         self._retire(done)

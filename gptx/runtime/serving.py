@@ -25,8 +25,9 @@ from typing import AsyncIterator, Sequence
 
 from .errors import GptxError
 from .kv_cache import OnStep
+from .request import Request
 from .sampler import SamplingParams
-from .scheduler import DEFAULT_PREFILL_TOKENS, Request, Scheduler, SchedulerStats, StepOutput
+from .scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB, Scheduler, SchedulerStats, StepOutput
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Event:
     text: str                     # new safe text (may be "" while a character or a possible stop is incomplete)
     token_ids: list[int]          # the tokens this step produced (one; none for a cancellation)
     finish_reason: str | None     # set on the last event only
+    cached_tokens: int = 0        # on the first token: prompt tokens served from the prefix cache
 
 
 class RequestStream:
@@ -67,7 +69,7 @@ class RequestStream:
             self.finish_reason = out.finish_reason
             if out.error is not None:
                 raise out.error
-        return Event(out.text, [] if out.token_id is None else [out.token_id], out.finish_reason)
+        return Event(out.text, [] if out.token_id is None else [out.token_id], out.finish_reason, out.cached_tokens)
 
     def cancel(self) -> None:
         if self.finish_reason is None:
@@ -92,14 +94,15 @@ class RequestStream:
 
 
 class Pool:
-    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64,
-                 max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
-                 on_step: OnStep | None = None):
-        """on_step(kind, seconds, batch) runs in the worker thread after each graph call ("prefill" | "decode")."""
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, on_step: OnStep | None = None):
+        """prefill_chunk: prompt tokens computed per step, after the decode of the running rows; prefix_cache_mb:
+        host memory for prompt blocks that later prompts starting the same way reuse (0: off). on_step(kind,
+        seconds, batch) runs in the worker thread after each graph call ("prefill" | "decode")."""
         self.engine = engine
         self.scheduler = Scheduler(engine.backend, engine.tokenizer, eos_token_id=engine.eos_token_id,
                                    vocab_size=engine.vocab_size, max_batch=max_batch, max_queue=max_queue,
-                                   max_prefill_tokens=max_prefill_tokens, on_step=on_step)
+                                   prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb, on_step=on_step)
         self._inboxes: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -141,19 +144,21 @@ class Pool:
     def events(self, prompt: str | Sequence[int], max_tokens: int | None = 64, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                seed: int | None = None, stop: str | Sequence[str] | None = None, stop_at_eos: bool = True,
-               request_id: str | None = None) -> RequestStream:
+               request_id: str | None = None, group: str | None = None) -> RequestStream:
         """Queue a request now (InvalidInput / QueueFull raise here) and return its stream of Events.
-        max_tokens None = up to the context."""
+        max_tokens None = up to the context. `group` ties the prompts of one caller's request together: admission
+        round-robins between groups, and one group holds at most half the queue."""
         if self._loop is None or self._closed:
             raise GptxError("the pool is not running: use `async with engine.serving() as pool`")
         if self._crash is not None:
             raise GptxError(f"the serving pool stopped after an internal error: {self._crash!r}")
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        request = Request(self.engine.prompt_ids(prompt), max_tokens, params, stop if stop is not None else (),
-                          stop_at_eos)
+        if isinstance(prompt, str) or (hasattr(prompt, "__len__") and len(prompt) == 0):
+            prompt = self.engine.prompt_ids(prompt)  # tokenized (empty: <|endoftext|>); ids: checked by add_request
+        request = Request(prompt, max_tokens, params, stop if stop is not None else (), stop_at_eos, group=group)
         if request_id is not None:
             request.id = request_id
-        self.scheduler.add_request(request)
+        request = self.scheduler.add_request(request)
         stream = RequestStream(self, request)
         self._inboxes[request.id] = stream._inbox
         self._wake.set()

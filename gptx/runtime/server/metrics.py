@@ -3,6 +3,7 @@
     gptx_http_requests_total{endpoint, status}       every HTTP response, by route and status code
     gptx_completions_total{finish_reason}            generations by how they ended: stop | length | cancelled | error
     gptx_prompt_tokens_total, gptx_completion_tokens_total
+    gptx_prompt_tokens_cached_total                  prompt tokens served from the prefix cache (not recomputed)
     gptx_queue_waiting, gptx_active_rows, gptx_max_batch   the pool's queue depth and rows in use (read at scrape)
     gptx_step_batch_size{kind}                       rows per graph call (kind: prefill | decode), histogram
     gptx_step_seconds{kind}                          duration of each graph call, histogram
@@ -30,6 +31,8 @@ class Metrics:
                                    ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("gptx_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.completion_tokens = Counter("gptx_completion_tokens", "Tokens generated", registry=r)
+        self.cached_prompt_tokens = Counter("gptx_prompt_tokens_cached", "Prompt tokens served from the prefix "
+                                            "cache instead of computed", registry=r)
         self.queue_waiting = Gauge("gptx_queue_waiting", "Requests waiting for a row", registry=r)
         self.active_rows = Gauge("gptx_active_rows", "Rows of the batch in use", registry=r)
         Gauge("gptx_max_batch", "Rows of the batch", registry=r).set(max_batch)

@@ -1,0 +1,82 @@
+"""What a caller asks for, checked once at the edge into the types the inner layers trust.
+
+`TokenIds` is a prompt whose ids are known to be in the vocabulary: `token_ids` makes one from untrusted input
+(and passes one through untouched), the tokenizer's output is one by construction. `Request` is a generation
+request; `Scheduler.add_request` checks it against the model (`checked`) and from then on nothing re-checks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InvalidInput
+from .sampler import SamplingParams, _is_int
+from .text import normalize_stop
+
+
+class TokenIds(tuple):
+    """A prompt's token ids, each a vocabulary id (made by `token_ids` or the tokenizer: never re-checked)."""
+
+    __slots__ = ()
+
+
+def token_ids(prompt, vocab_size: int) -> TokenIds:
+    """A prompt as TokenIds: ints, each a vocabulary id (floats such as 1.5, bools and strings are refused)."""
+    if isinstance(prompt, TokenIds):
+        return prompt
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+        raise InvalidInput(f"token ids must be a list of integers, got {type(prompt).__name__}")
+    ids = []
+    for t in np.asarray(prompt).tolist() if isinstance(prompt, np.ndarray) else prompt:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise InvalidInput(f"token ids must be integers, got {t!r}")
+        if not 0 <= t < vocab_size:
+            raise InvalidInput(f"token id {t} is outside the vocabulary [0, {vocab_size})")
+        ids.append(int(t))
+    return TokenIds(ids)
+
+
+@dataclass
+class Request:
+    """One prompt to continue. `group` names the caller's request when it carries several prompts: admission
+    round-robins between groups (a request without a group is a group of its own)."""
+
+    prompt_ids: Sequence[int]
+    max_tokens: int | None = 64           # new tokens at most; None = up to the context
+    params: SamplingParams = SamplingParams()
+    stop: str | Sequence[str] = ()        # empty strings are ignored
+    stop_at_eos: bool = True
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    group: str | None = None
+
+
+def checked(request: Request, vocab_size: int, context: int, has_text: bool = True) -> Request:
+    """A copy of `request` with TokenIds, an int max_tokens that fits the context and a tuple of stop strings
+    (InvalidInput otherwise). `has_text` False: no tokenizer, so stop strings cannot be matched."""
+    prompt = token_ids(request.prompt_ids, vocab_size)
+    if not prompt:
+        raise InvalidInput("a request needs at least one prompt token")
+    room = context - len(prompt)
+    if request.max_tokens is None:
+        if room < 1:
+            raise InvalidInput(f"the prompt of {len(prompt)} tokens fills the model's context of {context}")
+        max_tokens = room
+    elif not _is_int(request.max_tokens) or request.max_tokens < 1:
+        raise InvalidInput(f"max_tokens must be an integer >= 1, got {request.max_tokens!r}")
+    elif request.max_tokens > room:
+        raise InvalidInput(f"prompt of {len(prompt)} tokens + max_tokens {request.max_tokens} exceeds the "
+                           f"model's context of {context} tokens")
+    else:
+        max_tokens = int(request.max_tokens)
+    if not isinstance(request.params, SamplingParams):
+        raise InvalidInput("params must be a SamplingParams")
+    stop = normalize_stop(request.stop)
+    if stop and not has_text:
+        raise InvalidInput("stop strings need a tokenizer")
+    return dataclasses.replace(request, prompt_ids=prompt, max_tokens=max_tokens, stop=stop,
+                               stop_at_eos=bool(request.stop_at_eos))
