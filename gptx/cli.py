@@ -501,7 +501,15 @@ def serve(
                                            "set --api-key then.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     max_batch: Annotated[int, typer.Option(min=1, help="Rows decoded together (continuous batching).")] = 8,
-    max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait for a row; more get 429.")] = 64,
+    max_queue: Annotated[int, typer.Option(min=1, help="Prompts that may wait for a row; more get 429. One request "
+                                                       "may hold half of them (docs/serving.md).")] = 64,
+    prefill_chunk: Annotated[int | None, typer.Option(
+        min=1, show_default=False, help="Prompt tokens computed per step after the running rows' decode: long "
+                                        "prompts arrive in chunks while streams flow (default: docs/serving.md).")]
+    = None,
+    prefix_cache_mb: Annotated[float | None, typer.Option(
+        min=0, show_default=False, help="MiB of host memory for computed prompt blocks that later prompts starting "
+                                        "the same way reuse (shared system prompts); 0 turns it off.")] = None,
     max_tokens_limit: Annotated[int | None, typer.Option(
         min=1, help="Largest max_tokens a request may ask for (default: up to the model's context).")] = None,
     backend: BackendOpt = Backend.auto,

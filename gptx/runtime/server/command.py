@@ -16,6 +16,7 @@ from ..errors import GptxError, InvalidInput
 
 
 def run_serve(directory: Path, host: str, port: int, max_batch: int, max_queue: int, max_tokens_limit: int | None,
+              prefill_chunk: int | None, prefix_cache_mb: float | None,
               backend: str, device: str, threads: int | None, api_key: str | None,
               model_name: str | None, chat_template: Path | None, max_body_bytes: int, shutdown_timeout: float,
               ray: bool, replicas: int, autoscale: str | None, ray_address: str | None,
@@ -26,8 +27,10 @@ def run_serve(directory: Path, host: str, port: int, max_batch: int, max_queue: 
     from .edge import EdgeLimits
 
     directory = Path(directory).resolve()
+    scheduling = {k: v for k, v in (("prefill_chunk", prefill_chunk), ("prefix_cache_mb", prefix_cache_mb))
+                  if v is not None}  # unset: the pool's defaults
     config = ServerConfig(model_name=model_name or directory.name, max_batch=max_batch, max_queue=max_queue,
-                          max_tokens_limit=max_tokens_limit, api_key=checked_api_key(api_key),
+                          max_tokens_limit=max_tokens_limit, api_key=checked_api_key(api_key), **scheduling,
                           max_body_bytes=max_body_bytes,
                           chat_template=ChatTemplate.from_file(chat_template) if chat_template else ChatTemplate())
     limits = EdgeLimits(max_connections=max_connections, header_timeout=header_timeout, body_timeout=body_timeout,

@@ -104,11 +104,11 @@ def run_on_ray(directory: Path, load_options: dict, config: ServerConfig, *, hos
 def build(args: dict) -> serve.Application:
     """Application builder for `serve run gptx.runtime.server.ray_app:build directory=DIR [key=value ...]` and for a
     RayService's `import_path`. Keys: directory (required), model_name, backend, device, threads, max_batch,
-    max_queue, max_tokens_limit, max_body_bytes. The API key comes from the GPTX_API_KEY environment variable.
+    max_queue, max_tokens_limit, max_body_bytes, prefill_chunk, prefix_cache_mb. The API key comes from the GPTX_API_KEY environment variable.
     Replicas, autoscaling and CPUs are set in the Serve config's `deployments:` section (deployment "gptx")."""
     args = dict(args)
     known = {"directory", "model_name", "backend", "device", "threads", "max_batch", "max_queue",
-             "max_tokens_limit", "max_body_bytes"}
+             "max_tokens_limit", "max_body_bytes", "prefill_chunk", "prefix_cache_mb"}
     unknown = sorted(set(args) - known)
     if unknown or "directory" not in args:
         raise InvalidInput(f"build() takes directory=DIR and optionally {', '.join(sorted(known - {'directory'}))}"
@@ -122,8 +122,13 @@ def build(args: dict) -> serve.Application:
         except (TypeError, ValueError):
             raise InvalidInput(f"{key} must be an integer, got {value!r}") from None
 
-    given = {key: number(key) for key in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes")
-             if args.get(key) is not None}  # the rest keep ServerConfig's defaults
+    given = {key: number(key) for key in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes",
+                                          "prefill_chunk") if args.get(key) is not None}  # the rest: defaults
+    if args.get("prefix_cache_mb") is not None:
+        try:
+            given["prefix_cache_mb"] = float(args["prefix_cache_mb"])
+        except (TypeError, ValueError):
+            raise InvalidInput(f"prefix_cache_mb must be a number, got {args['prefix_cache_mb']!r}") from None
     config = ServerConfig(model_name=str(args.get("model_name") or directory.name),
                           api_key=checked_api_key(os.environ.get("GPTX_API_KEY")), **given)
     load_options = {"backend": str(args.get("backend", "auto")), "device": str(args.get("device", "cpu"))}
