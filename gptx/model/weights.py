@@ -166,18 +166,14 @@ def check_state(state, config: GPTConfig, source: str) -> dict[str, torch.Tensor
     return state
 
 
-def load_state_checked(model: GPT, state: dict[str, torch.Tensor], source: str) -> GPT:
-    check_state(state, model.config, source)
+def build_checked(config: GPTConfig, state: dict, source: str) -> GPT:
+    """Check first, then allocate: the model is only built once its weights are known to fit."""
+    check_state(state, config, source)
+    model = GPT(config)
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(state[k].to(v.dtype))
     return model.eval()
-
-
-def build_checked(config: GPTConfig, state: dict, source: str) -> GPT:
-    """Check first, then allocate: the model is only built once its weights are known to fit."""
-    check_state(state, config, source)
-    return load_state_checked(GPT(config), state, source)
 
 
 # ---------------------------------------------------------------------------------------------- files
