@@ -255,17 +255,12 @@ class Reporters:
 def open_reporters(names: Sequence[str], out_dir: Path, *, mlflow_uri: str | None = None) -> Reporters:
     """Start one run per named backend (names from `parse_report_to`); on failure, close the ones already open."""
     require_installed(names)
+    start = {"tensorboard": TensorBoardReporter, "wandb": WandbReporter,
+             "mlflow": lambda out: MlflowReporter(out, mlflow_uri)}
     opened: list[Reporter] = []
     try:
         for name in names:
-            if name == "tensorboard":
-                opened.append(TensorBoardReporter(out_dir))
-            elif name == "wandb":
-                opened.append(WandbReporter(out_dir))
-            elif name == "mlflow":
-                opened.append(MlflowReporter(out_dir, mlflow_uri))
-            else:
-                raise InvalidInput(f"unknown reporter {name!r}")
+            opened.append(start[name](out_dir))
     except BaseException:
         Reporters(opened).close(failed=True)
         raise
