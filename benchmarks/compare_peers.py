@@ -379,7 +379,9 @@ def main(argv=None) -> int:
         files = prepare(a, work, res)
         quality(files, res)
         engines = load_engines(a, files, res)
-        res["machine"] = B.machine_info()  # after the imports, so every engine's library version is listed
+        res["machine"] = B.machine_info()
+        res["machine"]["versions"].update({name: getattr(sys.modules[name], "__version__", "?")
+                                           for name in ("transformers", "ctranslate2") if name in sys.modules})
         if files["llama"]:
             res["machine"]["versions"]["llama_cpp"] = files["llama"].version()
         greedy_check(engines, a, res)

@@ -564,6 +564,8 @@ def decode_feeds(manifest: dict, past_len: int) -> dict:
     shape = (1, cfg["n_head"], slots, cfg["n_embd"] // cfg["n_head"])
     feeds.update({i["name"]: np.zeros(shape, dtype) for i in manifest["inputs"]
                   if i["name"].startswith("past_key_values.")})
+    if any(i["name"] == "logits_index" for i in manifest["inputs"]):
+        feeds["logits_index"] = np.zeros((1, 1), np.int64)  # the logits of the one new token
     return feeds
 
 

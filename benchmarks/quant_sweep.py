@@ -268,7 +268,8 @@ def render_markdown(res: dict) -> str:
         sp = s.get(name, {})
         note = CANDIDATES[name][1] if name in CANDIDATES else "the same weights in GGUF, llama.cpp's own quantizer"
         L.append(f"| {name} | {pct(r['top1_agreement'], '.2f')} | {fmt(r['perplexity_ratio'], '.4f')} | "
-                 f"{fmt(sp.get('rate'))} | {fmt(sp.get('vs_int4'), '.2f', '×')} | {fmt(sp.get('mb_per_token'), '.0f')} | "
+                 f"{fmt(sp.get('rate'))} | {fmt(sp.get('vs_int4'), '.2f', '×')} | "
+                 f"{fmt(sp.get('mb_per_token'), '.0f')} | "
                  f"{fmt(sp.get('file_mb'), '.0f')} | {note} |")
     L += ["", "## Findings (computed from the table)\n", *[f"- {n}" for n in findings(res)]]
     L += [*[f"- {n}" for n in res.get("notes", [])]]
@@ -304,7 +305,8 @@ def findings(res: dict) -> list[str]:
               "HQQ": "HQQ's float zero points leave MatMulNBits's int8 fast path"}
     if slow:
         known = [text for key, text in causes.items() if any(key in n for n in slow)]
-        out.append(f"Less than half the default's speed: {', '.join(slow)}" + (f" ({'; '.join(known)})" if known else "")
+        out.append(f"Less than half the default's speed: {', '.join(slow)}"
+                   + (f" ({'; '.join(known)})" if known else "")
                    + ".")
     llama = [n for n in q if n.startswith("llama.cpp q4_0")]
     if llama and "int4" in q:

@@ -192,7 +192,8 @@ def quality_tables(res: dict) -> list[str]:
             if "top1_agreement" not in r:
                 L.append(f"| {model} | {label} | {r.get('note', 'not available')} | | | |")
                 continue
-            L.append(f"| {model} | {label} | {pct(r['top1_agreement'], '.2f')} | {fmt(r.get('perplexity_ratio'), '.4f')} "
+            L.append(f"| {model} | {label} | {pct(r['top1_agreement'], '.2f')} | "
+                     f"{fmt(r.get('perplexity_ratio'), '.4f')} "
                      f"| {fmt(r['max_abs_diff'], '.3g')} | {r['positions']} |")
     L.append("")
     return L

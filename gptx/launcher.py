@@ -8,9 +8,8 @@ Transparent huge pages for the weights, through glibc's own switch:
 A decode step streams every weight once, so with 4 KiB pages it also walks a page table entry per 4 KiB read.
 glibc's malloc backs its large blocks with 2 MiB transparent huge pages when started with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35); ONNX Runtime allocates the packed weights it reads
-with malloc. On this project's CPU machines (THP mode "madvise", 6 interleaved rounds each, figures in
-benchmarks/README.md) int4 decode ran 1.05-1.13x faster and fp32 0.99-1.10x, prefill unchanged, for a few MiB
-more peak RSS (+0.5 to +8 MiB).
+with malloc. Where THP is in "madvise" mode that speeds up decoding most where a step reads the most weight
+bytes per unit of work (int4 at short context), for a few MiB more peak RSS (docs/experiments.md).
 
 glibc reads tunables only at process start, so the `gptx` command executes itself again, once, with the
 tunable added (GPTX_HUGE_PAGES=0 opts out). An application embedding the runtime sets it in its own

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import render_docs  # noqa: E402
+import render_docs
 
 
 @pytest.mark.parametrize("path", render_docs.documents(), ids=lambda p: p.name)

@@ -1,4 +1,4 @@
-"""Presenting benchmark results: the `gptx bench` table and grouped bar charts (also used by benchmarks/).
+"""Presenting `gptx bench` results: its table and its bar chart (benchmarks/report.py draws its own with it).
 
 Measurement lives in gptx/runtime/benchmark.py; nothing here times anything. rich and matplotlib are imported
 only when a table or a plot is asked for.
@@ -97,12 +97,12 @@ def grouped_bars(groups: list[str], series: dict[str, list[float | None]], path:
     return path
 
 
-def write_plot(results: list[dict], path: Path, title: str = "decode throughput", label_key: str = "backend") -> Path:
+def write_plot(results: list[dict], path: Path, title: str = "decode throughput") -> Path:
     """`gptx bench --plot`: decode tok/s per configuration (x) and backend (bars)."""
     def config(r):
         return f"b{r['batch']} p{r['prompt_len']} +{r['new_tokens']}"
 
     configs = list(dict.fromkeys(config(r) for r in results))
-    rate = {(r[label_key], config(r)): r["decode_tokens_per_s"] for r in results}
-    labels = list(dict.fromkeys(r[label_key] for r in results))
+    rate = {(r["backend"], config(r)): r["decode_tokens_per_s"] for r in results}
+    labels = list(dict.fromkeys(r["backend"] for r in results))
     return grouped_bars(configs, {label: [rate.get((label, c)) for c in configs] for label in labels}, path, title)

@@ -315,16 +315,14 @@ def usable_cores() -> int:
 
 
 def library_versions() -> dict:
-    """numpy and onnxruntime always (the runtime's own deps); torch/transformers/... only if already loaded."""
+    """numpy and onnxruntime always (the runtime's own deps); torch only if already loaded."""
     out = {"python": platform.python_version(), "numpy": np.__version__}
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
 
         out["onnxruntime"] = onnxruntime.__version__
-    for name in ("torch", "transformers", "ctranslate2"):
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name] = getattr(mod, "__version__", "?")
+    if "torch" in sys.modules:
+        out["torch"] = getattr(sys.modules["torch"], "__version__", "?")
     from importlib.metadata import PackageNotFoundError, version
 
     try:

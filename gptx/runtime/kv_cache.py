@@ -37,11 +37,10 @@ def window_for(slots: int, max_seq: int) -> int:
 
 
 def first_window(slots: int, max_seq: int, writes_cache: bool, rows: int, n_layer: int, n_embd: int) -> int:
-    """The window a cache of `rows` rows starts with, holding `slots`. Measured on GPT-2 int4
-    (benchmarks/README.md): growing in buckets costs about 100 us a token at 128 new tokens (every layer
-    reallocated and copied, mostly page faults), more as the context grows, while GroupQueryAttention runs no
-    slower over a whole-context buffer. So in-place graphs take the whole context at once when its virtual size
-    (keys and values of every layer, 4 bytes each) fits WHOLE_CONTEXT_BYTES."""
+    """The window a cache of `rows` rows starts with, holding `slots`. Growing in buckets reallocates and copies
+    every layer (mostly page faults), a cost that grows with the context, while GroupQueryAttention runs no
+    slower over a whole-context buffer (docs/experiments.md). So in-place graphs take the whole context at once
+    when its virtual size (keys and values of every layer, 4 bytes each) fits WHOLE_CONTEXT_BYTES."""
     if writes_cache and 2 * n_layer * rows * max_seq * n_embd * 4 <= WHOLE_CONTEXT_BYTES:
         return max_seq
     return window_for(slots, max_seq)
