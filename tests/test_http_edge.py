@@ -223,6 +223,9 @@ def test_unknown_fields_are_ignored_and_named_unless_they_would_change_the_outpu
     plain = httpx.post(url, json={"prompt": "ROMEO:", "max_tokens": 3, "temperature": 0}, timeout=TIMEOUT)
     assert "x-gptx-ignored-fields" not in plain.headers
     assert ignored.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    both = httpx.post(url, json={"prompt": "x", "max_tokens": 3, "max_completion_tokens": 4}, timeout=TIMEOUT)
+    assert both.status_code == 400 and both.json()["error"]["param"] == "max_tokens"
+    assert "disagree" in both.json()["error"]["message"]
     for field, value in [("response_format", {"type": "json_object"}), ("tools", []), ("min_p", 0.1)]:
         refused = httpx.post(url, json={"prompt": "x", field: value}, timeout=TIMEOUT)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text

@@ -628,7 +628,9 @@ def describe_validation_error(errors) -> tuple[str, str | None]:
     if not loc:  # the body as a whole: not an object, or a rule across fields
         if first["type"] in ("model_type", "model_attributes_type"):
             return "the body must be a JSON object", None
-        return first["msg"].removeprefix("Value error, "), None
+        message = first["msg"].removeprefix("Value error, ")
+        field_name = message.split(" ", 1)[0]  # a rule across fields names its first field first
+        return message, field_name if field_name in GenerationFields.model_fields else None
     path = []  # the field's path, up to the union member pydantic tried (tags such as "str" or "list[str]")
     for part in loc:
         if "[" in part or part in ("str", "int", "float", "bool"):
