@@ -31,21 +31,20 @@ def test_the_generated_reports_are_one_block_each():
         assert text.endswith(f"<!-- end {name} -->\n")
 
 
-def test_a_stale_block_is_rewritten_from_its_json_and_the_rest_kept(tmp_path, monkeypatch):
+def test_a_stale_block_is_rewritten_from_its_json_and_the_rest_kept(tmp_path):
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "serving_load.json").write_text(json.dumps({
-        "started": "then", "settings": {"prompt_len": 4, "new_tokens": 8}, "machine": {"cores": 2},
-        "servers": {"gptx serve": {"levels": [
-            {"clients": 1, "errors": 0, "tok_s": 10.0, "ttft_p50_ms": 20.0},
-            {"clients": 8, "errors": 1, "tok_s": 45.0, "ttft_p50_ms": 30.0}]}}}))
-    doc = ("# Title\n\nhand-written 1.0x\n\n<!-- rendered by benchmarks/render_docs.py: serving_summary -->\n"
-           "stale 5.1x\n<!-- end serving_summary -->\n\ntail\n")
+    (tmp_path / "docs" / "benchmarks.json").write_text(json.dumps({
+        "started": "then", "settings": {"prefill_len": 512},
+        "quality": {"shakespeare": {"gptx ORT int8": {"top1_agreement": 0.99, "perplexity_ratio": 1.001}}},
+        "decode": {"results": {"gptx ORT int8": {"rate": 50.0}}},
+        "prefill": {"results": {"gptx ORT int8": {"rate": 100.0}}}}))
+    doc = ("# Title\n\nhand-written 1.0x\n\n<!-- rendered by benchmarks/render_docs.py: quantize_choices -->\n"
+           "stale 99.5%\n<!-- end quantize_choices -->\n\ntail\n")
     out = render_docs.rewrite(doc, tmp_path)
-    assert out.startswith("# Title\n\nhand-written 1.0x\n\n") and out.endswith("<!-- end serving_summary -->\n\ntail\n")
-    assert "stale" not in out
-    # 45 / 10 tok/s and 30 / 20 ms, from the numbers given above
-    assert "8 streaming clients get 4.50x the tokens/s of one (45.0 vs 10.0 tok/s)" in out
-    assert "time to first token 1.50x its unloaded value and 1 errors" in out and "llama.cpp" not in out
+    assert out.startswith("# Title\n\nhand-written 1.0x\n\n<!-- rendered by benchmarks/render_docs.py: quantize")
+    assert out.endswith("\n<!-- end quantize_choices -->\n\ntail\n") and "stale" not in out
+    assert "| `int8` | 99.00% | 1.0010 | 50.0 | 100 |" in out  # the numbers given above, nothing else
+    assert "int4" not in out and "(run then;" in out
     assert render_docs.rewrite(out, tmp_path) == out
 
 
