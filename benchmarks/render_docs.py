@@ -34,8 +34,9 @@ BLOCKS = {
     "quantization": ("docs/quantization.json", "quant_sweep:render_markdown"),
     "serving_summary": ("docs/serving_load.json", "serve_report:serving_summary"),
     "serving_load": ("docs/serving_load.json", "serve_report:serving_load"),
+    "serving_chunks": ("docs/serving_load_chunks.json", "serve_report:chunk_sweep"),
 }
-BLOCK = re.compile(r"(<!-- rendered by benchmarks/render_docs\.py: ([\w-]+) -->\n)(.*?)(<!-- end \2 -->)", re.S)
+BLOCK = re.compile(r"(<!-- rendered by benchmarks/render_docs\.py: ([\w-]+) -->\n)(.*?)(<!-- end \2 -->)", re.DOTALL)
 
 
 def documents(root: Path = ROOT) -> list[Path]:
