@@ -186,3 +186,27 @@ def test_a_failing_request_does_not_take_the_pool_down(engine):
     (bad, good), again = serve(sick, body)
     assert isinstance(bad, GenerationError)
     assert good.token_ids == again.token_ids == engine.generate_ids([464, 2068], 5, temperature=0)
+
+
+def test_shared_prefix_is_reused_and_one_request_holds_half_the_queue(shakespeare):
+    """A request starting with an earlier one's 70 tokens gets 64 of them (two blocks) from the prefix cache and
+    the tokens of a cold run; the prompts of one group may hold at most half the queue."""
+    prefix = shakespeare.tokenizer.encode(shakespeare_prompts(1, seed=7)[0] * 6)[:70]
+    second = prefix + shakespeare.tokenizer.encode(" KING:")
+
+    async def body(pool):
+        await pool.generate(prefix + [13], max_tokens=4, temperature=0)
+        events = [e async for e in pool.events(second, max_tokens=8, temperature=0)]
+        busy = pool.events([464], max_tokens=120, stop_at_eos=False)  # holds the one row: the rest wait
+        await busy.__anext__()
+        held = [pool.events([464], max_tokens=2, group="many") for _ in range(4)]
+        with pytest.raises(QueueFull, match="at most 4"):
+            pool.events([464], max_tokens=2, group="many")
+        alone = pool.events([464], max_tokens=2)  # another request still finds room
+        for stream in (busy, *held, alone):
+            stream.cancel()
+        return events, pool.stats()
+
+    events, stats = serve(shakespeare, body, max_batch=1, max_queue=8)
+    assert events[0].cached_tokens == 64 and stats.cached_prompt_tokens == 64
+    assert [t for e in events for t in e.token_ids] == shakespeare.generate_ids(second, 8, temperature=0)

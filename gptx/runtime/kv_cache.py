@@ -189,6 +189,11 @@ class KVCache:
         self._report("prefill", start, 1)
         return logits
 
+    def reserve(self, slots: int) -> None:
+        """Grow the window to hold `slots` now: a prompt about to arrive in chunks then costs one reallocation of
+        the cache, not one per bucket it crosses (each copies every active row)."""
+        self._grow_to(min(slots, self.max_seq))
+
     def read(self, row: int, start: int, end: int) -> np.ndarray:
         """A host copy of slots [start, end) of `row`: [2 * n_layer, n_head, end - start, head_dim]."""
         return np.stack([np.asarray(buf[row, :, start:end]) for buf in self.buffers])

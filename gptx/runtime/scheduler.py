@@ -41,7 +41,7 @@ from .sampler import _is_int, non_finite_error, sample
 from .text import TextStream
 from .tokenizer import Tokenizer
 
-DEFAULT_PREFILL_CHUNK = 256      # prompt tokens per step (docs/serving.md: why this number)
+DEFAULT_PREFILL_CHUNK = 64       # prompt tokens per step (docs/serving.md: why this number)
 DEFAULT_PREFIX_CACHE_MB = 256    # host memory for reusable prompt blocks (0 turns reuse off)
 
 
@@ -236,6 +236,7 @@ class Scheduler:
         """Claim a row for `request` and fill it from the prefix cache (at least the last prompt token is left
         to compute: its logits give the first token)."""
         row = self.cache.claim()
+        self.cache.reserve(len(request.prompt_ids))
         eos = self.eos_token_id if request.stop_at_eos else None
         text = TextStream(self.tokenizer, request.stop, eos) if self.tokenizer is not None else None
         state = _Row(request, text, self.vocab_size, self._admitted)
