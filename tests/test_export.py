@@ -140,7 +140,7 @@ def test_fp16_export_keeps_fragile_parts_fp32(hf_dir, tmp_path, gpt):
     info = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(
         onnx.load(str(tmp_path / "fp16" / "model.onnx"))).graph.value_info}
     assert all(info.get(n) == onnx.TensorProto.FLOAT for n in ln_inputs | softmax_inputs if n in info)
-    assert manifest["outputs"][0]["dtype"] == "float32" and manifest["inputs"][3]["dtype"] == "float16"
+    assert manifest["outputs"][0]["dtype"] == "float32" and manifest["inputs"][4]["dtype"] == "float16"
     assert manifest["validation"]["max_abs_diff"] < 0.25
 
 

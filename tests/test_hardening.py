@@ -178,13 +178,13 @@ def _consistent(manifest: dict, **config) -> dict:
     cfg = {**manifest["config"], **config}
     head_dim = cfg["n_embd"] // cfg["n_head"]
     manifest["config"] = cfg
-    base_in, base_out = manifest["inputs"][:3], manifest["outputs"][:1]
+    base_in, base_out = manifest["inputs"][:4], manifest["outputs"][:1]  # ids, mask, positions, logits_index
     kv_in = [{"name": f"past_key_values.{i}.{kv}", "dtype": "float32",
               "shape": ["batch", cfg["n_head"], "past_sequence", head_dim]}
              for i in range(cfg["n_layer"]) for kv in ("key", "value")]
     kv_out = [{"name": f"present.{i}.{kv}", "dtype": "float32", "shape": ["batch", cfg["n_head"], "sequence", head_dim]}
               for i in range(cfg["n_layer"]) for kv in ("key", "value")]
-    base_out[0] = {**base_out[0], "shape": ["batch", cfg["vocab_size"]]}
+    base_out[0] = {**base_out[0], "shape": ["batch", "logits_count", cfg["vocab_size"]]}
     manifest["inputs"], manifest["outputs"] = base_in + kv_in, base_out + kv_out
     return manifest
 
@@ -208,7 +208,7 @@ def test_manifest_that_disagrees_with_the_graph(bad_export, sandbox, config, nee
 def test_kv_dtype_that_disagrees_with_the_graph(bad_export, sandbox):
     manifest = json.loads((bad_export / "manifest.json").read_text())
     manifest["dtype"] = "float16"
-    for spec in manifest["inputs"][3:] + manifest["outputs"][1:]:
+    for spec in manifest["inputs"][4:] + manifest["outputs"][1:]:
         spec["dtype"] = "float16"
     (bad_export / "manifest.json").write_text(json.dumps(manifest))
     assert_one_line_error(runner.invoke(app, ["generate", str(bad_export), "hi"]), "dtype")

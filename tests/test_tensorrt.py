@@ -154,18 +154,19 @@ def test_masked_dummy_past_matches_empty_past_on_onnxruntime(exports):
     directory = exports["fp32"]
     manifest = load_manifest(directory)
     sess = ort.InferenceSession(str(directory / manifest["model_file"]), providers=["CPUExecutionProvider"])
-    past_names = [i["name"] for i in manifest["inputs"]][3:]
+    past_names = [i["name"] for i in manifest["inputs"]][4:]
     outputs = [o["name"] for o in manifest["outputs"]]
+    last = {"logits_index": np.full((2, 1), 4, np.int64)}
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 50257, (2, 5)).astype(np.int64)
     mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], np.int64)  # second row left-padded
     pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
     empty = np.zeros((2, 2, 0, 16), np.float32)
-    ref = sess.run(outputs, {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+    ref = sess.run(outputs, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **last,
                              **{n: empty for n in past_names}})
     dummy = rng.standard_normal((2, 2, 1, 16)).astype(np.float32)  # garbage: must be ignored
     got = sess.run(outputs, {"input_ids": ids, "attention_mask": np.concatenate([np.zeros((2, 1), np.int64), mask], 1),
-                             "position_ids": pos, **{n: dummy for n in past_names}})
+                             "position_ids": pos, **last, **{n: dummy for n in past_names}})
     for r, g in zip(ref, got):
         np.testing.assert_allclose(g, r, atol=1e-5)
 
@@ -174,11 +175,11 @@ def test_masked_dummy_past_matches_empty_past_on_onnxruntime(exports):
     nxt = rng.integers(0, 50257, (2, 1)).astype(np.int64)
     dec_mask = np.concatenate([mask, np.zeros((2, 3), np.int64), np.ones((2, 1), np.int64)], 1)
     dec = sess.run(outputs, {"input_ids": nxt, "attention_mask": dec_mask, "position_ids": pos[:, -1:] + 1,
-                             **dict(zip(past_names, cache))})
+                             "logits_index": np.zeros((2, 1), np.int64), **dict(zip(past_names, cache))})
     full = sess.run(outputs, {"input_ids": np.concatenate([ids, nxt], 1),
                               "attention_mask": np.concatenate([mask, np.ones((2, 1), np.int64)], 1),
                               "position_ids": np.concatenate([pos, pos[:, -1:] + 1], 1),
-                              **{n: empty for n in past_names}})
+                              "logits_index": np.full((2, 1), 5, np.int64), **{n: empty for n in past_names}})
     np.testing.assert_allclose(dec[0], full[0], atol=1e-4)
 
 
@@ -348,7 +349,7 @@ class FakeContext:
         self.addresses[name] = address
 
     def get_tensor_shape(self, name):
-        return (self.shapes["input_ids"][0], self.fake.vocab)
+        return (self.shapes["input_ids"][0], self.shapes["logits_index"][1], self.fake.vocab)
 
     def view(self, name, shape):
         import ctypes
@@ -383,7 +384,7 @@ def fake_tensorrt(session, profiles):
         Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
         Runtime=lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: engine),
         session=session, profiles=profiles, dtypes=dtypes, inputs=inputs, outputs=outputs,
-        vocab=session.get_outputs()[0].shape[1], calls=[],  # (profile index, {input: shape}) per execute
+        vocab=session.get_outputs()[0].shape[-1], calls=[],  # (profile index, {input: shape}) per execute
     )
     return fake
 

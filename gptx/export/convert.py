@@ -42,8 +42,8 @@ from gptx.runtime.manifest import (
     record_files,
     save_manifest,
 )
-from gptx.runtime.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, input_names, output_names,
-                              past_names, present_names)
+from gptx.runtime.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_INDEX, POSITION_IDS, input_names,
+                                   output_names, past_names, present_names)
 from gptx.runtime.tokenizer import Tokenizer
 
 from gptx.export.kv_step import KVStep
@@ -65,8 +65,9 @@ def io_spec(model: GPT, dtype: str) -> tuple[list[dict], list[dict]]:
         {"name": INPUT_IDS, "dtype": "int64", "shape": ["batch", "sequence"]},
         {"name": ATTENTION_MASK, "dtype": "int64", "shape": ["batch", "past_sequence + sequence"]},
         {"name": POSITION_IDS, "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": LOGITS_INDEX, "dtype": "int64", "shape": ["batch", "logits_count"]},
     ]
-    outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", cfg.vocab_size]}]
+    outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", "logits_count", cfg.vocab_size]}]
     kv_dtype = DTYPES[dtype]
     for name in past_names(cfg.n_layer):
         inputs.append({"name": name, "dtype": kv_dtype, "shape": kv_shape})
@@ -80,7 +81,8 @@ def dynamic_axes(n_layer: int) -> dict:
         INPUT_IDS: {0: "batch", 1: "sequence"},
         ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
         POSITION_IDS: {0: "batch", 1: "sequence"},
-        LOGITS: {0: "batch"},
+        LOGITS_INDEX: {0: "batch", 1: "logits_count"},
+        LOGITS: {0: "batch", 1: "logits_count"},
     }
     for name in past_names(n_layer):
         axes[name] = {0: "batch", 2: "past_sequence"}
@@ -206,7 +208,7 @@ def build_manifest(model: GPT, source: str, dtype: str, opset: int, tokenizer: T
             "note": "present.* hold only the new tokens' keys/values; the runtime writes them into a "
                     "preallocated cache in place, and attention_mask[:, :past] marks filled cache slots",
         },
-        "logits": "last_position_only",
+        "logits": "positions_in_logits_index",
         "tokenizer": {
             "file": TOKENIZER_FILE, "type": "tiktoken-bpe", "vocab_size": tokenizer.vocab_size,
             "eot_token": tokenizer.eot_token,

@@ -2,8 +2,10 @@
 
 The same graph serves prefill (past length 0) and decode. Its contract:
   inputs   input_ids [B, T] int64, attention_mask [B, P + T] int64, position_ids [B, T] int64,
+           logits_index [B, K] int64 (which of the T new positions get logits, per row),
            past_key_values.{i}.key / .value [B, n_head, P, head_dim]
-  outputs  logits [B, vocab] float32 (last position only: prefill does not pay for logits nobody reads),
+  outputs  logits [B, K, vocab] float32: only the positions asked for (a step asks for its last one, K = 1, so
+           prefill does not pay for logits nobody reads; scoring a prompt asks for all of them),
            present.{i}.key / .value [B, n_head, T, head_dim]: the keys/values of the *new* tokens only.
 
 Returning only the new keys/values (rather than concat(past, new)) is what lets the runtime keep a
@@ -90,13 +92,17 @@ class KVStep(nn.Module):
     def half(self) -> bool:
         return self.compute_dtype == torch.float16
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
+    def forward(self, input_ids, attention_mask, position_ids, logits_index, *past):
         past_len, new_len = past[0].shape[2], input_ids.shape[1]
         bias = attention_bias(attention_allowed(attention_mask, past_len, new_len))
         x, presents = self.gpt.body(input_ids, position_ids, bias, list(zip(past[0::2], past[1::2])))
         head = self.gpt.lm_head
-        last = cast_to(self.gpt.transformer.ln_f(x[:, -1, :]), head.weight.dtype)
-        logits = cast_to(head(last), torch.float32)
+        batch, count = logits_index.shape
+        # the asked-for positions (a Tile, not expand: the exporter turns expand into a Where); ln_f and the head
+        # then run on [B * K, n_embd], 2-D as the tied head's Gemm (convert.py) needs
+        picked = torch.gather(x, 1, logits_index.unsqueeze(-1).repeat(1, 1, x.shape[-1])).reshape(-1, x.shape[-1])
+        hidden = cast_to(self.gpt.transformer.ln_f(picked), head.weight.dtype)
+        logits = cast_to(head(hidden), torch.float32).reshape(batch, count, head.weight.shape[0])
         return (logits, *(t for kv in presents for t in kv))
 
     def example_inputs(self, batch: int = 2, new_len: int = 3, past_len: int = 4):
@@ -106,6 +112,7 @@ class KVStep(nn.Module):
         ids = torch.randint(0, cfg.vocab_size, (batch, new_len), device=device)
         mask = torch.ones(batch, past_len + new_len, dtype=torch.long, device=device)
         pos = torch.arange(past_len, past_len + new_len, device=device).expand(batch, -1).contiguous()
+        index = torch.full((batch, 1), new_len - 1, dtype=torch.long, device=device)
         shape = (batch, cfg.n_head, past_len, cfg.head_dim)
         past = [torch.zeros(shape, dtype=self.compute_dtype, device=device) for _ in range(2 * cfg.n_layer)]
-        return (ids, mask, pos, *past)
+        return (ids, mask, pos, index, *past)

@@ -23,7 +23,7 @@ import numpy as np
 
 from gptx.runtime.errors import GptxError, InvalidInput
 from gptx.runtime.files import atomic_path
-from gptx.runtime.io_names import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names, present_names
+from gptx.runtime.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS_INDEX, POSITION_IDS, past_names, present_names
 from gptx.runtime.manifest import IN_PLACE, QUANT_SCHEMES, load_manifest, record_files, save_manifest
 
 from gptx.export.convert import WTE, find_tied_head
@@ -159,8 +159,10 @@ def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
 
     The graph then follows the `in_place` cache contract (gptx/runtime/manifest.py): `present.i.*` are the past
     buffers themselves (the runtime binds both names to one array), each row's tokens are a prefix of its
-    slots (`attention_mask` is 1 on them, and prefill pads on the right), and row b's logits come from its last
-    real position. seqlens_k / total_sequence_length are derived once from the mask. Measured on GPT-2 int4
+    slots (`attention_mask` is 1 on them, and prefill pads on the right), and row b's logits come from the
+    positions `logits_index` names (the runtime asks for each row's last real one: gptx.runtime.backends.base.
+    last_positions); a graph without that input (older exports) gathers its last real position itself.
+    seqlens_k / total_sequence_length are derived once from the mask. Measured on GPT-2 int4
     (docs/benchmarks.md): 238 of 350 nodes go, and attention reads only each row's filled slots.
     `scale` is the score scale GroupQueryAttention applies (1.0 when fewer_ops folded it into the query).
     Returns what was done; [] (graph untouched) when the graph is not the one this pass knows.
@@ -178,9 +180,10 @@ def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
         if split is None or c_proj is None or producer.get(presents[2 * i]) is None:
             return []
         layers.append((split.input[0], c_proj.input[0]))
+    selects = any(i.name == LOGITS_INDEX for i in g.input)
     last = next((n for n in g.node if n.op_type == "Gather" and n.output[0] in
                  {i for m in g.node if m.name == "/ln_f/LayerNormalization" for i in m.input}), None)
-    if last is None:
+    if last is None and not selects:
         return []
     # rows are prefixes: row b holds sum(mask[b]) tokens, the new one(s) included
     g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "gqa/one"),
@@ -191,6 +194,8 @@ def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
         helper.make_node("ReduceSum", ["gqa/mask32", "gqa/axis1"], ["gqa/lengths"], keepdims=0, name="gqa/Lengths"),
         helper.make_node("Sub", ["gqa/lengths", "gqa/one32"], ["gqa/seqlens_k"], name="gqa/SeqlensK"),
         helper.make_node("ReduceMax", ["gqa/lengths"], ["gqa/total"], keepdims=0, name="gqa/Total"),
+    ]
+    last_real = [
         # logits position of row b: its last real token (prefill, right-padded) or 0 (decode, one new token)
         helper.make_node("Shape", [INPUT_IDS], ["gqa/ids_shape"], name="gqa/IdsShape"),
         helper.make_node("Gather", ["gqa/ids_shape", "gqa/axis1"], ["gqa/new_len"], axis=0, name="gqa/NewLen"),
@@ -208,11 +213,13 @@ def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
     for n in list(g.node):
         if set(n.output) & replaced:
             g.node.remove(n)
-    gather = helper.make_node("GatherND", [last.input[0], "gqa/last_index2"], list(last.output), batch_dims=1,
-                              name="/GatherLastReal")
-    position = list(g.node).index(last)
-    g.node.remove(last)
-    g.node.insert(position, gather)
+    if not selects:
+        gather = helper.make_node("GatherND", [last.input[0], "gqa/last_index2"], list(last.output), batch_dims=1,
+                                  name="/GatherLastReal")
+        position = list(g.node).index(last)
+        g.node.remove(last)
+        g.node.insert(position, gather)
+        prelude += last_real
     for n in reversed(prelude):
         g.node.insert(0, n)
     for i, node in enumerate(attention):
@@ -439,8 +446,8 @@ def rescore_head(model, logits: str, k: int) -> int:
     Why (our own edit, not an ONNX Runtime pass): the head is the largest matrix, and at 4 bits alone its argmax
     leaves fp32's too often (~91% top-1), so presets kept it at 8 bits, 15 MB more read per token than 4 bits on
     GPT-2. Re-scored, every logit that greedy or top-k/top-p sampling looks at is exact unless the true best token
-    falls outside the 4-bit top K; the graph's logits are for the last position only, so this costs K rows per
-    sequence, not per prompt token (docs/quantization.md). Call it before
+    falls outside the 4-bit top K; the graph computes logits only for the positions logits_index asks for (the
+    last one, except when a prompt is scored), so this costs K rows per sequence, not per prompt token (docs/quantization.md). Call it before
     split_lm_head, on the one MatMulNBits that computes `logits`. Returns K, or 0 when no MatMulNBits computes
     `logits` or the fp32 table is gone."""
     from onnx import helper, numpy_helper

@@ -90,18 +90,21 @@ def profiles_from_manifest(manifest: dict, max_batch: int, max_seq: int, opt_bat
 
     Returns [{"name": "prefill", "index": 0, "shapes": {input: {"min": [...], "opt": [...], "max": [...]}}},
              {"name": "decode", "index": 1, ...}] (plain lists: stored as is in the manifest).
-    Shapes come from the manifest's `inputs` (io_spec), whose symbolic dims are batch, sequence and
-    past_sequence.
+    Shapes come from the manifest's `inputs` (io_spec), whose symbolic dims are batch, sequence,
+    past_sequence and logits_count (the positions logits_index asks logits for: one at decode, up to every
+    prompt token at prefill, when a prompt is scored).
     """
     opt_seq = check_build_args(manifest, max_batch, max_seq, opt_batch, opt_seq)
     batch = {"min": 1, "opt": opt_batch, "max": max_batch}
     ranges = {
         # T new tokens, P past slots (1: the masked dummy slot; TensorRT has no 0-length profile dims)
         PREFILL: {"sequence": {"min": 1, "opt": opt_seq, "max": max_seq},
-                  "past_sequence": {"min": 1, "opt": 1, "max": 1}},
+                  "past_sequence": {"min": 1, "opt": 1, "max": 1},
+                  "logits_count": {"min": 1, "opt": 1, "max": max_seq}},
         # one new token over the whole preallocated cache (capacity 1..max_seq)
         DECODE: {"sequence": {"min": 1, "opt": 1, "max": 1},
-                 "past_sequence": {"min": 1, "opt": opt_seq, "max": max_seq}},
+                 "past_sequence": {"min": 1, "opt": opt_seq, "max": max_seq},
+                 "logits_count": {"min": 1, "opt": 1, "max": 1}},
     }
     profiles = []
     for index, name in enumerate(PROFILE_ORDER):

@@ -9,6 +9,10 @@ from __future__ import annotations
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
+# which of this call's new positions get logits, per row ([batch, logits_count] int64): the last one for a normal
+# step, every prompt position when a prompt is scored (echo, prompt logprobs). Exports made before it existed
+# return the last position's logits only and lack this input.
+LOGITS_INDEX = "logits_index"
 LOGITS = "logits"
 
 
@@ -22,8 +26,9 @@ def present_names(n_layer: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
-def input_names(n_layer: int) -> list[str]:
-    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(n_layer)]
+def input_names(n_layer: int, logits_index: bool = True) -> list[str]:
+    """The graph's inputs; `logits_index=False` gives those of exports that predate LOGITS_INDEX."""
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *([LOGITS_INDEX] if logits_index else []), *past_names(n_layer)]
 
 
 def output_names(n_layer: int) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import ManifestError
 from .files import atomic_write, resolve_inside, sha256_file
-from .io_names import input_names, output_names, past_names, present_names
+from .io_names import LOGITS_INDEX, input_names, output_names, past_names, present_names
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "gptx-onnx"
@@ -155,6 +155,12 @@ def writes_cache_in_place(manifest: dict) -> bool:
     return (manifest.get("kv_cache") or {}).get("present") == IN_PLACE
 
 
+def selects_logits(manifest: dict) -> bool:
+    """True when the graph takes LOGITS_INDEX, so it can return the logits of any of a call's positions (what
+    echo and prompt logprobs need); older exports return the last position's only."""
+    return any(spec.get("name") == LOGITS_INDEX for spec in manifest.get("inputs") or [])
+
+
 def kv_names(manifest: dict) -> tuple[list[str], list[str]]:
     """Past input names and present output names, layer by layer, key before value."""
     n_layer = manifest["config"]["n_layer"]
@@ -188,7 +194,8 @@ def check_consistency(m: Manifest, where: str) -> None:
         for i, spec in enumerate(specs):
             if spec.dtype not in NUMPY_DTYPES:
                 raise ManifestError(f"{where}: '{key}[{i}].dtype' must be one of {', '.join(NUMPY_DTYPES)}")
-    expected = {"inputs": input_names(cfg.n_layer), "outputs": output_names(cfg.n_layer)}
+    selects = any(spec.name == LOGITS_INDEX for spec in m.inputs)
+    expected = {"inputs": input_names(cfg.n_layer, selects), "outputs": output_names(cfg.n_layer)}
     for key, specs in (("inputs", m.inputs), ("outputs", m.outputs)):
         names = [s.name for s in specs]
         if names != expected[key]:
@@ -198,11 +205,12 @@ def check_consistency(m: Manifest, where: str) -> None:
     if m.kv_cache.present not in KV_CONTRACTS:
         raise ManifestError(f"{where}: 'kv_cache.present' must be one of {', '.join(KV_CONTRACTS)}")
     head_dim = cfg.n_embd // cfg.n_head
-    for spec in (*m.inputs[3:], *m.outputs[1:]):
+    for spec in (*m.inputs[3 + selects:], *m.outputs[1:]):
         if len(spec.shape) != 4 or spec.shape[1] != cfg.n_head or spec.shape[3] != head_dim:
             raise ManifestError(f"{where}: {spec.name} has shape {spec.shape}, but 'config' gives n_head "
                                 f"{cfg.n_head} and head_dim {head_dim}")
-    if len(m.outputs[0].shape) != 2 or m.outputs[0].shape[1] != cfg.vocab_size:
+    # logits [batch, logits_count, vocab] with LOGITS_INDEX; [batch, vocab] (last position) in older exports
+    if len(m.outputs[0].shape) != 2 + selects or m.outputs[0].shape[-1] != cfg.vocab_size:
         raise ManifestError(f"{where}: logits have shape {m.outputs[0].shape}, but 'config.vocab_size' is "
                             f"{cfg.vocab_size}")
     tok = m.tokenizer

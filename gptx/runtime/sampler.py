@@ -20,6 +20,10 @@ import numpy as np
 
 from .errors import GenerationError, InvalidInput
 
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy: dividing by them would overflow float32 logits
+LOGIT_BOUND = 1e30  # penalties never move a finite logit past this: logits / temperature and their differences
+                    # stay finite for every temperature >= GREEDY_BELOW
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask logprobs for (OpenAI's chat limit)
 TOP_P_CANDIDATES = 64  # top-p first looks at the 64 most likely tokens; the whole row only if they hold < p
 CUMSUM_BLOCK = 256  # weights per first-level sum in cumsum_search: about 200 blocks over GPT-2's vocabulary
 
@@ -33,7 +37,8 @@ def _is_real(x) -> bool:
 
 
 def validate_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, max_new_tokens=None,
-                      seed=None):
+                      seed=None, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=(), min_tokens=0,
+                      logprobs=None):
     """One place for the rules, shared by the runtime, the PyTorch reference and the CLI (InvalidInput)."""
     if not _is_real(temperature) or not np.isfinite(temperature) or temperature < 0:
         raise InvalidInput(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
@@ -47,22 +52,60 @@ def validate_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalt
         raise InvalidInput(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise InvalidInput(f"seed must be an integer >= 0 (or None for fresh entropy), got {seed!r}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not _is_real(value) or not -2 <= value <= 2:
+            raise InvalidInput(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
+    for token, bias in logit_bias:
+        if not _is_int(token) or token < 0:
+            raise InvalidInput(f"logit_bias keys must be token ids >= 0, got {token!r}")
+        if not _is_real(bias) or not -100 <= bias <= 100:
+            raise InvalidInput(f"logit_bias values must be numbers in [-100, 100], got {bias!r}")
+    if not _is_int(min_tokens) or min_tokens < 0:
+        raise InvalidInput(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
+    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise InvalidInput(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (or None for none), got {logprobs!r}")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one row picks its tokens. The penalties follow OpenAI's definitions: presence_penalty is subtracted
+    once from every token generated so far, frequency_penalty once per time it was generated; logit_bias
+    ({token id: -100..100}, stored as sorted pairs) is added; until `min_tokens` tokens are out, EOS cannot be
+    drawn. repetition_penalty (CTRL) covers the prompt too. `logprobs`: how many alternatives each token's
+    logprob comes with (None: no logprobs; 0: the chosen token's only)."""
+
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self):
-        validate_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, seed=self.seed)
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias or ()
+        object.__setattr__(self, "logit_bias", tuple(sorted((k, v) for k, v in bias)))
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, seed=self.seed,
+                          presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                          logit_bias=self.logit_bias, min_tokens=self.min_tokens, logprobs=self.logprobs)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether drawing needs the row's generated-token counts (presence / frequency penalty)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any rule changes the logits before the draw (`process_row`)."""
+        return (self.repetition_penalty != 1.0 or self.counts_tokens or bool(self.logit_bias)
+                or self.min_tokens > 0)
 
     def rng(self) -> np.random.Generator:
         """A fresh generator for one row: `default_rng(seed)`, or fresh entropy when seed is None."""
@@ -71,11 +114,73 @@ class SamplingParams:
 
 # ---------------------------------------------------------------------------------------------- the rules
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
-    """CTRL-style: seen tokens' positive logits are divided by the penalty, negative ones multiplied."""
+    """CTRL-style: seen tokens' positive logits are divided by the penalty, negative ones multiplied; finite
+    logits stay within +-LOGIT_BOUND (a penalty of 1e-300 would overflow them to inf)."""
     if penalty == 1.0:
         return logits
-    penalised = np.where(logits > 0, logits / penalty, logits * penalty)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # float32: 1e-300 is 0, 1e300 is inf
+        penalised = np.where(logits > 0, logits / penalty, logits * penalty)
+    penalised = np.where(np.isfinite(logits), np.clip(penalised, -LOGIT_BOUND, LOGIT_BOUND), logits)
     return np.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(logits: np.ndarray, counts: np.ndarray, presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's penalties: logit[j] -= counts[j] * frequency + (counts[j] > 0) * presence, counts over the tokens
+    generated so far."""
+    return logits - counts * np.float32(frequency) - (counts > 0) * np.float32(presence)
+
+
+def process_row(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None,
+                counts: np.ndarray | None = None, generated: int = 0, eos_token_id: int | None = None) -> np.ndarray:
+    """The logits one row draws from (a new array; `logits` itself when no rule applies), before temperature:
+    repetition penalty (`seen`: prompt and generated tokens), presence / frequency penalty (`counts`: generated
+    tokens), logit_bias, and EOS held back while fewer than min_tokens tokens were `generated`."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if counts is not None and params.counts_tokens:
+        logits = apply_presence_frequency(logits, counts, params.presence_penalty, params.frequency_penalty)
+    if params.logit_bias:
+        ids = np.array([k for k, _ in params.logit_bias], dtype=np.int64)
+        inside = ids < len(logits)
+        logits = logits.copy()
+        logits[ids[inside]] += np.array([v for _, v in params.logit_bias], dtype=np.float32)[inside]
+    if eos_token_id is not None and generated < params.min_tokens:
+        logits = logits.copy()
+        logits[eos_token_id] = -np.inf
+    return logits
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities, in float64 (so that logprobs near 0 keep their digits)."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = np.max(x, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # an all -inf row gives NaN, as the model's own would
+        shifted = x - top
+        return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's logprob and the `top` most likely alternatives (id, logprob), best first."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: np.ndarray, tokens: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+    """Logprobs of `tokens[i]` under the distribution `logits[i]` (N, V), each with its `top` best alternatives
+    (ties in id order). The caller passes the logits the sampler drew from, before temperature (see
+    `process_row`), or a prompt's raw logits."""
+    logp = log_softmax(logits)
+    out = []
+    for row, token in zip(logp, tokens):
+        best = ()
+        if top:
+            ids = np.argpartition(-row, top - 1)[:top] if top < len(row) else np.arange(len(row))
+            ids = ids[np.lexsort((ids, -row[ids]))]
+            best = tuple((int(i), float(row[i])) for i in ids)
+        out.append(TokenLogprob(int(token), float(row[token]), best))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- per row
@@ -164,18 +269,31 @@ def sample_row(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
     return int(ids[pick]) if ids is not None else pick
 
 
+def process(logits: np.ndarray, params: Sequence[SamplingParams], seen=None, counts=None, generated=None,
+            eos_token_id: int | None = None) -> np.ndarray:
+    """(B, V) float32 -> the logits each row draws from (`process_row` per row, with seen[r], counts[r],
+    generated[r] where given); `logits` itself when no row has a rule to apply."""
+    logits = np.asarray(logits, dtype=np.float32)
+    rows = [r for r, p in enumerate(params) if p.processes_logits]
+    if not rows:
+        return logits
+    logits = logits.copy()
+    for r in rows:
+        logits[r] = process_row(logits[r], params[r], None if seen is None else seen[r],
+                                None if counts is None else counts[r], 0 if generated is None else generated[r],
+                                eos_token_id)
+    return logits
+
+
 def sample(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator],
-           seen: np.ndarray | Sequence[np.ndarray | None] | None = None) -> np.ndarray:
-    """Next id per row; row r uses only params[r], rngs[r] and seen[r]. Rows whose logits are not finite get -1.
+           seen: np.ndarray | Sequence[np.ndarray | None] | None = None, counts=None, generated=None,
+           eos_token_id: int | None = None) -> np.ndarray:
+    """Next id per row; row r uses only params[r], rngs[r] and its history (seen[r], counts[r], generated[r]:
+    see `process`). Rows whose logits are not finite get -1. Callers that also want logprobs `process` first
+    and pass the processed logits without a history.
 
     Greedy rows share one argmax; the others draw one by one (a batch holds at most a few dozen rows)."""
-    logits = np.asarray(logits, dtype=np.float32)
-    if seen is not None:
-        penalised = [r for r, p in enumerate(params) if p.repetition_penalty != 1.0 and seen[r] is not None]
-        if penalised:
-            logits = logits.copy()
-            for r in penalised:
-                logits[r] = apply_repetition_penalty(logits[r], seen[r], params[r].repetition_penalty)
+    logits = process(logits, params, seen, counts, generated, eos_token_id)
     ids = np.empty(len(logits), dtype=np.int64)
     greedy = [r for r, p in enumerate(params) if p.greedy]
     if len(greedy) == len(params):

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, ClassVar, Sequence, Union
 
 import numpy as np
 
+from ..errors import GptxError
+
 if TYPE_CHECKING:
     import torch
 
@@ -30,6 +32,22 @@ class Capabilities:
                                # gets `min_past` masked dummy slots (added by kv_cache.py, nowhere else)
     writes_cache: bool = False # the graph writes the new keys/values into the past buffers itself (the
                                # manifest's `in_place` contract): `run` returns no presents, rows are prefixes
+    any_logits: bool = False   # `run` takes logits_index: logits of any positions (echo, prompt logprobs);
+                               # exports that predate it give the last position's only
+
+
+def last_positions(attention_mask: np.ndarray, new_len: int, writes_cache: bool) -> np.ndarray:
+    """[B, 1] logits_index of each row's last real new position: the last column (prompts are left-padded, or
+    one new token), or, for in-place graphs' right-padded prefill, the row's length - 1."""
+    rows = len(attention_mask)
+    if new_len == 1 or not writes_cache:
+        return np.full((rows, 1), new_len - 1, dtype=np.int64)
+    return np.minimum(attention_mask.sum(axis=1) - 1, new_len - 1).astype(np.int64).reshape(rows, 1)
+
+
+def old_export_error(directory) -> GptxError:
+    return GptxError(f"{directory} returns the last position's logits only (exported before logits_index): "
+                     "re-export it with this gptx to use echo or prompt logprobs")
 
 
 class Backend(ABC):
@@ -56,10 +74,12 @@ class Backend(ABC):
 
     @abstractmethod
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: Sequence[Array]) -> tuple[np.ndarray, list[Array]]:
-        """One graph call, nothing else: (B, V) float32 numpy logits of the last position, and the presents
-        (the new tokens' keys/values, [B, n_head, T, head_dim], native arrays). Never writes the cache, except
-        where `capabilities.writes_cache`: then the graph itself writes into `past` and presents is []."""
+            past: Sequence[Array], logits_index: np.ndarray | None = None) -> tuple[np.ndarray, list[Array]]:
+        """One graph call, nothing else: float32 numpy logits and the presents (the new tokens' keys/values,
+        [B, n_head, T, head_dim], native arrays). Logits are (B, V) for each row's last real position when
+        `logits_index` is None, else (B, K, V) for the positions it names ([B, K] indices into the T new
+        positions; needs `capabilities.any_logits`). Never writes the cache, except where
+        `capabilities.writes_cache`: then the graph itself writes into `past` and presents is []."""
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"

@@ -14,9 +14,9 @@ import numpy as np
 
 from ..errors import GptxError, InvalidInput
 from ..page_cache import advise_random_access, drop_cached_pages
-from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from ..manifest import check_graph, kv_names, writes_cache_in_place
-from .base import Backend, Capabilities
+from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_INDEX, POSITION_IDS
+from ..manifest import check_graph, kv_names, selects_logits, writes_cache_in_place
+from .base import Backend, Capabilities, last_positions, old_export_error
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -88,7 +88,8 @@ class OnnxRuntimeBackend(Backend):
         check_graph(manifest, self.session, str(model_path))
         if device == "cpu" and manifest.get("weights_file"):  # from here on it reads rows by token id
             advise_random_access(Path(directory) / manifest["weights_file"])
-        self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, writes_cache=in_place)
+        self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, writes_cache=in_place,
+                                         any_logits=selects_logits(manifest))
         self.past_names, self.present_names = kv_names(manifest)
         self.kv_dtype = DTYPES[next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0])]
         self.output_names = [LOGITS, *self.present_names]
@@ -101,14 +102,21 @@ class OnnxRuntimeBackend(Backend):
         shape = (rows, self.n_head, window, self.head_dim)
         return [mapped_zeros(shape, self.kv_dtype) for _ in self.past_names]
 
-    def run(self, input_ids, attention_mask, position_ids, past):
+    def run(self, input_ids, attention_mask, position_ids, past, logits_index=None):
+        small = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
+        if self.capabilities.any_logits:
+            small[LOGITS_INDEX] = last_positions(attention_mask, input_ids.shape[1], self.in_place is not None) \
+                if logits_index is None else logits_index
+        elif logits_index is not None:
+            raise old_export_error(self.directory)
         if self.cuda:
-            return self.cuda.run(input_ids, attention_mask, position_ids, past)
-        if self.in_place:
-            return self.in_place.run(input_ids, attention_mask, position_ids, past), []
-        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
-        feeds.update(zip(self.past_names, past))
-        logits, *presents = self.session.run(self.output_names, feeds)
+            logits, presents = self.cuda.run(small, past)
+        elif self.in_place:
+            logits, presents = self.in_place.run(small, past), []
+        else:
+            logits, *presents = self.session.run(self.output_names, {**small, **dict(zip(self.past_names, past))})
+        if logits_index is None and logits.ndim == 3:  # one position per row
+            logits = logits[:, 0]
         return logits, presents
 
 
@@ -124,17 +132,17 @@ class InPlaceBinding:
     def __init__(self, backend: OnnxRuntimeBackend):
         self.backend = backend
         self.io = backend.session.io_binding()
-        self.vocab = backend.manifest["outputs"][0]["shape"][1]
+        self.vocab = backend.manifest["outputs"][0]["shape"][-1]
         self.bound = None  # the `past` list the buffers are bound for (held, so its id is never reused)
         self.logits = np.empty((0, self.vocab), np.float32)
 
-    def _bind(self, past, batch: int) -> None:
+    def _bind(self, past, logits_shape: tuple[int, ...]) -> None:
         b, io = self.backend, self.io
         for buf in past:
             if not buf.flags.c_contiguous:
                 raise GptxError("in-place attention needs contiguous cache rows")  # a bug in kv_cache.py
         io.clear_binding_outputs()
-        self.logits = np.empty((batch, self.vocab), np.float32)
+        self.logits = np.empty(logits_shape, np.float32)
         io.bind_output(LOGITS, "cpu", 0, np.float32, self.logits.shape, self.logits.ctypes.data)
         for past_name, present_name, buf in zip(b.past_names, b.present_names, past):
             ptr = buf.ctypes.data
@@ -142,11 +150,14 @@ class InPlaceBinding:
             io.bind_output(present_name, "cpu", 0, buf.dtype, buf.shape, ptr)
         self.bound = past
 
-    def run(self, input_ids, attention_mask, position_ids, past) -> np.ndarray:
-        if past is not self.bound or len(self.logits) != len(input_ids):
-            self._bind(past, len(input_ids))
-        small = [np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids)]
-        for name, array in zip((INPUT_IDS, ATTENTION_MASK, POSITION_IDS), small):
+    def run(self, small: dict[str, np.ndarray], past) -> np.ndarray:
+        """`small`: the inputs other than the cache, by name."""
+        batch = len(small[INPUT_IDS])
+        shape = (batch, small[LOGITS_INDEX].shape[1], self.vocab) if LOGITS_INDEX in small else (batch, self.vocab)
+        if past is not self.bound or self.logits.shape != shape:
+            self._bind(past, shape)
+        small = {name: np.ascontiguousarray(a, dtype=np.int64) for name, a in small.items()}
+        for name, array in small.items():
             self.io.bind_cpu_input(name, array)  # bound by address: `small` keeps them alive through the run
         self.backend.session.run_with_iobinding(self.io)
         return self.logits.copy()  # the next step overwrites the bound buffer
@@ -187,18 +198,20 @@ class CudaBinding:
         else:
             io.bind_input(name, "cuda", 0, np_dtype, tuple(tensor.shape), ptr)
 
-    def run(self, input_ids, attention_mask, position_ids, past):
+    def run(self, small: dict[str, np.ndarray], past):
+        """`small`: the inputs other than the cache, by name (they go up to the device each step)."""
         torch, b = self.torch, self.backend
         # the cache writes of the previous step were queued on torch's stream; ORT runs on its own
         torch.cuda.current_stream().synchronize()
         io = b.session.io_binding()
-        io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids))
-        io.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(attention_mask))
-        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids))
-        batch, new = input_ids.shape
+        for name, array in small.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+        batch, new = small[INPUT_IDS].shape
         for name, buf in zip(b.past_names, past):
             self.bind(io, name, buf)
-        logits = torch.empty((batch, b.manifest["config"]["vocab_size"]), dtype=torch.float32, device="cuda")
+        vocab = b.manifest["config"]["vocab_size"]
+        shape = (batch, small[LOGITS_INDEX].shape[1], vocab) if LOGITS_INDEX in small else (batch, vocab)
+        logits = torch.empty(shape, dtype=torch.float32, device="cuda")
         presents = [torch.empty((batch, b.n_head, new, b.head_dim), dtype=self.dtype, device="cuda")
                     for _ in b.present_names]
         self.bind(io, LOGITS, logits, output=True)

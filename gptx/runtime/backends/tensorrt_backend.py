@@ -5,7 +5,7 @@ Same contract as the ONNX Runtime backend (the graph is the same ONNX file), wit
     feeds `buf[:active]` (contiguous) as the past and copies the presents into each row's slot on the device;
   * present.* (the new tokens' keys/values) are written by TensorRT into fresh device tensors (TensorRT
     outputs must be contiguous; a row's slot is not);
-  * only the logits ([B, vocab], fp32) come back to the host.
+  * only the logits ([B, K, vocab] for the positions in logits_index, fp32) come back to the host.
 
 Two execution contexts, one per optimization profile (see gptx/export/tensorrt_build.py):
   prefill (T >= 1, a 1-slot past): profiles cannot express a 0-length past, so the backend declares
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GptxError
-from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, input_names, output_names
-from ..manifest import kv_names
-from .base import Backend, Capabilities
+from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_INDEX, POSITION_IDS, input_names, output_names
+from ..manifest import kv_names, selects_logits
+from .base import Backend, Capabilities, last_positions, old_export_error
 
 INSTALL_HINT = "pip install 'gptx[tensorrt]' on a machine with an NVIDIA CUDA GPU"
 
@@ -132,7 +132,8 @@ class TensorRTBackend(Backend):
         io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in io if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in io if n not in inputs]
-        want_in = input_names(self.n_layer)
+        self.selects_logits = selects_logits(manifest)
+        want_in = input_names(self.n_layer, self.selects_logits)
         want_out = output_names(self.n_layer)
         if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
             raise GptxError(f"{path} does not have this export's inputs/outputs: run `gptx build {directory}` again")
@@ -144,7 +145,7 @@ class TensorRTBackend(Backend):
         if set(profiles) != {"prefill", "decode"} or max(profiles.values()) >= self.engine.num_optimization_profiles:
             raise GptxError(f"{path} lacks the prefill/decode profiles gptx needs: run `gptx build {directory}` again")
         self.capabilities = Capabilities(max_batch=self.max_batch, max_seq=min(self.max_seq, self.block_size),
-                                         min_past=1)
+                                         min_past=1, any_logits=self.selects_logits)
         stream = torch.cuda.current_stream()
         self.contexts = {}
         for name, index in profiles.items():
@@ -177,7 +178,7 @@ class TensorRTBackend(Backend):
         shape = (rows, self.n_head, window, self.head_dim)
         return [self.torch.zeros(shape, dtype=self.kv_dtype, device="cuda") for _ in self.past_names]
 
-    def run(self, input_ids, attention_mask, position_ids, past):
+    def run(self, input_ids, attention_mask, position_ids, past, logits_index=None):
         """Prefill profile for several tokens onto the dummy past, decode profile for one token."""
         torch = self.torch
         batch, new_len = input_ids.shape
@@ -191,6 +192,11 @@ class TensorRTBackend(Backend):
             POSITION_IDS: self._to_device(position_ids, POSITION_IDS),
             **dict(zip(self.past_names, past)),
         }
+        if self.selects_logits:
+            index = last_positions(attention_mask, new_len, False) if logits_index is None else logits_index
+            feeds[LOGITS_INDEX] = self._to_device(index, LOGITS_INDEX)
+        elif logits_index is not None:
+            raise old_export_error(self.directory)
         for name, tensor in feeds.items():
             if not ctx.set_input_shape(name, tuple(tensor.shape)):
                 raise GptxError(f"input {name} of shape {tuple(tensor.shape)} is outside the engine's "
@@ -204,7 +210,8 @@ class TensorRTBackend(Backend):
             ctx.set_tensor_address(name, tensor.data_ptr())
         if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise GptxError(f"TensorRT failed to run the {profile} step (see its messages above)")
-        return logits.float().cpu().numpy(), presents  # .cpu() waits for the stream
+        logits = logits.float().cpu().numpy()  # .cpu() waits for the stream
+        return (logits[:, 0] if self.selects_logits and logits_index is None else logits), presents
 
     def describe(self) -> str:
         return f"tensorrt on cuda ({self.entry.get('precision')}, {self.gpu_name})"
