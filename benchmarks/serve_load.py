@@ -282,6 +282,9 @@ async def short_streams(http, server: Server, shorts: list[list[int]], seconds: 
     return [r for rs in await asyncio.gather(*(client(k) for k in range(len(shorts)))) for r in rs]
 
 
+IDLE_LONG = 3  # long prompts timed on the idle server
+
+
 async def mixed(server: Server, a, shorts: list[list[int]], longs: list[list[int]], stagger: float) -> dict:
     """Short streams alone, then beside a long prompt every a.long_every seconds; then long prompts on the idle
     server. Every long prompt is distinct (no prefix of one is cached for another)."""
@@ -291,7 +294,7 @@ async def mixed(server: Server, a, shorts: list[list[int]], longs: list[list[int
 
         async def long_sender():
             await asyncio.sleep(stagger + a.long_every / 2)  # once every stream runs
-            for prompt in longs[1:]:
+            for prompt in longs[IDLE_LONG:]:
                 sent.append(asyncio.create_task(one_request(http, server, prompt, a.long_new_tokens)))
                 await asyncio.sleep(a.long_every)
 
@@ -300,7 +303,7 @@ async def mixed(server: Server, a, shorts: list[list[int]], longs: list[list[int
         sender.cancel()
         long_loaded = [await t for t in sent]
         idle = []
-        for prompt in longs[:1] + longs[-2:]:  # on the idle server (the last ones: not sent while loaded)
+        for prompt in longs[:IDLE_LONG]:  # on the idle server: prompts not sent before (none is cached)
             idle.append(await one_request(http, server, prompt, a.long_new_tokens))
     ttft = lambda rs: [(r["chunks"][0] - r["start"]) * 1e3 for r in rs if r["error"] is None]  # noqa: E731
     return {"alone": gap_stats(alone), "loaded": gap_stats(loaded),
@@ -444,6 +447,8 @@ def targets(server: dict, others: list[dict]) -> list[dict]:
                                   + (" and the other server's" if theirs else ""),
                         "measured": f"{by[clients]['tok_s']:.0f}" + "".join(f" vs {t:.0f}" for t in theirs),
                         "met": by[clients]["tok_s"] >= floor})
+    for t in out:
+        t["met"] = bool(t["met"])
     errors = sum(lv["errors"] for lv in server.get("levels", [])) + sum(
         len(x.get("errors", [])) if isinstance(x.get("errors"), list) else x.get("errors", 0)
         for x in (fair or {}, pre or {}))
@@ -629,7 +634,7 @@ def main(argv=None) -> int:
         return 0
     # prompts from separate parts of the text: no scenario's prompt starts like another's
     shorts = fixed_prompts(16, a.prompt_len, 0, 4)
-    longs = fixed_prompts(max(3, int(a.mixed_seconds / a.long_every) + 3), a.long_len, 1, 4)
+    longs = fixed_prompts(IDLE_LONG + int(a.mixed_seconds / a.long_every) + 1, a.long_len, 1, 4)
     systems = fixed_prompts(a.system_prompts, a.system_len, 2, 4)
     parts = fixed_prompts(3 * a.system_prompts + a.fair_prompts + 5, a.prompt_len, 3, 4)
     turns = [t[:16] for t in parts[:3 * a.system_prompts]]

@@ -61,10 +61,13 @@ class PrefixCache:
             found.append(block)
         return found
 
-    def store(self, tokens: Sequence[int], read: Callable[[int, int], np.ndarray]) -> None:
-        """Keep the full blocks of `tokens` not cached yet; `read(start, end)` gives their keys/values."""
+    def store(self, tokens: Sequence[int], read: Callable[[int, int], np.ndarray], first_block: int = 0) -> None:
+        """Keep the full blocks of `tokens` not cached yet, from block `first_block` on (the earlier ones were
+        offered before); `read(start, end)` gives their keys/values."""
         b = self.block_tokens
         for i, key in enumerate(self.keys(tokens, len(tokens))):
+            if i < first_block:
+                continue
             if key in self._blocks:
                 self._blocks.move_to_end(key)
                 continue

@@ -304,11 +304,11 @@ class Scheduler:
                 state = self._rows[r]
                 state.prefilled = e
                 self.prefilled_tokens += e - s
+                if self.prefixes is not None:  # the blocks this chunk completed: a few per step, not all at the end
+                    self.prefixes.store(state.request.prompt_ids[:e], lambda a, b, r=r: self.cache.read(r, a, b),
+                                        first_block=s // self.prefixes.block_tokens)
                 if e == len(state.request.prompt_ids):
                     done.append((r, logits[k:k + 1]))
-        if self.prefixes is not None:
-            for r, _ in done:
-                self.prefixes.store(self._rows[r].request.prompt_ids, lambda s, e, r=r: self.cache.read(r, s, e))
         # emit and retire together, after every chunk ran: retiring moves rows
         for r, e in failed:
             outputs.append(StepOutput(self._rows[r].request.id, None, "", True, "error", e))
