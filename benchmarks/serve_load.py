@@ -320,7 +320,8 @@ async def prefix(server: Server, a, systems: list[list[int]], turns: list[list[i
             cold = await one_request(http, server, system + turn[0], a.prefix_new_tokens)
             warm = await one_request(http, server, system + turn[1], a.prefix_new_tokens)
             busy = asyncio.Event()
-            blocker = asyncio.create_task(one_request(http, server, other, 4 * a.new_tokens, first=busy))
+            # long enough to still hold its row when the warm request's first token comes
+            blocker = asyncio.create_task(one_request(http, server, other, 64, first=busy))
             await asyncio.wait_for(busy.wait(), 120)
             warm_other = await one_request(http, server, system + turn[2], a.prefix_new_tokens)
             await blocker
