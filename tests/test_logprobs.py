@@ -196,3 +196,139 @@ def test_older_exports_still_generate_and_refuse_scoring_in_one_line(old_export,
     with pytest.raises(GptxError, match="re-export it") as caught:
         _score(old.backend, prompt)
     assert "\n" not in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------- the openai client
+@pytest.fixture(scope="module")
+def served(shakespeare_dir, tmp_path_factory):
+    """`gptx serve` of the bundled trained model (peaked logits: greedy never flips on rounding)."""
+    from server_process import ServerProcess
+
+    server = ServerProcess([shakespeare_dir, "--model-name", "bard"], tmp_path_factory.mktemp("serve") / "serve.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    import openai
+
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def bard():
+    from gptx.model.weights import load_any
+
+    return load_any("shakespeare").float().eval()
+
+
+def torch_logprobs(model, ids: list[int]) -> np.ndarray:
+    """log_softmax of the PyTorch model's logits at every position, float64: row p scores token p + 1."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0][0].double()
+    return torch.log_softmax(logits[:, :50257], -1).numpy()
+
+
+PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
+
+
+def test_echo_scores_the_prompt_as_the_torch_model_does(client, bard, shakespeare):
+    ids = shakespeare.tokenizer.encode(PROMPT)
+    out = client.completions.create(model="bard", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.text == PROMPT and "".join(lp.tokens) == PROMPT and out.usage.completion_tokens == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = torch_logprobs(bard, ids)
+    np.testing.assert_allclose(lp.token_logprobs[1:], [want[p, ids[p + 1]] for p in range(len(ids) - 1)], atol=1e-4)
+    for p, top in enumerate(lp.top_logprobs[1:]):
+        assert len(top) == 2 and max(top.values()) == pytest.approx(want[p].max(), abs=1e-4)
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(ids))]
+
+
+def test_generated_tokens_logprobs_with_alternatives(client, bard, shakespeare):
+    out = client.completions.create(model="bard", prompt=PROMPT, max_tokens=6, logprobs=3, temperature=0)
+    lp = out.choices[0].logprobs
+    prompt_ids = shakespeare.tokenizer.encode(PROMPT)
+    new_ids = [shakespeare.tokenizer.ranks()[t.encode()] for t in lp.tokens]  # ASCII here: a token's bytes
+    assert len(lp.tokens) == 6 and "".join(lp.tokens) == out.choices[0].text
+    want = torch_logprobs(bard, prompt_ids + new_ids)
+    n = len(prompt_ids)
+    np.testing.assert_allclose(lp.token_logprobs, [want[n - 1 + i, t] for i, t in enumerate(new_ids)], atol=1e-4)
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and top[token] == pytest.approx(logprob) and logprob == max(top.values())  # greedy
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(6)]  # offsets into the returned text
+
+    zero = client.completions.create(model="bard", prompt=PROMPT, max_tokens=6, logprobs=0, temperature=0)
+    assert zero.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs)
+    assert zero.choices[0].logprobs.top_logprobs == [None] * 6  # logprobs 0: the chosen tokens' only
+
+
+def test_n_samples_share_a_seed_reproducibly(client):
+    ask = dict(model="bard", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11)
+    first = client.completions.create(n=2, **ask)
+    again = client.completions.create(n=2, **ask)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.choices[0].text != first.choices[1].text
+    # sample j draws as a single request seeded seed + j
+    assert client.completions.create(n=1, **{**ask, "seed": 12}).choices[0].text == first.choices[1].text
+
+
+def test_best_of_returns_the_likeliest_sample(client):
+    ask = dict(model="bard", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5, logprobs=0)
+    every = client.completions.create(n=3, **ask)
+    best = client.completions.create(n=1, best_of=3, **ask)
+    totals = [sum(c.logprobs.token_logprobs) for c in every.choices]
+    assert len(best.choices) == 1
+    assert best.choices[0].text == every.choices[int(np.argmax(totals))].text
+
+
+def test_chat_top_logprobs(client):
+    out = client.chat.completions.create(model="bard", messages=[{"role": "user", "content": "Speak, friend"}],
+                                         max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 5
+    for entry in content:
+        values = [t.logprob for t in entry.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True) and entry.logprob == values[0]
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    assert out.choices[0].message.content == "".join(e.token for e in content).lstrip()
+
+
+def test_streamed_chunks_carry_their_tokens_logprobs(client):
+    whole = client.completions.create(model="bard", prompt=PROMPT, max_tokens=6, logprobs=1, temperature=0)
+    chunks = list(client.completions.create(model="bard", prompt=PROMPT, max_tokens=6, logprobs=1, temperature=0,
+                                            stream=True))
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(whole.choices[0].logprobs.token_logprobs)
+
+
+def test_logit_bias_and_tiny_temperature(client, shakespeare):
+    forced = shakespeare.tokenizer.encode(" night")
+    assert len(forced) == 1
+    out = client.completions.create(model="bard", prompt=PROMPT, max_tokens=3, temperature=0,
+                                    logit_bias={str(forced[0]): 100})
+    assert out.choices[0].text == " night" * 3
+    greedy = client.completions.create(model="bard", prompt=PROMPT, max_tokens=6, temperature=0)
+    tiny = client.completions.create(model="bard", prompt=PROMPT, max_tokens=6, temperature=1e-40)
+    assert tiny.choices[0].text == greedy.choices[0].text
+
+
+def test_an_older_export_refuses_echo_in_one_line(old_export, tmp_path):
+    import openai
+
+    from server_process import ServerProcess
+
+    server = ServerProcess([old_export, "--model-name", "old"], tmp_path / "serve.log")
+    try:
+        old = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="re-export the model") as caught:
+            old.completions.create(model="old", prompt="Hello", max_tokens=1, echo=True, logprobs=1)
+        assert "\n" not in caught.value.body["message"]
+        assert old.completions.create(model="old", prompt="Hello", max_tokens=2, logprobs=1).choices[0].logprobs
+    finally:
+        server.stop()

@@ -146,10 +146,10 @@ def test_errors_are_the_clients_exception_types(server):
         dict(prompt="x", max_tokens=127),                                # over --max-tokens-limit
         dict(prompt="x " * 200, max_tokens=5),                           # cannot fit the context (128)
         dict(prompt="x", max_tokens=100, extra_body={"top_k": -1}),
-        dict(prompt="x", n=2),
+        dict(prompt="x", n=2, best_of=1),                                # best_of below n
         dict(prompt=[50257]),                                            # not a vocabulary id
         dict(prompt="x", extra_body={"response_format": {"type": "json_object"}}),  # would change the output
-        dict(prompt="x", presence_penalty=0.5),                          # not implemented: only its "off" value
+        dict(prompt="x", presence_penalty=2.5),                          # outside OpenAI's [-2, 2]
     ]
     for kwargs in bad_requests:
         with pytest.raises(openai.BadRequestError) as caught:

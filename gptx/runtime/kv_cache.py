@@ -46,6 +46,13 @@ def first_window(slots: int, max_seq: int, writes_cache: bool, rows: int, n_laye
     return window_for(slots, max_seq)
 
 
+def _every(rows: int, width: int, every_position: bool) -> dict:
+    """backend.run's logits_index for every new position of each row, when asked (else the last one's only)."""
+    if not every_position:
+        return {}
+    return {"logits_index": np.broadcast_to(np.arange(width, dtype=np.int64), (rows, width))}
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) of shape (B, longest prompt); shorter prompts are padded on the left."""
     longest = max(len(p) for p in prompts)
@@ -105,8 +112,9 @@ class KVCache:
         return last
 
     # ------------------------------------------------------------------------------------------ steps
-    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """Run the prompts of (claimed, empty) `rows` in ONE left-padded graph call; (k, V) last-position logits.
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], every_position: bool = False):
+        """Run the prompts of (claimed, empty) `rows` in ONE left-padded graph call; (k, V) last-position logits,
+        or with `every_position` a list of (len_i, V) logits, one per prompt position (scoring a prompt).
 
         The past is empty, or `min_past` masked dummy slots where the backend cannot take an empty one
         (TensorRT); each row's real tokens' keys/values are then copied into its slots [0, len)."""
@@ -118,7 +126,7 @@ class KVCache:
             raise GptxError(f"a prompt of {lens.max()} tokens exceeds the context of {self.max_seq}")
         self._grow_to(int(lens.max()))
         if self.backend.capabilities.writes_cache:
-            return self._prefill_in_place(rows, prompts, lens, start)
+            return self._prefill_in_place(rows, prompts, lens, start, every_position)
         ids, mask = left_pad(prompts, self.pad_id)
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         k, width = ids.shape
@@ -126,7 +134,7 @@ class KVCache:
         past = self.backend.allocate(k, min_past)
         if min_past:
             mask = np.concatenate([np.zeros((k, min_past), np.int64), mask], axis=1)
-        logits, presents = self.backend.run(ids, mask, positions, past)
+        logits, presents = self.backend.run(ids, mask, positions, past, **_every(k, width, every_position))
         # row i's slots [0, len_i) <- its real tokens, the last len_i present positions: one slice copy per row
         # and buffer (5x faster than one fancy-indexed scatter per buffer: 2 vs 11 ms for a 512-token prompt)
         for buf, new in zip(self.buffers, presents):
@@ -136,15 +144,19 @@ class KVCache:
         self.lengths[rows] = lens
         self._mask[rows, : self.window] = np.arange(self.window)[None, :] < lens[:, None]
         self._report("prefill", start, k)
+        if every_position:  # row i's real positions are its last len_i (left-padded)
+            return [logits[i, width - n:] for i, n in enumerate(lens.tolist())]
         return logits
 
-    def _prefill_in_place(self, rows: Sequence[int], prompts, lens: np.ndarray, start: float) -> np.ndarray:
+    def _prefill_in_place(self, rows: Sequence[int], prompts, lens: np.ndarray, start: float,
+                          every_position: bool = False):
         """Prefill where the graph writes the cache (in-place attention): the prompts, right-padded, run over
         their own rows' buffers, which must be one contiguous block of rows (claimed one after another, as the
         scheduler and Generator do); any other set of rows is prefilled one row at a time."""
         first = int(rows[0])
         if list(rows) != list(range(first, first + len(rows))):
-            return np.concatenate([self.prefill([r], [p]) for r, p in zip(rows, prompts)])
+            parts = [self.prefill([r], [p], every_position) for r, p in zip(rows, prompts)]
+            return [x for part in parts for x in part] if every_position else np.concatenate(parts)
         k, width = len(prompts), int(lens.max())
         ids = np.full((k, width), self.pad_id, dtype=np.int64)
         mask = np.zeros((k, width), dtype=np.int64)
@@ -153,20 +165,23 @@ class KVCache:
             mask[i, : len(prompt)] = 1
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), (k, width))
         self._handed = [buf[first:first + k] for buf in self.buffers]
-        logits, _ = self.backend.run(ids, mask, positions, self._handed)
+        logits, _ = self.backend.run(ids, mask, positions, self._handed, **_every(k, width, every_position))
         block = slice(first, first + k)
         self.lengths[block] = lens
         self._mask[block, : self.window] = np.arange(self.window)[None, :] < lens[:, None]
         self._report("prefill", start, k)
+        if every_position:  # right-padded: row i's real positions are its first len_i
+            return [logits[i, :n] for i, n in enumerate(lens.tolist())]
         return logits
 
-    def extend(self, row: int, tokens: Sequence[int]) -> np.ndarray:
+    def extend(self, row: int, tokens: Sequence[int], every_position: bool = False):
         """Append `tokens` to `row` (a prompt chunk): one graph call of T new tokens over the row's filled slots
-        (the graph's past/new contract); (1, V) logits of the last one. An empty row takes the `prefill` path
-        (the backend's `min_past`); a non-empty past is at least one slot, so the contract holds for TensorRT."""
+        (the graph's past/new contract); (1, V) logits of the last one, or with `every_position` [(T, V)]. An
+        empty row takes the `prefill` path (the backend's `min_past`); a non-empty past is at least one slot, so
+        the contract holds for TensorRT."""
         start_len = int(self.lengths[row])
         if start_len == 0:
-            return self.prefill([row], [tokens])
+            return self.prefill([row], [tokens], every_position)
         start = time.perf_counter()
         new = len(tokens)
         end = start_len + new
@@ -178,16 +193,26 @@ class KVCache:
         past = [buf[row:row + 1] for buf in self.buffers]
         if self.backend.capabilities.writes_cache:  # rows are prefixes: the mask covers the filled slots + new
             self._handed = past
-            logits, _ = self.backend.run(ids, np.ones((1, end), np.int64), positions, past)
+            logits, _ = self.backend.run(ids, np.ones((1, end), np.int64), positions, past,
+                                         **_every(1, new, every_position))
         else:
             mask = np.concatenate([self._mask[row:row + 1, : self.window], np.ones((1, new), np.int64)], axis=1)
-            logits, presents = self.backend.run(ids, mask, positions, past)
+            logits, presents = self.backend.run(ids, mask, positions, past, **_every(1, new, every_position))
             for buf, kv in zip(self.buffers, presents):
                 buf[row, :, start_len:end] = kv[0]
         self.lengths[row] = end
         self._mask[row, start_len:end] = 1
         self._report("prefill", start, 1)
-        return logits
+        return [logits[0]] if every_position else logits
+
+    def copy_row(self, source: int, target: int) -> None:
+        """Make the (claimed, empty) row `target` hold what `source` holds: sibling samples of one prompt share
+        its prefill this way."""
+        filled = int(self.lengths[source])
+        for buf in self.buffers:
+            buf[target, :, :filled] = buf[source, :, :filled]
+        self.lengths[target] = filled
+        self._mask[target] = self._mask[source]
 
     def reserve(self, slots: int) -> None:
         """Grow the window to hold `slots` now: a prompt about to arrive in chunks then costs one reallocation of

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InvalidInput
-from .sampler import SamplingParams, _is_int
+from .sampler import MAX_LOGPROBS, SamplingParams, _is_int
 from .text import normalize_stop
 
 
@@ -53,6 +53,14 @@ class Request:
     stop_at_eos: bool = True
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     group: str | None = None
+    prompt_logprobs: int | None = None    # each prompt token's logprob, with this many alternatives (echo);
+                                          # max_tokens 0 then scores the prompt without generating
+    n: int = 1                            # samples of the prompt, sharing its prefill (see Scheduler)
+
+
+def sample_ids(request: Request) -> list[str]:
+    """The ids the n samples of a request answer under: its own id for the first, `id/j` for the others."""
+    return [request.id, *(f"{request.id}/{j}" for j in range(1, request.n))]
 
 
 def checked(request: Request, vocab_size: int, context: int, has_text: bool = True) -> Request:
@@ -66,8 +74,8 @@ def checked(request: Request, vocab_size: int, context: int, has_text: bool = Tr
         if room < 1:
             raise InvalidInput(f"the prompt of {len(prompt)} tokens fills the model's context of {context}")
         max_tokens = room
-    elif not _is_int(request.max_tokens) or request.max_tokens < 1:
-        raise InvalidInput(f"max_tokens must be an integer >= 1, got {request.max_tokens!r}")
+    elif not _is_int(request.max_tokens) or request.max_tokens < (0 if request.prompt_logprobs is not None else 1):
+        raise InvalidInput(f"max_tokens must be an integer >= 1 (0 only to score a prompt), got {request.max_tokens!r}")
     elif request.max_tokens > room:
         raise InvalidInput(f"prompt of {len(prompt)} tokens + max_tokens {request.max_tokens} exceeds the "
                            f"model's context of {context} tokens")
@@ -75,6 +83,14 @@ def checked(request: Request, vocab_size: int, context: int, has_text: bool = Tr
         max_tokens = int(request.max_tokens)
     if not isinstance(request.params, SamplingParams):
         raise InvalidInput("params must be a SamplingParams")
+    if request.prompt_logprobs is not None and (not _is_int(request.prompt_logprobs)
+                                                or not 0 <= request.prompt_logprobs <= MAX_LOGPROBS):
+        raise InvalidInput(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {request.prompt_logprobs!r}")
+    if not _is_int(request.n) or request.n < 1:
+        raise InvalidInput(f"n must be an integer >= 1, got {request.n!r}")
+    outside = [t for t, _ in request.params.logit_bias if t >= vocab_size]
+    if outside:
+        raise InvalidInput(f"logit_bias names token {outside[0]}, outside the vocabulary [0, {vocab_size})")
     stop = normalize_stop(request.stop)
     if stop and not has_text:
         raise InvalidInput("stop strings need a tokenizer")

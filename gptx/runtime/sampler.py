@@ -289,11 +289,15 @@ def sample(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequence[
            seen: np.ndarray | Sequence[np.ndarray | None] | None = None, counts=None, generated=None,
            eos_token_id: int | None = None) -> np.ndarray:
     """Next id per row; row r uses only params[r], rngs[r] and its history (seen[r], counts[r], generated[r]:
-    see `process`). Rows whose logits are not finite get -1. Callers that also want logprobs `process` first
-    and pass the processed logits without a history.
+    see `process`). Rows whose logits are not finite get -1. Callers that also want logprobs `process`, then
+    `draw` from the processed logits and read the logprobs from the same ones."""
+    return draw(process(logits, params, seen, counts, generated, eos_token_id), params, rngs)
+
+
+def draw(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """Next id per row from already processed logits (temperature, top-k, top-p here); -1 where not finite.
 
     Greedy rows share one argmax; the others draw one by one (a batch holds at most a few dozen rows)."""
-    logits = process(logits, params, seen, counts, generated, eos_token_id)
     ids = np.empty(len(logits), dtype=np.int64)
     greedy = [r for r, p in enumerate(params) if p.greedy]
     if len(greedy) == len(params):

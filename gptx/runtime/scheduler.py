@@ -25,6 +25,7 @@ and positions) and the sampler draws from the row's own RNG.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections import OrderedDict, deque
@@ -36,8 +37,8 @@ from .backends.base import Backend
 from .errors import InvalidInput, QueueFull
 from .kv_cache import KVCache, OnStep
 from .prefix_cache import PrefixCache, export_identity
-from .request import Request, checked
-from .sampler import _is_int, non_finite_error, sample
+from .request import Request, checked, sample_ids
+from .sampler import TokenLogprob, _is_int, draw, non_finite_error, process, token_logprobs
 from .text import TextStream
 from .tokenizer import Tokenizer
 
@@ -60,6 +61,10 @@ class StepOutput:
     finish_reason: str | None = None      # "stop" (EOS or stop string) | "length" | "cancelled" | "error"
     error: BaseException | None = None    # with finish_reason "error": what failed (traceback kept)
     cached_tokens: int = 0                # on a request's first token: prompt tokens served from the prefix cache
+    logprob: TokenLogprob | None = None   # the token's logprob (params.logprobs set), from the logits it was drawn
+                                          # from before temperature: after penalties and logit_bias
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output of a request that asked:
+                                          # each prompt token's (the first is None: nothing predicts it)
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,11 @@ class SchedulerStats:
 class _Row:
     """An admitted request: its text stream, RNG, seen tokens (for repetition penalty), progress."""
 
-    __slots__ = ("request", "text", "rng", "seen", "last_token", "generated", "prefilled", "cached", "order")
+    __slots__ = ("request", "text", "rng", "seen", "counts", "last_token", "generated", "prefilled", "cached", "order",
+                 "prompt_logprobs", "parent", "siblings")
 
-    def __init__(self, request: Request, text: TextStream | None, vocab_size: int, order: int):
+    def __init__(self, request: Request, text: TextStream | None, vocab_size: int, order: int,
+                 parent: _Row | None = None):
         self.request = request
         self.text = text
         self.rng = request.params.rng()
@@ -86,6 +93,10 @@ class _Row:
         if request.params.repetition_penalty != 1.0:
             self.seen = np.zeros(vocab_size, dtype=bool)
             self.seen[list(request.prompt_ids)] = True
+        self.counts = np.zeros(vocab_size, dtype=np.int32) if request.params.counts_tokens else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None if request.prompt_logprobs is None else [None]
+        self.parent = parent  # a sibling sample: its row is a copy of the parent's once that prompt is in
+        self.siblings: list[_Row] = []
         self.last_token = -1
         self.generated = 0
         self.prefilled = 0    # prompt tokens in the cache row
@@ -146,6 +157,8 @@ class Scheduler:
         checked copy the scheduler runs. Every prompt counts against max_queue; one group may hold at most
         `max_group(max_queue)` of it."""
         request = checked(request, self.vocab_size, self.context, self.tokenizer is not None)
+        if request.n > self.max_batch:
+            raise InvalidInput(f"n {request.n} is more samples than the {self.max_batch} rows this server runs at once")
         group = request.group if request.group is not None else request.id
         with self._lock:
             if request.id in self._known:
@@ -159,7 +172,7 @@ class Scheduler:
                 waiting = self._groups[group] = deque()
             waiting.append(request)
             self._waiting += 1
-            self._known.add(request.id)
+            self._known.update(sample_ids(request))
         return request
 
     def remove_request(self, request_id: str) -> None:
@@ -201,7 +214,9 @@ class Scheduler:
                     outputs.append(StepOutput(request.id, None, "", True, "cancelled"))
                 if not waiting:
                     del self._groups[group]
-        rows = [row for row, r in enumerate(self._rows) if r.request.id in cancelled]
+        # a sibling waiting for its parent's prompt goes with the parent (nothing else would fill its row)
+        rows = [row for row, r in enumerate(self._rows) if r.request.id in cancelled or
+                (r.parent is not None and r.prefilled == 0 and r.parent.request.id in cancelled)]
         outputs.extend(StepOutput(self._rows[row].request.id, None, "", True, "cancelled") for row in rows)
         self._retire(rows)
 
@@ -218,12 +233,15 @@ class Scheduler:
         self._sample_and_emit(rows, logits[live], outputs)
 
     # -- prefill ------------------------------------------------------------------------------------
-    def _pop_waiting(self) -> Request | None:
-        """The next request, round-robin between groups (FIFO within a group, groups in arrival order)."""
+    def _pop_waiting(self, free_rows: int) -> Request | None:
+        """The next request, round-robin between groups (FIFO within a group, groups in arrival order); None when
+        it needs more than `free_rows` rows (one per sample)."""
         with self._lock:
             if not self._groups:
                 return None
             group, waiting = next(iter(self._groups.items()))
+            if waiting[0].n > free_rows:
+                return None
             request = waiting.popleft()
             self._waiting -= 1
             if waiting:
@@ -242,7 +260,15 @@ class Scheduler:
         state = _Row(request, text, self.vocab_size, self._admitted)
         self._admitted += 1
         self._rows.append(state)
-        if self.prefixes is not None:
+        for j, sample_id in enumerate(sample_ids(request)[1:], 1):  # rows for the other samples, filled later
+            self.cache.claim()
+            seed = request.params.seed
+            params = request.params if seed is None else dataclasses.replace(request.params, seed=seed + j)
+            sibling = dataclasses.replace(request, id=sample_id, params=params, n=1)
+            text = TextStream(self.tokenizer, request.stop, eos) if self.tokenizer is not None else None
+            state.siblings.append(_Row(sibling, text, self.vocab_size, self._admitted, parent=state))
+            self._rows.append(state.siblings[-1])
+        if self.prefixes is not None and request.prompt_logprobs is None:  # a scored prompt computes every token
             blocks = self.prefixes.match(request.prompt_ids, len(request.prompt_ids) - 1)
             if blocks:
                 self.cache.write(row, blocks)
@@ -256,7 +282,7 @@ class Scheduler:
         budget = self.prefill_chunk
         chunks = []
         pending = sorted((r.order, row) for row, r in enumerate(self._rows)
-                         if not r.decoding and r.prefilled < len(r.request.prompt_ids))
+                         if not r.decoding and r.parent is None and r.prefilled < len(r.request.prompt_ids))
         for _, row in pending:
             if budget <= 0:
                 return chunks
@@ -265,7 +291,7 @@ class Scheduler:
             chunks.append((row, state.prefilled, state.prefilled + n))
             budget -= n
         while budget > 0 and self.cache.active < self.cache.rows:
-            request = self._pop_waiting()
+            request = self._pop_waiting(self.cache.rows - self.cache.active)
             if request is None:
                 break
             row = self._admit(request)
@@ -284,9 +310,11 @@ class Scheduler:
             # fresh chunks of one length on consecutive rows share a call (no padding, a contiguous block)
             j = i + 1
             row, start, end = chunks[i]
+            scored = self._rows[row].prompt_logprobs is not None  # every position's logits, to score the prompt
             if start == 0:
                 while j < len(chunks) and chunks[j][1] == 0 and chunks[j][2] == end and \
-                        chunks[j][0] == chunks[j - 1][0] + 1:
+                        chunks[j][0] == chunks[j - 1][0] + 1 and \
+                        (self._rows[chunks[j][0]].prompt_logprobs is not None) == scored:
                     j += 1
             group = chunks[i:j]
             i = j
@@ -294,12 +322,16 @@ class Scheduler:
             tokens = [self._rows[r].request.prompt_ids[s:e] for r, s, e in group]
             try:
                 if start == 0:
-                    logits = self.cache.prefill(rows, tokens)
+                    logits = self.cache.prefill(rows, tokens, every_position=scored)
                 else:
-                    logits = self.cache.extend(row, tokens[0])
+                    logits = self.cache.extend(row, tokens[0], every_position=scored)
             except Exception as e:  # as in _decode: only these requests fail
                 failed.extend((r, e) for r in rows)
                 continue
+            if scored:
+                for (r, s, e), every in zip(group, logits):
+                    self._score_prompt(self._rows[r], s, e, every)
+                logits = np.stack([every[-1] for every in logits])
             for k, (r, s, e) in enumerate(group):
                 state = self._rows[r]
                 state.prefilled = e
@@ -309,33 +341,72 @@ class Scheduler:
                                         first_block=s // self.prefixes.block_tokens)
                 if e == len(state.request.prompt_ids):
                     done.append((r, logits[k:k + 1]))
+        # a parent's samples take copies of its row and draw from its logits, each with its own RNG
+        for r, last in list(done):
+            for sibling in self._rows[r].siblings:
+                target = self._rows.index(sibling)
+                self.cache.copy_row(r, target)
+                sibling.prefilled = self._rows[r].prefilled
+                sibling.prompt_logprobs = self._rows[r].prompt_logprobs
+                done.append((target, last))
+        for r, error in list(failed):
+            failed.extend((self._rows.index(sibling), error) for sibling in self._rows[r].siblings)
+        # a prompt scored without generating (max_tokens 0) ends here
+        scored_only = [(r, x) for r, x in done if self._rows[r].request.max_tokens == 0]
+        for r, _ in scored_only:
+            state = self._rows[r]
+            outputs.append(StepOutput(state.request.id, None, "", True, "length",
+                                      prompt_logprobs=state.prompt_logprobs))
+        if scored_only:
+            done = [(r, x) for r, x in done if self._rows[r].request.max_tokens != 0]
+            failed.extend((r, None) for r, _ in scored_only)  # retired below with the failed rows, not reported
         # emit and retire together, after every chunk ran: retiring moves rows
         for r, e in failed:
-            outputs.append(StepOutput(self._rows[r].request.id, None, "", True, "error", e))
+            if e is not None:
+                outputs.append(StepOutput(self._rows[r].request.id, None, "", True, "error", e))
         if done:
             self._sample_and_emit([r for r, _ in done], np.concatenate([x for _, x in done]), outputs,
                                   retire=[r for r, _ in failed])
         else:
             self._retire([r for r, _ in failed])
 
+    def _score_prompt(self, state: _Row, start: int, end: int, logits: np.ndarray) -> None:
+        """Prompt tokens' logprobs from one chunk's per-position logits: position p predicts token p + 1 (raw
+        logits: no penalty or bias applies to a prompt)."""
+        prompt = state.request.prompt_ids
+        count = min(end, len(prompt) - 1) - start
+        if count > 0:
+            state.prompt_logprobs.extend(token_logprobs(logits[:count, : self.vocab_size],
+                                                        prompt[start + 1: start + 1 + count],
+                                                        state.request.prompt_logprobs))
+
     # -- sampling ------------------------------------------------------------------------------------
     def _sample_and_emit(self, rows: list[int], logits: np.ndarray, outputs: list[StepOutput],
                          retire: list[int] = ()) -> None:
         states = [self._rows[row] for row in rows]
+        params = [s.request.params for s in states]
         seen = [s.seen for s in states] if any(s.seen is not None for s in states) else None
-        ids = sample(logits[:, : self.vocab_size], [s.request.params for s in states], [s.rng for s in states], seen)
+        counts = [s.counts for s in states] if any(s.counts is not None for s in states) else None
+        processed = process(logits[:, : self.vocab_size], params, seen, counts, [s.generated for s in states],
+                            self.eos_token_id)
+        ids = draw(processed, params, [s.rng for s in states])
         done = list(retire)
-        for row, state, token in zip(rows, states, ids.tolist()):
+        for k, (row, state, token) in enumerate(zip(rows, states, ids.tolist())):
             request = state.request
             if token < 0:
                 outputs.append(StepOutput(request.id, None, "", True, "error", non_finite_error()))
                 done.append(row)
                 continue
             first = state.generated == 0
+            logprob = None
+            if request.params.logprobs is not None:
+                (logprob,) = token_logprobs(processed[k:k + 1], [token], request.params.logprobs)
             state.last_token = token
             state.generated += 1
             if state.seen is not None:
                 state.seen[token] = True
+            if state.counts is not None:
+                state.counts[token] += 1
             reason = None
             if state.text is not None:
                 text = state.text.push(token)
@@ -350,7 +421,8 @@ class Scheduler:
                 if state.text is not None:
                     text += state.text.finish()
             outputs.append(StepOutput(request.id, token, text, reason is not None, reason,
-                                      cached_tokens=state.cached if first else 0))
+                                      cached_tokens=state.cached if first else 0, logprob=logprob,
+                                      prompt_logprobs=state.prompt_logprobs if first else None))
             if reason is not None:
                 done.append(row)
         self._retire(done)

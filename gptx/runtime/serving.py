@@ -19,14 +19,15 @@ still in flight (those callers see finish_reason "cancelled") and joins the work
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 from .errors import GptxError
 from .kv_cache import OnStep
-from .request import Request
-from .sampler import SamplingParams
+from .request import Request, sample_ids
+from .sampler import SamplingParams, TokenLogprob
 from .scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB, Scheduler, SchedulerStats, StepOutput
 
 
@@ -46,6 +47,8 @@ class Event:
     token_ids: list[int]          # the tokens this step produced (one; none for a cancellation)
     finish_reason: str | None     # set on the last event only
     cached_tokens: int = 0        # on the first token: prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens' logprobs, when asked (`logprobs`)
+    prompt_logprobs: list[TokenLogprob | None] | None = None     # on the first event, when asked: the prompt's
 
 
 class RequestStream:
@@ -69,7 +72,8 @@ class RequestStream:
             self.finish_reason = out.finish_reason
             if out.error is not None:
                 raise out.error
-        return Event(out.text, [] if out.token_id is None else [out.token_id], out.finish_reason, out.cached_tokens)
+        return Event(out.text, [] if out.token_id is None else [out.token_id], out.finish_reason, out.cached_tokens,
+                     [] if out.logprob is None else [out.logprob], out.prompt_logprobs)
 
     def cancel(self) -> None:
         if self.finish_reason is None:
@@ -144,25 +148,41 @@ class Pool:
     def events(self, prompt: str | Sequence[int], max_tokens: int | None = 64, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                seed: int | None = None, stop: str | Sequence[str] | None = None, stop_at_eos: bool = True,
-               request_id: str | None = None, group: str | None = None) -> RequestStream:
+               request_id: str | None = None, group: str | None = None, **options) -> RequestStream:
         """Queue a request now (InvalidInput / QueueFull raise here) and return its stream of Events.
         max_tokens None = up to the context. `group` ties the prompts of one caller's request together: admission
-        round-robins between groups, and one group holds at most half the queue."""
+        round-robins between groups, and one group holds at most half the queue. Further options: the
+        SamplingParams fields presence_penalty, frequency_penalty, logit_bias, min_tokens, logprobs (each token's
+        logprob with that many alternatives), and prompt_logprobs (the prompt's; max_tokens 0 then only scores
+        it). `samples` gives n streams of one prompt sharing its prefill."""
+        return self.samples(prompt, 1, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_at_eos=stop_at_eos,
+                            request_id=request_id, group=group, **options)[0]
+
+    def samples(self, prompt: str | Sequence[int], n: int, max_tokens: int | None = 64, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                seed: int | None = None, stop: str | Sequence[str] | None = None, stop_at_eos: bool = True,
+                request_id: str | None = None, group: str | None = None, prompt_logprobs: int | None = None,
+                **sampling) -> list[RequestStream]:
+        """n streams of Events for one prompt: its prompt is computed once, then each sample draws with its own
+        RNG (seed + j for sample j when a seed is given, so a seeded request reproduces every sample)."""
         if self._loop is None or self._closed:
             raise GptxError("the pool is not running: use `async with engine.serving() as pool`")
         if self._crash is not None:
             raise GptxError(f"the serving pool stopped after an internal error: {self._crash!r}")
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, **sampling)
         if isinstance(prompt, str) or (hasattr(prompt, "__len__") and len(prompt) == 0):
             prompt = self.engine.prompt_ids(prompt)  # tokenized (empty: <|endoftext|>); ids: checked by add_request
-        request = Request(prompt, max_tokens, params, stop if stop is not None else (), stop_at_eos, group=group)
+        request = Request(prompt, max_tokens, params, stop if stop is not None else (), stop_at_eos, group=group,
+                          prompt_logprobs=prompt_logprobs, n=n)
         if request_id is not None:
             request.id = request_id
         request = self.scheduler.add_request(request)
-        stream = RequestStream(self, request)
-        self._inboxes[request.id] = stream._inbox
+        streams = [RequestStream(self, dataclasses.replace(request, id=i)) for i in sample_ids(request)]
+        for stream in streams:
+            self._inboxes[stream.id] = stream._inbox
         self._wake.set()
-        return stream
+        return streams
 
     async def generate(self, prompt: str | Sequence[int], **options) -> Completion:
         """The whole completion (same options as `events`); cancelling the awaiting task frees the row."""

@@ -41,6 +41,7 @@ from ..errors import GptxError, InvalidInput, QueueFull
 from ..scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB, max_group
 from ..serving import Event, RequestStream
 from .chat import ChatTemplate
+from .logprobs import best, chat_logprobs, completion_logprobs, join
 from .metrics import Metrics
 from .schemas import (MAX_IGNORED_NAMED, MAX_STOP, UNSUPPORTED, ChatCompletionRequest, CompletionRequest,
                       GenerationFields, error_body)
@@ -178,20 +179,22 @@ class Generation:
     response), iterated as (choice index, Event) with per-token timing, cancelled together by `close()`."""
 
     def __init__(self, pool, prompts: list[list[int]], max_tokens: int, options: dict, stop: list[str],
-                 record: RequestRecord, metrics: Metrics, live: set):
+                 record: RequestRecord, metrics: Metrics, live: set, samples: int = 1):
+        """`samples` streams per prompt, sharing its prefill: stream k is prompt k // samples."""
         self.record, self.metrics, self.live = record, metrics, live
         self.streams: list[RequestStream] = []
         try:
             for i, ids in enumerate(prompts):
-                self.streams.append(pool.events(ids, max_tokens=max_tokens, stop=stop, request_id=f"{record.id}-{i}",
-                                                group=record.id, **options))
+                self.streams.extend(pool.samples(ids, samples, max_tokens=max_tokens, stop=stop,
+                                                 request_id=f"{record.id}-{i}", group=record.id, **options))
         except BaseException:
             for stream in self.streams:
                 stream.cancel()
             raise
-        self.tokens = [0] * len(prompts)
-        self.finish: list[str | None] = [None] * len(prompts)
-        self._last_token: list[float | None] = [None] * len(prompts)
+        count = len(self.streams)
+        self.tokens = [0] * count
+        self.finish: list[str | None] = [None] * count
+        self._last_token: list[float | None] = [None] * count
         record.prompt_tokens = sum(map(len, prompts))
         metrics.prompt_tokens.inc(record.prompt_tokens)
         live.add(self)  # what a SIGTERM drain waits for, until close()
@@ -272,12 +275,25 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Even
 
 
 # ---------------------------------------------------------------------------------------------- response shapes
+@dataclass
+class Sampled:
+    """What one sample (stream) of a request produced, for the final body."""
+    text: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
+
+
 class CompletionFormat:
-    """/v1/completions bodies and chunks."""
+    """/v1/completions bodies and chunks. `logprobs`: alternatives per token (None: no logprobs); `echo`: each
+    prompt's (text, token ids), put before its choices' text; `n` of `samples` per prompt are returned (best_of)."""
     object, chunk_object, prefix = "text_completion", "text_completion", "cmpl-"
 
-    def __init__(self, model: str, record: RequestRecord, choices: int):
+    def __init__(self, model: str, record: RequestRecord, choices: int, tokenizer=None, logprobs: int | None = None,
+                 echo: list[tuple[str, list[int]]] | None = None, n: int = 1, samples: int = 1):
         self.id, self.model, self.created = self.prefix + record.id, model, int(time.time())
+        self.tokenizer, self.logprobs, self.echo, self.n, self.samples = tokenizer, logprobs, echo, n, samples
+        self._offsets: dict[int, int] = {}  # streaming: each choice's text so far, for text_offset
 
     def envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
@@ -289,18 +305,43 @@ class CompletionFormat:
     def piece(self, i: int, text: str) -> str:
         return text
 
-    def choice(self, i: int, text: str, finish_reason: str | None) -> dict:
-        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, i: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    chunk_choice = choice
+    def chunk_choice(self, i: int, text: str, finish_reason: str | None, event: Event | None = None) -> dict:
+        logprobs = None
+        if self.logprobs is not None and event is not None:
+            offset = self._offsets.get(i, 0)
+            logprobs = completion_logprobs(self.tokenizer, event.token_ids, event.logprobs, offset)
+            self._offsets[i] = offset + sum(map(len, logprobs["tokens"]))
+        return self.choice(i, text, finish_reason, logprobs)
+
+    def choices(self, results: list[Sampled], finish: list[str | None]) -> list[dict]:
+        """The body's choices: per prompt, its n best samples (all of them without best_of), echo and logprobs."""
+        out = []
+        for p in range(len(results) // self.samples):
+            ks = range(p * self.samples, (p + 1) * self.samples)
+            if self.samples > self.n:
+                ks = [ks[0] + j for j in best([results[k].logprobs for k in ks], self.n)]
+            for k in ks:
+                r = results[k]
+                prompt_text, prompt_ids = self.echo[p] if self.echo else ("", [])
+                logprobs = None
+                if self.logprobs is not None:
+                    logprobs = completion_logprobs(self.tokenizer, r.tokens, r.logprobs, len(prompt_text))
+                    if self.echo:
+                        logprobs = join(completion_logprobs(self.tokenizer, prompt_ids, r.prompt_logprobs), logprobs)
+                out.append(self.choice(len(out), prompt_text + "".join(r.text), finish[k], logprobs))
+        return out
 
 
 class ChatFormat(CompletionFormat):
     """/v1/chat/completions bodies and chunks; the reply's leading whitespace (after "Assistant:") is dropped."""
     object, chunk_object, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
-    def __init__(self, model: str, record: RequestRecord, choices: int):
-        super().__init__(model, record, choices)
+    def __init__(self, model: str, record: RequestRecord, choices: int, tokenizer=None, logprobs: int | None = None,
+                 n: int = 1, samples: int = 1):
+        super().__init__(model, record, choices, tokenizer, logprobs, None, n, samples)
         self._started = [False] * choices
 
     def opening(self) -> list[dict]:
@@ -313,13 +354,20 @@ class ChatFormat(CompletionFormat):
             self._started[i] = bool(text)
         return text
 
-    def choice(self, i: int, text: str, finish_reason: str | None) -> dict:
-        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+    def choice(self, i: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
-    def chunk_choice(self, i: int, text: str, finish_reason: str | None) -> dict:
-        return {"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
+    def chunk_choice(self, i: int, text: str, finish_reason: str | None, event: Event | None = None) -> dict:
+        logprobs = None
+        if self.logprobs is not None and event is not None:
+            logprobs = chat_logprobs(self.tokenizer, event.logprobs)
+        return {"index": i, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
+
+    def choices(self, results: list[Sampled], finish: list[str | None]) -> list[dict]:
+        return [self.choice(k, "".join(r.text), finish[k], None if self.logprobs is None else
+                            chat_logprobs(self.tokenizer, r.logprobs)) for k, r in enumerate(results)]
 
 
 def sse(payload: dict | str) -> str:
@@ -443,7 +491,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         """max_tokens checked against --max-tokens-limit and the context; a default is clamped to fit instead."""
         context, longest = engine.block_size, max(map(len, prompts))
         room = context - longest
-        if room < 1:
+        if room < 1 and requested != 0:  # max_tokens 0 scores a prompt: it may fill the context
             raise APIError(400, f"the prompt of {longest} tokens fills the model's context of {context} tokens",
                            param="prompt", code="context_length_exceeded")
         limit = config.max_tokens_limit
@@ -489,15 +537,25 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     async def respond(request: Request, body: GenerationFields, prompts: list, max_tokens: int, stop: list[str],
                       fmt: CompletionFormat):
         record: RequestRecord = request.scope["gptx.record"]
-        gen = Generation(running_pool(), prompts, max_tokens, body.sampling(), stop, record, metrics, live)
+        options = body.sampling()
+        # best_of ranks samples by their logprobs: computed then, returned only when asked
+        options["logprobs"] = fmt.logprobs if fmt.logprobs is not None or fmt.samples == fmt.n else 0
+        if fmt.echo is not None:  # the prompt's own logprobs (max_tokens 0 needs them to run at all)
+            options["prompt_logprobs"] = fmt.logprobs or 0
+        gen = Generation(running_pool(), prompts, max_tokens, options, stop, record, metrics, live, fmt.samples)
         if body.stream:
             return StreamingResponse(stream_chunks(gen, fmt, *body.usage_options()), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        texts: list[list[str]] = [[] for _ in prompts]
+        results = [Sampled() for _ in gen.streams]
 
         async def collect():
             async for i, event in gen.events():
-                texts[i].append(fmt.piece(i, event.text))
+                r = results[i]
+                r.text.append(fmt.piece(i, event.text))
+                r.tokens.extend(event.token_ids)
+                r.logprobs.extend(event.logprobs)
+                if event.prompt_logprobs is not None:
+                    r.prompt_logprobs = event.prompt_logprobs
 
         failed = False
         try:
@@ -509,8 +567,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             raise
         finally:
             gen.close(failed)
-        choices = [fmt.choice(i, "".join(t), gen.finish[i]) for i, t in enumerate(texts)]
-        return JSONResponse(fmt.envelope(fmt.object, choices, usage=gen.usage()))
+        return JSONResponse(fmt.envelope(fmt.object, fmt.choices(results, gen.finish), usage=gen.usage()))
 
     async def stream_chunks(gen: Generation, fmt: CompletionFormat, include_usage: bool,
                             continuous_usage: bool) -> AsyncIterator[str]:
@@ -523,8 +580,8 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                 yield sse(fmt.envelope(fmt.chunk_object, [choice], **usage()))
             async for i, event in gen.events():
                 text = fmt.piece(i, event.text)
-                if text or event.finish_reason:
-                    yield sse(fmt.envelope(fmt.chunk_object, [fmt.chunk_choice(i, text, event.finish_reason)],
+                if text or event.finish_reason or (event.logprobs and fmt.logprobs is not None):
+                    yield sse(fmt.envelope(fmt.chunk_object, [fmt.chunk_choice(i, text, event.finish_reason, event)],
                                            **usage()))
             if include_usage:
                 yield sse(fmt.envelope(fmt.chunk_object, [], usage=gen.usage()))
@@ -554,7 +611,15 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             raise APIError(400, f"at most {max_group(config.max_queue)} prompts per request", param="prompt")
         prompts = await encode(body.prompts(), body.token_limit())
         max_tokens = token_budget(body.token_limit(), prompts, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        fmt = CompletionFormat(config.model_name, request.scope["gptx.record"], len(prompts))
+        echo = None
+        if body.echo and not engine.backend.capabilities.any_logits:
+            raise APIError(400, "echo needs every prompt position's logits, and this export returns the last "
+                                "position's only: re-export the model with this gptx", param="echo")
+        if body.echo:
+            echo = [(p if isinstance(p, str) else engine.tokenizer.decode(ids), ids)
+                    for p, ids in zip(body.prompts(), prompts)]
+        fmt = CompletionFormat(config.model_name, request.scope["gptx.record"], len(prompts), engine.tokenizer,
+                               body.logprobs, echo, body.n, body.samples())
         return await respond(request, body, prompts, max_tokens, body.stops(), fmt)
 
     @app.post("/v1/chat/completions")
@@ -565,7 +630,8 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         template = config.chat_template
         prompts = await encode([template.render([(m.role, m.text()) for m in body.messages])], body.token_limit())
         max_tokens = token_budget(body.token_limit(), prompts, None)
-        fmt = ChatFormat(config.model_name, request.scope["gptx.record"], 1)
+        fmt = ChatFormat(config.model_name, request.scope["gptx.record"], body.n, engine.tokenizer,
+                         (body.top_logprobs or 0) if body.logprobs else None, n=body.n, samples=body.n)
         return await respond(request, body, prompts, max_tokens, [*body.stops(), *template.stop], fmt)
 
     created = int(time.time())

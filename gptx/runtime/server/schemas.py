@@ -6,18 +6,18 @@ out of OpenAI's ranges are refused with 400 before any work. Fields the server d
 `unknown_fields`:
 
 - UNSUPPORTED: parameters that would change the output if honoured (tools, response_format, min_p, ...): 400.
-- OFF_VALUES: OpenAI parameters not implemented yet, accepted only at their "off" value (echo=false,
-  logprobs=null, penalties 0, ...), so clients that send the defaults explicitly keep working.
+- OFF_VALUES: OpenAI parameters not implemented, accepted only at their "off" value (suffix=null), so clients
+  that send the defaults explicitly keep working.
 - anything else cannot change what is generated (metadata, store, a client's bookkeeping): ignored, named in one
   log line and in the `x-gptx-ignored-fields` response header, as vLLM does.
 
-Extensions beyond OpenAI's API (vLLM's names): top_k, repetition_penalty, ignore_eos,
+Extensions beyond OpenAI's API (vLLM's names): top_k, repetition_penalty, ignore_eos, min_tokens,
 stream_options.continuous_usage_stats; max_completion_tokens on /v1/completions too.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -34,15 +34,15 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 # OpenAI parameters this server does not implement yet: the values accepted (their "off" values)
-OFF_VALUES = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}), "echo": (False,),
-              "logprobs": (None, False), "best_of": (None, 1), "suffix": (None,), "top_logprobs": (None,)}
+OFF_VALUES = {"suffix": (None,)}
+MAX_N = 16             # samples per prompt (n, best_of): each takes a row of the batch
 
 # Parameters (OpenAI's, vLLM's, llama.cpp's) that would change the output if honoured, and that this server does not
 # implement: refused whatever their value, never ignored.
 UNSUPPORTED = frozenset({
     "tools", "tool_choice", "functions", "function_call", "response_format", "structured_outputs", "guided_json",
     "guided_regex", "guided_choice", "guided_grammar", "grammar", "json_schema", "min_p", "typical_p", "tfs_z",
-    "mirostat", "min_tokens", "stop_token_ids", "bad_words", "allowed_token_ids", "logits_processors",
+    "mirostat", "stop_token_ids", "bad_words", "allowed_token_ids", "logits_processors",
     "include_stop_str_in_output", "prompt_logprobs", "use_beam_search", "length_penalty", "truncate_prompt_tokens",
     "prediction", "audio", "modalities", "reasoning_effort", "n_probs", "penalty_last_n", "dry_multiplier",
     "prompt_embeds", "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
@@ -79,25 +79,32 @@ class StreamOptions(Lenient):
 class GenerationFields(Lenient):
     """What both endpoints take."""
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only to score a prompt (completions with echo)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name (chat); vLLM-style on completions
     temperature: float = Finite(1.0, ge=0, le=2)
     top_p: float = Finite(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     user: str | None = None
-    presence_penalty: float = Finite(0.0)
-    frequency_penalty: float = Finite(0.0)
-    logit_bias: dict[str, Any] | None = None
+    presence_penalty: float = Finite(0.0, ge=-2, le=2)
+    frequency_penalty: float = Finite(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     # extensions
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float = Finite(1.0, gt=0, le=10)
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
 
-    _off = field_validator("presence_penalty", "frequency_penalty", "logit_bias")(only_off)
+    @field_validator("logit_bias", mode="after")
+    @classmethod
+    def _token_ids(cls, value):
+        for key in value or {}:
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys must be token ids (digits), got {key[:20]!r}")
+        return value
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -129,9 +136,15 @@ class GenerationFields(Lenient):
         return names
 
     def sampling(self) -> dict:
-        """Options for Pool.events (max_tokens, stop and the prompt are the endpoint's)."""
+        """Options for Pool.samples (max_tokens, stop, the prompt and logprobs are the endpoint's)."""
         return dict(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p,
-                    repetition_penalty=self.repetition_penalty, seed=self.seed, stop_at_eos=not self.ignore_eos)
+                    repetition_penalty=self.repetition_penalty, seed=self.seed, stop_at_eos=not self.ignore_eos,
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                    logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()}, min_tokens=self.min_tokens)
+
+    def samples(self) -> int:
+        """Samples drawn per prompt (best_of where the endpoint has it, else n)."""
+        return self.n
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -140,11 +153,26 @@ class GenerationFields(Lenient):
 class CompletionRequest(GenerationFields):
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
 
-    _off_here = field_validator("echo", "logprobs", "best_of", "suffix")(only_off)
+    _off_here = field_validator("suffix")(only_off)
+
+    @model_validator(mode="after")
+    def _completion_rules(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream and self.samples() > self.n:
+            raise ValueError("best_of greater than n cannot be streamed")
+        if self.stream and self.echo:
+            raise ValueError("echo is not supported with stream=true")
+        if self.token_limit() == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo=true (it scores the prompt without generating)")
+        return self
+
+    def samples(self) -> int:
+        return self.best_of or self.n
 
     def prompts(self) -> list[str | list[int]]:
         """One prompt (text or token ids) per choice."""
@@ -171,6 +199,12 @@ class ChatMessage(Strict):
 class ChatCompletionRequest(GenerationFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
-    _off_here = field_validator("logprobs", "top_logprobs")(only_off)
+    @model_validator(mode="after")
+    def _chat_rules(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        if self.token_limit() == 0:
+            raise ValueError("max_tokens must be at least 1")
+        return self
