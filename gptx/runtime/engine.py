@@ -1,4 +1,4 @@
-"""`gptx.runtime.load(DIR)` -> Engine: text in, text out, for apps that embed gptx (numpy + onnxruntime + tiktoken only).
+"""`gptx.runtime.load(DIR)` -> Engine: text in, text out, for apps embedding gptx (numpy + onnxruntime + tiktoken only).
 
 Every call runs the one generation loop, the Scheduler (gptx/runtime/scheduler.py): the synchronous ones
 (generate, stream, generate_ids, stream_ids, generator) step a fixed batch of it in the caller's thread;

@@ -104,8 +104,9 @@ def run_on_ray(directory: Path, load_options: dict, config: ServerConfig, *, hos
 def build(args: dict) -> serve.Application:
     """Application builder for `serve run gptx.runtime.server.ray_app:build directory=DIR [key=value ...]` and for a
     RayService's `import_path`. Keys: directory (required), model_name, backend, device, threads, max_batch,
-    max_queue, max_tokens_limit, max_body_bytes, prefill_chunk, prefix_cache_mb. The API key comes from the GPTX_API_KEY environment variable.
-    Replicas, autoscaling and CPUs are set in the Serve config's `deployments:` section (deployment "gptx")."""
+    max_queue, max_tokens_limit, max_body_bytes, prefill_chunk, prefix_cache_mb. The API key comes from the
+    GPTX_API_KEY environment variable. Replicas, autoscaling and CPUs are set in the Serve config's `deployments:`
+    section (deployment "gptx")."""
     args = dict(args)
     known = {"directory", "model_name", "backend", "device", "threads", "max_batch", "max_queue",
              "max_tokens_limit", "max_body_bytes", "prefill_chunk", "prefix_cache_mb"}
