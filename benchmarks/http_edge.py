@@ -191,12 +191,35 @@ def stall(server: Server, sent: bytes) -> float:
         return time.monotonic() - started
 
 
+def render_markdown(results: dict) -> str:
+    """The docs' table of one run (docs/serving.md, block `http_edge`), from its JSON."""
+    load = results["machine"]["load_average"][0]
+    lines = [f"One run on {results['machine']['cpus']} CPU cores (load average {load:.1f} when it started), a "
+             f"random 2-layer 256-wide export with a {results['context']}-token context:", "",
+             "| case | stream gap p50 / p99 / max (ms) | `/health` worst (ms) | hostile requests |",
+             "|---|---|---|---|"]
+    cases = [(k, v) for k, v in results.items() if isinstance(v, dict) and "gap_max_ms" in v]
+    for name, r in cases:
+        lines.append(f"| {name} | {r['gap_p50_ms']:.0f} / {r['gap_p99_ms']:.0f} / {r['gap_max_ms']:.0f} | "
+                     f"{r['health_max_ms']:.0f} | {r['hostile_requests']} |")
+    alone = max(v["gap_max_ms"] for k, v in cases if k.startswith("alone"))
+    hostile = max(v["gap_max_ms"] for k, v in cases if not k.startswith("alone"))
+    flood = results["header flood"]
+    stalls_key = next(k for k in results if k.startswith("stalls"))
+    stalls = ", ".join(f"{k} {v:.1f} s" for k, v in results[stalls_key].items())
+    lines += ["", f"Beside the hostile clients the stream's worst gap was {hostile:.0f} ms, against {alone:.0f} ms "
+              f"alone ({hostile - alone:+.0f} ms). A header flood of {flood['connections']} connections x "
+              f"{flood['mb_each']} MB raised the RSS by {flood['rss_growth_mb']:.1f} MB. Stalled connections "
+              f"({stalls_key.removeprefix('stalls ').strip('()')}): {stalls}."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", type=Path, help="an export directory (default: a small random one)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gptx-http-edge"))
     parser.add_argument("--tokens", type=int, default=300, help="tokens in the measured stream")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "http_edge.json")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     export = args.export or build_export(args.workdir)
@@ -220,8 +243,8 @@ def main() -> None:
     finally:
         print("server exit code", server.stop())
     print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json}; `python benchmarks/render_docs.py` renders it into docs/serving.md")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ BLOCKS = {
     "serving_summary": ("docs/serving_load.json", "serve_report:serving_summary"),
     "serving_load": ("docs/serving_load.json", "serve_report:serving_load"),
     "serving_chunks": ("docs/serving_load_chunks.json", "serve_report:chunk_sweep"),
+    "http_edge": ("docs/http_edge.json", "http_edge:render_markdown"),
 }
 BLOCK = re.compile(r"(<!-- rendered by benchmarks/render_docs\.py: ([\w-]+) -->\n)(.*?)(<!-- end \2 -->)", re.DOTALL)
 
