@@ -332,3 +332,14 @@ def test_an_older_export_refuses_echo_in_one_line(old_export, tmp_path):
         assert old.completions.create(model="old", prompt="Hello", max_tokens=2, logprobs=1).choices[0].logprobs
     finally:
         server.stop()
+
+
+def test_min_tokens_holds_stop_strings_back(client):
+    greedy = client.completions.create(model="bard", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=0)
+    first = greedy.choices[0].logprobs.tokens[0]
+    stopped = client.completions.create(model="bard", prompt=PROMPT, max_tokens=8, temperature=0, stop=[first])
+    assert stopped.choices[0].text == "" and stopped.usage.completion_tokens == 1
+    held = client.completions.create(model="bard", prompt=PROMPT, max_tokens=8, temperature=0, stop=[first],
+                                     extra_body={"min_tokens": 3})
+    assert held.usage.completion_tokens >= 3
+    assert held.choices[0].text.startswith(first)

@@ -256,7 +256,8 @@ class Scheduler:
         row = self.cache.claim()
         self.cache.reserve(len(request.prompt_ids))
         eos = self.eos_token_id if request.stop_at_eos else None
-        text = TextStream(self.tokenizer, request.stop, eos) if self.tokenizer is not None else None
+        stop = () if request.params.min_tokens else request.stop  # stop strings count from min_tokens on
+        text = TextStream(self.tokenizer, stop, eos) if self.tokenizer is not None else None
         state = _Row(request, text, self.vocab_size, self._admitted)
         self._admitted += 1
         self._rows.append(state)
@@ -265,7 +266,7 @@ class Scheduler:
             seed = request.params.seed
             params = request.params if seed is None else dataclasses.replace(request.params, seed=seed + j)
             sibling = dataclasses.replace(request, id=sample_id, params=params, n=1)
-            text = TextStream(self.tokenizer, request.stop, eos) if self.tokenizer is not None else None
+            text = TextStream(self.tokenizer, stop, eos) if self.tokenizer is not None else None
             state.siblings.append(_Row(sibling, text, self.vocab_size, self._admitted, parent=state))
             self._rows.append(state.siblings[-1])
         if self.prefixes is not None and request.prompt_logprobs is None:  # a scored prompt computes every token
@@ -407,6 +408,8 @@ class Scheduler:
                 state.seen[token] = True
             if state.counts is not None:
                 state.counts[token] += 1
+            if state.text is not None and state.generated == request.params.min_tokens:
+                state.text.stops = request.stop  # min_tokens reached: stop strings apply to what follows
             reason = None
             if state.text is not None:
                 text = state.text.push(token)
