@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-
 from server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -20,11 +19,11 @@ MC = [
 ]
 GEN = [{"question": "Once upon a time", "answer": " there"}]
 TASKS = {
-    "gptx_mc": ("mc.jsonl", MC, "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\n"
-                                "doc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n"),
-    "gptx_gen": ("gen.jsonl", GEN, "output_type: generate_until\ndoc_to_target: \"{{answer}}\"\n"
-                                   "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
-                                   "metric_list:\n  - metric: exact_match\n"),
+    "gptx_mc": ("mc.jsonl", MC, ("output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\n"
+                                 "doc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")),
+    "gptx_gen": ("gen.jsonl", GEN, ("output_type: generate_until\ndoc_to_target: \"{{answer}}\"\n"
+                                    "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+                                    "metric_list:\n  - metric: exact_match\n")),
 }
 
 

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from gptx.runtime.errors import InvalidInput
-from gptx.runtime.sampler import (SamplingParams, apply_presence_frequency, apply_repetition_penalty, process_row,
-                                  sample, token_logprobs)
+from gptx.runtime.sampler import (
+    SamplingParams,
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    process_row,
+    sample,
+    token_logprobs,
+)
 
 
 # ---------------------------------------------------------------------------------------------- sampler rules
@@ -320,7 +326,6 @@ def test_logit_bias_and_tiny_temperature(client, shakespeare):
 
 def test_an_older_export_refuses_echo_in_one_line(old_export, tmp_path):
     import openai
-
     from server_process import ServerProcess
 
     server = ServerProcess([old_export, "--model-name", "old"], tmp_path / "serve.log")
