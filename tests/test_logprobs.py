@@ -348,3 +348,9 @@ def test_min_tokens_holds_stop_strings_back(client):
                                      extra_body={"min_tokens": 3})
     assert held.usage.completion_tokens >= 3
     assert held.choices[0].text.startswith(first)
+
+
+def test_echo_without_logprobs_puts_the_prompt_first(client):
+    greedy = client.completions.create(model="bard", prompt=PROMPT, max_tokens=4, temperature=0)
+    echoed = client.completions.create(model="bard", prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + greedy.choices[0].text and echoed.choices[0].logprobs is None

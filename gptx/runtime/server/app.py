@@ -540,8 +540,8 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         options = body.sampling()
         # best_of ranks samples by their logprobs: computed then, returned only when asked
         options["logprobs"] = fmt.logprobs if fmt.logprobs is not None or fmt.samples == fmt.n else 0
-        if fmt.echo is not None:  # the prompt's own logprobs (max_tokens 0 needs them to run at all)
-            options["prompt_logprobs"] = fmt.logprobs or 0
+        if fmt.echo is not None and (fmt.logprobs is not None or max_tokens == 0):  # the prompt's own logprobs
+            options["prompt_logprobs"] = fmt.logprobs or 0  # (max_tokens 0 scores the prompt: it needs them)
         gen = Generation(running_pool(), prompts, max_tokens, options, stop, record, metrics, live, fmt.samples)
         if body.stream:
             return StreamingResponse(stream_chunks(gen, fmt, *body.usage_options()), media_type="text/event-stream",
