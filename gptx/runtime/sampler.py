@@ -1,4 +1,10 @@
-"""Next-token selection in numpy: greedy, temperature, top-k, top-p, repetition penalty, seeded - per row.
+"""Next-token selection in numpy: greedy, temperature, top-k, top-p, repetition / presence / frequency penalties,
+logit_bias, min_tokens, seeded - per row - and the chosen tokens' logprobs.
+
+`process` applies the rules that change the logits (penalties, bias, EOS held back before min_tokens); `draw`
+picks from them (temperature, top-k, top-p); logprobs are the log-softmax of the processed logits, before
+temperature, so with no penalty or bias they are the model's own whatever the temperature (vLLM's default
+`raw_logprobs`; OpenAI's do not depend on temperature either). Temperatures below GREEDY_BELOW are greedy.
 
 Each row draws from its own `np.random.Generator`, one uniform number per sampled token, so a row's output is
 a pure function of (its logits, its params, its seed) and never of the other rows in the batch: what
