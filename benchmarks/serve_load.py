@@ -411,7 +411,8 @@ def chunk_sweep(export_dir: Path, chunks: list[int], long_len: int = 800, stream
 
 # ---------------------------------------------------------------------------------------------- report
 # issue targets: each (name, text, check(server results, other servers' results) -> (measured text, met) or None)
-def targets(server: dict, others: list[dict]) -> list[dict]:
+def targets(server: dict, others: list[dict], baseline: dict | None = None) -> list[dict]:
+    """baseline: {"tok_s": {clients: tok/s}, "what": ...}, an earlier gptx measured on this machine (--baseline)."""
     out = []
     mixed, pre, fair = server.get("mixed"), server.get("prefix"), server.get("fairness")
     if mixed and mixed["loaded"]["worst5_mean_ms"] and mixed["alone"]["gap_p99_ms"]:
@@ -443,9 +444,11 @@ def targets(server: dict, others: list[dict]) -> list[dict]:
         if clients in by:
             theirs = [lv["tok_s"] for o in others for lv in o.get("levels", []) if lv["clients"] == clients
                       and lv.get("tok_s")]
-            floor = max([BASELINE_TOK_S[clients], *theirs])
-            out.append({"target": f"tok/s at {clients} clients >= {BASELINE_TOK_S[clients]:.0f} (before)"
-                                  + (" and the other server's" if theirs else ""),
+            before = (baseline or {}).get("tok_s", {}).get(str(clients))
+            floor = max([before or 0, *theirs])
+            out.append({"target": f"tok/s at {clients} clients"
+                                  + (f" >= {before:.0f} ({baseline['what']})" if before else "")
+                                  + (" and >= the other server's" if theirs else ""),
                         "measured": f"{by[clients]['tok_s']:.0f}" + "".join(f" vs {t:.0f}" for t in theirs),
                         "met": by[clients]["tok_s"] >= floor})
     for t in out:
@@ -457,11 +460,15 @@ def targets(server: dict, others: list[dict]) -> list[dict]:
     return out
 
 
-BASELINE_TOK_S = {8: 337.3, 16: 470.9}  # docs/serving.md's run of 2026-11-25, before chunked prefill
-
-
 def fmt(value, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def parse_baseline(text: str | None, what: str) -> dict | None:
+    if not text:
+        return None
+    pairs = [item.split("=") for item in text.split(",")]
+    return {"tok_s": {clients.strip(): float(rate) for clients, rate in pairs}, "what": what}
 
 
 def markdown(res: dict) -> str:
@@ -600,6 +607,9 @@ def main(argv=None) -> int:
     p.add_argument("--llama-convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py (gguf-py beside it)")
     p.add_argument("--llama-gguf", type=Path, help="an existing GGUF of the same weights (instead of converting)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/gptx-serve-load"))
+    p.add_argument("--baseline", help="tok/s of an earlier gptx on this machine, e.g. '8=207,16=261': the "
+                                      "throughput targets compare against it")
+    p.add_argument("--baseline-what", default="before", help="what --baseline measured (a commit, a date)")
     p.add_argument("--note", help="a line printed at the top of the results (e.g. 'preliminary: machine busy')")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "serving_load.json")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "serving_load.png")
@@ -642,7 +652,7 @@ def main(argv=None) -> int:
     singles, many, other = parts[-5:-1], parts[3 * a.system_prompts:-5], parts[-1]
     res = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg_start": list(os.getloadavg()),
            "command": "python benchmarks/serve_load.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
-           "note": a.note, "settings": {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+           "note": a.note, "baseline": parse_baseline(a.baseline, a.baseline_what), "settings": {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                                         "requests_per_client": a.requests_per_client, "concurrency": levels,
                                         "scenarios": scenarios,
                                         "mixed": {"shorts": [len(x) for x in shorts[:4]], "long_len": a.long_len,
@@ -696,7 +706,8 @@ def main(argv=None) -> int:
         for server in servers:
             server.stop()
     for label, server in res["servers"].items():
-        server["targets"] = targets(server, [o for other, o in res["servers"].items() if other != label])
+        server["targets"] = targets(server, [o for other, o in res["servers"].items() if other != label],
+                                    res.get("baseline") if label == "gptx serve" else None)
     res["loadavg_end"] = list(os.getloadavg())
     res["machine"] = machine_info()
     if a.plot:
