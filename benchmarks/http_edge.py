@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+from serve_load import Server, start_gptx  # the benchmarks' one way to start and stop a server
 
 MB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,34 +50,15 @@ def build_export(workdir: Path) -> Path:
     return out
 
 
-class Server:
-    def __init__(self, export: Path, args: list[str], log: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "gptx.cli", "serve", str(export), "--port",
-                                      str(self.port), *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                     cwd=ROOT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"gptx serve did not start; see {log}")
+def rss_bytes(server: Server) -> int:
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
-    def rss(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
 
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+def port_of(server: Server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
 
 
 def stream_gaps(url: str, tokens: int) -> list[float]:
@@ -146,15 +127,15 @@ def under_load(server: Server, prompt_bytes: int | None, tokens: int) -> dict:
 
 
 def header_flood(server: Server, connections: int = 8, size: int = 200 * MB) -> dict:
-    baseline, peak, done = server.rss(), [0], threading.Event()
+    baseline, peak, done = rss_bytes(server), [0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], server.rss())
+            peak[0] = max(peak[0], rss_bytes(server))
             time.sleep(0.005)
 
     def flood():
-        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        with socket.create_connection(("127.0.0.1", port_of(server)), timeout=60) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Flood: ")
             chunk, sent = b"a" * MB, 0
             try:
@@ -180,7 +161,7 @@ def header_flood(server: Server, connections: int = 8, size: int = 200 * MB) -> 
 
 
 def stall(server: Server, sent: bytes) -> float:
-    with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock:
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=120) as sock:
         sock.sendall(sent)
         started = time.monotonic()
         try:
@@ -223,9 +204,10 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     export = args.export or build_export(args.workdir)
-    server = Server(export, ["--max-body-bytes", str(2 * MB), "--header-timeout", "10", "--body-timeout", "10"],
-                    args.workdir / "serve.log")
+    server = start_gptx(export, 8, None, args.workdir / "serve.log",
+                        ["--max-body-bytes", str(2 * MB), "--header-timeout", "10", "--body-timeout", "10"])
     try:
+        server.wait_ready(120)
         context = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["max_model_len"]
         near_bound = (context - 2) * 128  # bytes just under the length bound: tokenized, then refused
         results = {"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()}, "context": context}
@@ -241,7 +223,8 @@ def main() -> None:
             "half body": stall(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"),
         }
     finally:
-        print("server exit code", server.stop())
+        server.stop()
+        print("server exit code", server.proc.returncode)
     print(json.dumps(results, indent=2))
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}; `python benchmarks/render_docs.py` renders it into docs/serving.md")
