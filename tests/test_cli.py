@@ -176,15 +176,6 @@ def test_stop_escapes():
     assert cli.unescape("END") == "END"
 
 
-@pytest.fixture(scope="module")
-def shakespeare_dir(tmp_path_factory):
-    from gptx.export.convert import export
-
-    out = tmp_path_factory.mktemp("sample") / "shakespeare"
-    export("shakespeare", out, progress=False, validate=False)
-    return out
-
-
 def test_stop_at_newline_typed_as_backslash_n(shakespeare_dir):
     args = ["generate", str(shakespeare_dir), "ROMEO:", "-n", "60", "--temperature", "0"]
     free = runner.invoke(app, args)
