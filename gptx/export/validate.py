@@ -59,7 +59,7 @@ def reference_backend(directory: Path, manifest: dict, reference_model=None, dev
 
 
 def teacher_forced(backend: Backend, prompts: list[list[int]], continuation: np.ndarray, pad_id: int):
-    """Prefill the prompts (one left-padded call), then feed `continuation` (B, steps) one column at a time, on the
+    """Prefill the prompts (one call), then feed `continuation` (B, steps) one column at a time, on the
     runtime's slot cache; yields each call's logits."""
     cache = KVCache(backend, len(prompts), max(map(len, prompts)) + continuation.shape[1] + 1, pad_id=pad_id)
     rows = [cache.claim() for _ in prompts]

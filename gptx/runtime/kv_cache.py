@@ -113,7 +113,7 @@ class KVCache:
 
     # ------------------------------------------------------------------------------------------ steps
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], every_position: bool = False):
-        """Run the prompts of (claimed, empty) `rows` in ONE left-padded graph call; (k, V) last-position logits,
+        """Run the prompts of (claimed, empty) `rows` in one graph call (left-padded; in-place graphs right-padded); (k, V) last-position logits,
         or with `every_position` a list of (len_i, V) logits, one per prompt position (scoring a prompt).
 
         The past is empty, or `min_past` masked dummy slots where the backend cannot take an empty one
@@ -152,7 +152,7 @@ class KVCache:
                           every_position: bool = False):
         """Prefill where the graph writes the cache (in-place attention): the prompts, right-padded, run over
         their own rows' buffers, which must be one contiguous block of rows (claimed one after another, as the
-        scheduler and Generator do); any other set of rows is prefilled one row at a time."""
+        scheduler does); any other set of rows is prefilled one row at a time."""
         first = int(rows[0])
         if list(rows) != list(range(first, first + len(rows))):
             parts = [self.prefill([r], [p], every_position) for r, p in zip(rows, prompts)]
