@@ -113,8 +113,9 @@ class KVCache:
 
     # ------------------------------------------------------------------------------------------ steps
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], every_position: bool = False):
-        """Run the prompts of (claimed, empty) `rows` in one graph call (left-padded; in-place graphs right-padded); (k, V) last-position logits,
-        or with `every_position` a list of (len_i, V) logits, one per prompt position (scoring a prompt).
+        """Run the prompts of (claimed, empty) `rows` in one graph call (left-padded; in-place graphs
+        right-padded); (k, V) last-position logits, or with `every_position` a list of (len_i, V) logits, one per
+        prompt position (scoring a prompt).
 
         The past is empty, or `min_past` masked dummy slots where the backend cannot take an empty one
         (TensorRT); each row's real tokens' keys/values are then copied into its slots [0, len)."""
