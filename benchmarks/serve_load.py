@@ -652,7 +652,8 @@ def main(argv=None) -> int:
     singles, many, other = parts[-5:-1], parts[3 * a.system_prompts:-5], parts[-1]
     res = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg_start": list(os.getloadavg()),
            "command": "python benchmarks/serve_load.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
-           "note": a.note, "baseline": parse_baseline(a.baseline, a.baseline_what), "settings": {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+           "note": a.note, "baseline": parse_baseline(a.baseline, a.baseline_what),
+           "settings": {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                                         "requests_per_client": a.requests_per_client, "concurrency": levels,
                                         "scenarios": scenarios,
                                         "mixed": {"shorts": [len(x) for x in shorts[:4]], "long_len": a.long_len,

@@ -85,7 +85,8 @@ def checked(request: Request, vocab_size: int, context: int, has_text: bool = Tr
         raise InvalidInput("params must be a SamplingParams")
     if request.prompt_logprobs is not None and (not _is_int(request.prompt_logprobs)
                                                 or not 0 <= request.prompt_logprobs <= MAX_LOGPROBS):
-        raise InvalidInput(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {request.prompt_logprobs!r}")
+        raise InvalidInput(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
+                           f"got {request.prompt_logprobs!r}")
     if not _is_int(request.n) or request.n < 1:
         raise InvalidInput(f"n must be an integer >= 1, got {request.n!r}")
     outside = [t for t, _ in request.params.logit_bias if t >= vocab_size]
