@@ -1,13 +1,9 @@
-"""Sequence classification on top of a GPT trunk: pool the last real token, a dropout + Linear head.
+"""Sequence classification on a GPT trunk: a dropout + Linear head on the last real token, the only position of a
+causal model that has seen the whole row (as GPT-2's `GPT2ForSequenceClassification` pools).
 
     model = GPTClassifier(GPT.from_pretrained("shakespeare"), num_classes=2)
     history = finetune_classifier(model, train_ids, train_labels, epochs=3)
     labels = predict(model, test_ids)
-
-The causal trunk means the last non-padding token is the only position that has seen the whole
-sequence, so that is the one pooled (as in GPT-2's `GPT2ForSequenceClassification`). Padding goes on
-the right; it is found from `attention_mask` (1 = real token), else from `pad_token_id`, else every
-row is taken as unpadded. Sequences may be given as lists of token lists of different lengths.
 """
 
 from __future__ import annotations
@@ -18,10 +14,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gptx.runtime.errors import InvalidInput
-
 from gptx.model.gpt import GPT
-from gptx.model.inputs import as_index_tensor, with_padding_mask
+from gptx.model.inputs import as_token_batch, padding_mask
+from gptx.runtime.errors import InvalidInput
 
 
 class GPTClassifier(nn.Module):
@@ -67,7 +62,7 @@ class GPTClassifier(nn.Module):
 def batch_and_mask(ids, attention_mask=None, pad_token_id: int | None = None):
     """(B, T) ids and the mask of real tokens (or None: no padding). Token lists of different lengths are
     right-padded here; otherwise padding is what attention_mask says, else where the ids equal pad_token_id."""
-    idx, mask = with_padding_mask(ids, attention_mask, "idx", pad_id=pad_token_id or 0)
+    idx, mask = as_token_batch(ids, "idx", pad_id=pad_token_id or 0, attention_mask=attention_mask)
     if mask is None and pad_token_id is not None:
         mask = (idx != pad_token_id).long()
     return idx, mask
@@ -76,7 +71,8 @@ def batch_and_mask(ids, attention_mask=None, pad_token_id: int | None = None):
 def _as_batch(ids, attention_mask, pad_token_id):
     """Whole-dataset tensors, so that minibatches are row slices."""
     idx, mask = batch_and_mask(ids, attention_mask, pad_token_id)
-    return idx, torch.ones_like(idx) if mask is None else as_index_tensor(mask, name="attention_mask")
+    mask = padding_mask(idx, mask, "idx")
+    return idx, torch.ones_like(idx) if mask is None else mask
 
 
 def finetune_classifier(model: GPTClassifier, train_ids, train_labels, *, val_ids=None, val_labels=None,

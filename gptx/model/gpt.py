@@ -1,20 +1,14 @@
-"""The GPT-2 model: one dataclass config, small modules, parameter names that match the GPT-2 checkpoint.
+"""The GPT-2 model as in nanoGPT's model.py, with GPT-2's tanh GELU and transformers-style inputs and outputs.
 
-Modelled on nanoGPT's model.py, with what makes it bit-compatible with GPT-2 / transformers (the tanh
-approximation of GELU) and what its users expect from transformers' GPT-2: `input_ids=` / `attention_mask=`,
-padded and ragged batches (read by `inputs.py`), and a result with `.logits`, `.loss`, `.last_hidden_state`,
-`.pooler_output` that still unpacks as nanoGPT's `logits, loss`.
-
-There is one transformer forward. Training, the classifier, reference generation and the exported
-KV-cache step (`kv_step.py`) all run `GPT.body` -> `Block.forward`; only the attention differs, chosen by
-argument: causal SDPA for a whole sequence, SDPA with a padding mask, or the split past/new attention of
-the cached step. Loading pretrained weights lives in `weights.py`.
+There is one transformer forward: training, the classifier, reference generation and the exported KV-cache step
+(`gptx/export/kv_step.py`) all run `GPT.body`; only the attention differs, chosen by argument. Weights: `weights.py`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 from typing import Sequence
 
 import numpy as np
@@ -22,8 +16,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gptx.model.inputs import (as_token_batch, check_tokens, last_real_positions, new_token_count, padded_targets,
-                               padding_mask, with_padding_mask)
+from gptx.model.inputs import as_token_batch, check_tokens, padded_targets, padding_mask
 from gptx.runtime.errors import InvalidInput
 
 
@@ -58,13 +51,8 @@ class GPTConfig:
 
 
 class GPTOutput(tuple):
-    """What `GPT.forward` returns: the 2-tuple `(logits, loss)` (so `logits, loss = model(x, y)` and
-    `model(x, y)[1]` keep working), with transformers-style attributes on top.
-
-    last_hidden_state  (B, T, n_embd) after the final LayerNorm
-    pooler_output      (B, n_embd): each row's last real token in `last_hidden_state` (what GPT-2
-                       sequence classifiers pool: in a causal model only that token has seen the whole row)
-    """
+    """The 2-tuple `(logits, loss)` with transformers-style attributes: `last_hidden_state` (B, T, n_embd) after
+    ln_f, and `pooler_output` (B, n_embd), each row's last real token (the only one that has seen the whole row)."""
 
     def __new__(cls, logits, loss, last_hidden_state, pooler_output):
         out = super().__new__(cls, (logits, loss))
@@ -75,30 +63,19 @@ class GPTOutput(tuple):
     def __getnewargs__(self):  # copy / pickle rebuild it through __new__
         return (*self, self.last_hidden_state, self.pooler_output)
 
-    @property
-    def logits(self):
-        return self[0]
-
-    @property
-    def loss(self):
-        return self[1]
+    logits = property(itemgetter(0))
+    loss = property(itemgetter(1))
 
 
 def cast_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in `dtype`; nothing at all when it already is, so fp32 graphs get no no-op Casts (they block ORT fusions).
-
-    This is what makes the fp16 export's islands: KVStep(half=True) turns only the matrices to fp16, and each
-    module casts its input to its own weights' dtype and its output back to the residual stream's (fp32).
-    """
+    """x in `dtype`, untouched when it already is (fp32 graphs get no no-op Casts, which block ORT fusions): each
+    module casts its input to its weights' dtype and its output back, which makes the fp16 export's islands."""
     return x if x.dtype == dtype else x.to(dtype)
 
 
 def attention_allowed(attention_mask: torch.Tensor, past_len, new_len) -> torch.Tensor:
     """(B, 1, T, P+T) bool: slot j is visible to new token i if it is filled (mask 1) and not in its future.
-
-    Each token always sees itself, so a padding position never has an all-masked softmax (which would
-    produce NaN that then leaks into the cache or the gradients).
-    """
+    Each token always sees itself, so a padding position never gets an all-masked softmax (NaN)."""
     device = attention_mask.device
     j = torch.arange(past_len + new_len, device=device)[None, :]
     i = torch.arange(new_len, device=device)[:, None] + past_len
@@ -107,29 +84,14 @@ def attention_allowed(attention_mask: torch.Tensor, past_len, new_len) -> torch.
 
 
 def cached_attention(q, k, v, past_k, past_v, bias):
-    """Softmax over [past | new] without concatenating the cache: two score blocks, two value products.
-
-    What the exported step runs, so the runtime can hand in its whole preallocated cache as the past
-    (`bias`, 0 or -inf per slot, masks the empty slots) and the graph never copies it.
-    """
+    """Softmax over [past | new] without concatenating the cache, so the exported step can take the runtime's whole
+    preallocated cache as the past (`bias`, 0 or -inf per slot, masks the empty slots) and never copy it."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.cat([q @ past_k.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1) * scale
     scores = cast_to(scores, torch.float32)  # the softmax accumulates in fp32, also in fp16 exports
     probs = cast_to(torch.softmax(scores + bias, dim=-1), q.dtype)
     past_len = past_k.shape[2]
     return probs[..., :past_len] @ past_v + probs[..., past_len:] @ v
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's own cannot drop just the bias)."""
-
-    def __init__(self, ndim: int, bias: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
 class CausalSelfAttention(nn.Module):
@@ -147,13 +109,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, mask: torch.Tensor | None = None, past: tuple | None = None):
-        """-> (output (B, T, C), (k, v) of these T tokens).
-
-        past None, mask None: causal attention over x (SDPA's fused causal kernel; training's path)
-        past None, mask given: (B, 1, T, T) bool from `attention_allowed`, for padded batches
-        past (k, v) given: the cached step, attending over [past | x]; mask is the (B, 1, T, P+T) float
-                           bias the exported step builds (gptx/export/kv_step.py)
-        """
+        """-> (output (B, T, C), (k, v) of these T tokens). No mask: SDPA's causal kernel; a (B, 1, T, T) bool mask
+        from `attention_allowed`: padded batches; `past` (k, v): the cached step over [past | x], with the
+        (B, 1, T, P+T) float bias that the exported step builds as mask."""
         x = cast_to(x, self.c_attn.weight.dtype)
         q, k, v = (self.reshape_tail(t, (-1, self.head_dim)).transpose(1, 2)
                    for t in self.c_attn(x).split(self.n_embd, dim=2))
@@ -181,9 +139,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, mask: torch.Tensor | None = None, past: tuple | None = None):
@@ -199,15 +157,13 @@ class GPT(nn.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT expects a GPTConfig, got {type(config).__name__}")
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
@@ -238,10 +194,7 @@ class GPT(nn.Module):
 
     def body(self, idx, pos, mask: torch.Tensor | None = None, past: Sequence[tuple] | None = None):
         """Embeddings and every block: the residual stream (B, T, C) before ln_f, and each layer's (k, v).
-
-        `pos` is (T,) or (B, T); `mask` and `past` (one (k, v) per layer) choose the attention, see
-        `CausalSelfAttention.forward`.
-        """
+        `pos` is (T,) or (B, T); `mask` and `past` (one (k, v) per layer): see `CausalSelfAttention.forward`."""
         tr = self.transformer
         x = tr.drop(cast_to(tr.wte(idx), tr.wpe.weight.dtype) + tr.wpe(pos))
         presents = []
@@ -261,14 +214,10 @@ class GPT(nn.Module):
             ragged lists; -1 and padding are ignored. return_logits=False skips the LM head (poolers).
         Returns GPTOutput: unpacks as `logits, loss`, plus `.last_hidden_state` and `.pooler_output`.
         """
-        name = "idx"
-        if input_ids is not None:
-            if idx is not None:
-                raise InvalidInput("give the token ids once: as idx or as input_ids, not both")
-            idx, name = input_ids, "input_ids"
-        if idx is None:
-            raise InvalidInput("forward needs token ids: model(idx) or model(input_ids=...)")
-        idx, attention_mask = with_padding_mask(idx, attention_mask, name)
+        if (idx is None) == (input_ids is None):
+            raise InvalidInput("forward needs token ids once: model(idx) or model(input_ids=...), not both")
+        idx, name = (idx, "idx") if input_ids is None else (input_ids, "input_ids")
+        idx, attention_mask = as_token_batch(idx, name, attention_mask=attention_mask)
         idx = idx.to(self.device)
         check_tokens(idx, self.config.block_size, self.config.vocab_size, name)
         mask = padding_mask(idx, attention_mask, name)
@@ -283,10 +232,8 @@ class GPT(nn.Module):
             pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
             x, _ = self.body(idx, pos, attention_allowed(mask, 0, T))
         hidden = self.transformer.ln_f(x)
-        if mask is None:
-            pooled = hidden[:, -1]
-        else:
-            pooled = hidden[torch.arange(B, device=idx.device), last_real_positions(mask)]
+        last = None if mask is None else (mask * torch.arange(T, device=mask.device)).argmax(dim=1)  # last real token
+        pooled = hidden[:, -1] if last is None else hidden[torch.arange(B, device=idx.device), last]
         logits = self.lm_head(cast_to(hidden, self.lm_head.weight.dtype)) if return_logits else None
         loss = None
         if targets is not None:
@@ -302,8 +249,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, override_args: dict | None = None) -> "GPT":
-        """Hub names (gpt2, gpt2-medium, gpt2-large, gpt2-xl), `shakespeare`, a local HF GPT-2 directory,
-        or a nanoGPT-style `.pt` checkpoint. See `gptx.model.weights`."""
+        """gpt2, gpt2-medium, gpt2-large, gpt2-xl, `shakespeare`, a local HF GPT-2 directory or a nanoGPT `.pt`."""
         from gptx.model.weights import load_pretrained
 
         return load_pretrained(name_or_path, override_args)
@@ -320,34 +266,31 @@ class GPT(nn.Module):
         attention mask and give a list of token lists (prompt + new tokens, no padding). Past block_size,
         max_new_tokens slides the context window (nanoGPT); max_length must fit in it.
         """
+        from gptx.runtime.generation import resolve_new_tokens
         from gptx.runtime.sampler import Sampler, SamplingParams
 
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         idx, mask = as_token_batch(idx, "idx", left=True)
-        B, T = idx.shape
-        new_tokens = new_token_count(T, max_new_tokens, max_length, self.config.block_size)
-        check_tokens(idx, self.config.block_size, self.config.vocab_size)
+        ragged, (B, T), window = mask is not None, idx.shape, self.config.block_size
+        if max_new_tokens is None and max_length is None:
+            raise InvalidInput("give max_new_tokens (tokens to add) or max_length (total length, prompt included)")
+        # the runtime's rule, except that max_new_tokens alone may run past the context (the window slides, as nanoGPT)
+        new_tokens = resolve_new_tokens(max_new_tokens, max_length, T, window if max_length is not None else math.inf)
+        check_tokens(idx, window, self.config.vocab_size)
         idx = idx.to(self.device)
-        mask = None if mask is None else mask.to(self.device)
+        mask = (torch.ones_like(idx) if mask is None else mask).to(self.device)
         sampler = Sampler(params, self.config.vocab_size)
         seen = None
-        if params.repetition_penalty != 1.0:
-            seen = np.zeros((B, self.config.vocab_size), dtype=bool)
-            real = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
-            for row in range(B):
-                seen[row, idx[row][real[row]].cpu().numpy()] = True
-        window = self.config.block_size
+        if params.repetition_penalty != 1.0:  # the prompt's real tokens count as seen
+            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.long).scatter_add_(1, idx.cpu(), mask.cpu())
+            seen = seen.bool().numpy()
         for _ in range(new_tokens):
-            context_mask = None if mask is None else mask[:, -window:]
             # the LM head on the last position only (the pooled one: generation rows always end in a real token)
-            last = self(idx[:, -window:], attention_mask=context_mask, return_logits=False).pooler_output
+            last = self(idx[:, -window:], attention_mask=mask[:, -window:], return_logits=False).pooler_output
             logits = self.lm_head(cast_to(last, self.lm_head.weight.dtype))
             next_ids = sampler(logits.float().cpu().numpy(), seen)
             if seen is not None:
                 seen[np.arange(B), next_ids] = True
             idx = torch.cat((idx, torch.as_tensor(next_ids, dtype=torch.long, device=idx.device)[:, None]), dim=1)
-            if mask is not None:
-                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-        if mask is None:
-            return idx
-        return [row[row_mask.bool()].tolist() for row, row_mask in zip(idx, mask)]
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        return [row[row_mask.bool()].tolist() for row, row_mask in zip(idx, mask)] if ragged else idx
