@@ -1,25 +1,16 @@
 """The OpenAI-compatible app: `create_app(engine, ServerConfig(...))` -> FastAPI, served by uvicorn or Ray Serve.
 
-    POST /v1/completions        prompt: text, texts, token ids or lists of them; SSE with stream=true
-    POST /v1/chat/completions   messages rendered with the chat template (chat.py)
-    GET  /v1/models             the one model served; /v1/models/{id} that model (404 for any other id)
-    GET  /health                200 once the pool runs (readiness), 503 before and while draining / shutting down
-    GET  /metrics               Prometheus (metrics.py)
-
-All generation goes through the runtime's async pool (engine.serving()), opened in the app's lifespan: requests
-from every client are batched continuously. Bad input is refused before any compute: 400 with OpenAI's error
-body (a parameter we cannot honour, a wrong type, a value out of range, a prompt that cannot fit the context), 413
-for a body over `max_body_bytes`, 415 for a body sent as something other than JSON, 431 for too many headers, 429
-with Retry-After when the pool's queue is full, 401 without the API key. Unknown fields that cannot change the
-output are ignored and named in the `x-gptx-ignored-fields` header (schemas.py). A client that goes away frees its
-rows (the pool's cancel, applied at the scheduler's next step). A request that fails answers 500 (or an error event
-mid-stream) and the server keeps serving. `app.state.drain(timeout)` is the SIGTERM drain (edge.DrainingServer).
+/v1/completions and /v1/chat/completions (SSE with stream=true), /v1/models, /health and /metrics. Requests from every
+client are batched continuously by the runtime's async pool (engine.serving(), opened in the lifespan). Bad input is
+refused before any compute, in OpenAI's error shape; a client that leaves frees its rows; a request that fails
+answers 500 (or an error event mid-stream) and the server keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -44,7 +35,7 @@ from .chat import ChatTemplate
 from .logprobs import best, chat_logprobs, completion_logprobs, join
 from .metrics import Metrics
 from .schemas import (MAX_IGNORED_NAMED, MAX_STOP, UNSUPPORTED, ChatCompletionRequest, CompletionRequest,
-                      GenerationFields, error_body)
+                      GenerationFields, StreamOptions, error_body)
 
 log = logging.getLogger("gptx.server")
 
@@ -82,6 +73,24 @@ class APIError(Exception):
         return JSONResponse(self.body, self.status, headers=self.headers)
 
 
+def as_api_error(e: Exception, record: RequestRecord, retry_after: int) -> APIError:
+    """Any exception as the answer the client gets: ours map to their status, anything else is a bug (500; Starlette
+    logs its traceback)."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, HTTPException):
+        return APIError(e.status_code, str(e.detail), code={404: "not_found", 413: "body_too_large"}.get(e.status_code),
+                        headers=e.headers)
+    if isinstance(e, InvalidInput):
+        return APIError(400, str(e))
+    if isinstance(e, QueueFull):
+        return APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after)})
+    if isinstance(e, GptxError):  # a failed generation, e.g. non-finite logits
+        log.error("%s failed: %s", record.id, e)
+        return APIError(500, str(e), "server_error")
+    return APIError(500, f"internal error ({type(e).__name__}); see the server log", "server_error")
+
+
 # ---------------------------------------------------------------------------------------------- per request
 @dataclass
 class RequestRecord:
@@ -96,17 +105,13 @@ class RequestRecord:
 
 
 class Frontdoor:
-    """Pure ASGI middleware (it must not buffer SSE): the API key check on /v1/*, the body size limit, the replica
-    and request-id headers, the status-code counter and one log line per request.
+    """Pure ASGI middleware (it must not buffer SSE): the API key on /v1/*, the body size limit (ours: FastAPI's
+    answers in plain text, uvicorn has none), the replica and request-id headers, the metrics and the log line."""
 
-    The body limit is ours, not FastAPI's `max_body_size`: that one (newest FastAPI only) answers a declared
-    Content-Length over the limit in plain text, and uvicorn has none."""
-
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, max_headers: int, replica: str,
-                 metrics: Metrics):
-        self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
-        self.max_headers = max_headers
-        self.replica = replica.encode("latin-1", "replace")
+    def __init__(self, app, *, config: ServerConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+        self.replica = (config.replica or f"{socket.gethostname()}:{os.getpid()}").encode("latin-1", "replace")
+        self.too_large = f"the request body is over this server's limit of {config.max_body_bytes} bytes"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -131,7 +136,7 @@ class Frontdoor:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:  # a chunked body (no Content-Length) that goes on too long
+                if received > self.config.max_body_bytes:  # a chunked body (no Content-Length) that goes on too long
                     raise HTTPException(413, self.too_large)
             return message
 
@@ -155,32 +160,29 @@ class Frontdoor:
                          f" finish={record.finish}" if record.finish else "", ttft, seconds)
 
     def refusal(self, scope) -> APIError | None:
-        if len(scope["headers"]) > self.max_headers:  # their total size is bounded by the HTTP server (edge.py)
+        limit, key = self.config.max_headers, self.config.api_key
+        if len(scope["headers"]) > limit:  # their total size is bounded by the HTTP server (edge.py)
             return APIError(431, f"the request has {len(scope['headers'])} headers, over this server's limit of "
-                                 f"{self.max_headers}", code="request_header_fields_too_large")
+                                 f"{limit}", code="request_header_fields_too_large")
         headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"].startswith("/v1/"):
+        if key is not None and scope["path"].startswith("/v1/"):
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                 return APIError(401, "a valid API key is needed: send `Authorization: Bearer <key>`",
                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared.isdigit() and int(declared) > self.config.max_body_bytes:
             return APIError(413, self.too_large, code="body_too_large")
         return None
 
-    @property
-    def too_large(self) -> str:
-        return f"the request body is over this server's limit of {self.max_body_bytes} bytes"
-
 
 class Generation:
-    """One HTTP request's pool streams (one per prompt): queued together when made (so 400 / 429 come before any
-    response), iterated as (choice index, Event) with per-token timing, cancelled together by `close()`."""
+    """One HTTP request's pool streams (`samples` per prompt, sharing its prefill: stream k is prompt k // samples):
+    queued together when made (so 400 / 429 come before any response), iterated as (choice index, Event) with
+    per-token timing, cancelled together by `close()`."""
 
     def __init__(self, pool, prompts: list[list[int]], max_tokens: int, options: dict, stop: list[str],
                  record: RequestRecord, metrics: Metrics, live: set, samples: int = 1):
-        """`samples` streams per prompt, sharing its prefill: stream k is prompt k // samples."""
         self.record, self.metrics, self.live = record, metrics, live
         self.streams: list[RequestStream] = []
         try:
@@ -192,15 +194,13 @@ class Generation:
                 stream.cancel()
             raise
         count = len(self.streams)
-        self.tokens = [0] * count
-        self.finish: list[str | None] = [None] * count
-        self._last_token: list[float | None] = [None] * count
+        self.tokens, self.finish, self._last_token = [0] * count, [None] * count, [None] * count
         record.prompt_tokens = sum(map(len, prompts))
         metrics.prompt_tokens.inc(record.prompt_tokens)
         live.add(self)  # what a SIGTERM drain waits for, until close()
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        source = _indexed(self.streams[0]) if len(self.streams) == 1 else _merged(self.streams)
+        source = ((0, e) async for e in self.streams[0]) if len(self.streams) == 1 else _merged(self.streams)
         async for i, event in source:
             if event.token_ids:
                 now = time.perf_counter()
@@ -240,11 +240,6 @@ class Generation:
         self.metrics.completions.labels(reason).inc()
 
 
-async def _indexed(stream: RequestStream) -> AsyncIterator[tuple[int, Event]]:
-    async for event in stream:
-        yield 0, event
-
-
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Event]]:
     """Events of several streams in arrival order (one task per stream; the queue holds at most every event)."""
     inbox: asyncio.Queue = asyncio.Queue()
@@ -252,23 +247,22 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Even
     async def pump(i: int, stream: RequestStream):
         try:
             async for event in stream:
-                inbox.put_nowait((i, event, None))
+                inbox.put_nowait((i, event))
+            inbox.put_nowait((i, None))  # this stream has ended
         except Exception as e:  # handed to the consumer, which raises it with its traceback
-            inbox.put_nowait((i, None, e))
-        else:
-            inbox.put_nowait((i, None, None))
+            inbox.put_nowait((i, e))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         running = len(tasks)
         while running:
-            i, event, error = await inbox.get()
-            if error is not None:
-                raise error
-            if event is None:
+            i, item = await inbox.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
                 running -= 1
             else:
-                yield i, event
+                yield i, item
     finally:
         for task in tasks:
             task.cancel()
@@ -289,11 +283,11 @@ class CompletionFormat:
     prompt's (text, token ids), put before its choices' text; `n` of `samples` per prompt are returned (best_of)."""
     object, chunk_object, prefix = "text_completion", "text_completion", "cmpl-"
 
-    def __init__(self, model: str, record: RequestRecord, choices: int, tokenizer=None, logprobs: int | None = None,
-                 echo: list[tuple[str, list[int]]] | None = None, n: int = 1, samples: int = 1):
+    def __init__(self, model: str, record: RequestRecord, tokenizer, logprobs: int | None = None, n: int = 1,
+                 samples: int = 1, echo: list[tuple[str, list[int]]] | None = None):
         self.id, self.model, self.created = self.prefix + record.id, model, int(time.time())
         self.tokenizer, self.logprobs, self.echo, self.n, self.samples = tokenizer, logprobs, echo, n, samples
-        self._offsets: dict[int, int] = {}  # streaming: each choice's text so far, for text_offset
+        self._offsets: dict[int, int] = {}  # streaming: the length of each choice's text so far
 
     def envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
@@ -339,19 +333,14 @@ class ChatFormat(CompletionFormat):
     """/v1/chat/completions bodies and chunks; the reply's leading whitespace (after "Assistant:") is dropped."""
     object, chunk_object, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
-    def __init__(self, model: str, record: RequestRecord, choices: int, tokenizer=None, logprobs: int | None = None,
-                 n: int = 1, samples: int = 1):
-        super().__init__(model, record, choices, tokenizer, logprobs, None, n, samples)
-        self._started = [False] * choices
-
     def opening(self) -> list[dict]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                for i in range(len(self._started))]
+                for i in range(self.samples)]
 
     def piece(self, i: int, text: str) -> str:
-        if not self._started[i]:
+        if not self._offsets.get(i):
             text = text.lstrip()
-            self._started[i] = bool(text)
+        self._offsets[i] = self._offsets.get(i, 0) + len(text)
         return text
 
     def choice(self, i: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
@@ -377,7 +366,6 @@ def sse(payload: dict | str) -> str:
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(engine, config: ServerConfig) -> FastAPI:
     metrics = Metrics(config.max_batch)
-    replica = config.replica or f"{socket.gethostname()}:{os.getpid()}"
     state: dict = {"pool": None, "draining": False}
     live: set[Generation] = set()   # requests generating or still sending their response
     max_token_bytes = max(map(len, engine.tokenizer.ranks()))  # no token carries more text than this
@@ -394,8 +382,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                 state["pool"] = None
 
     app = FastAPI(title="gptx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Frontdoor, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       max_headers=config.max_headers, replica=replica, metrics=metrics)
+    app.add_middleware(Frontdoor, config=config, metrics=metrics)
 
     async def drain(timeout: float) -> None:
         """SIGTERM: /health and new requests answer 503 while the requests in flight run for up to `timeout`
@@ -417,34 +404,12 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
 
     app.state.drain = drain
 
-    # -- errors: every refusal in OpenAI's shape ------------------------------------------------
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        return e.response()
+    # -- errors: every refusal and failure in OpenAI's shape; the server goes on serving -------------------------
+    async def refuse(request: Request, e: Exception) -> JSONResponse:
+        return as_api_error(e, request.scope["gptx.record"], config.retry_after_seconds).response()
 
-    @app.exception_handler(InvalidInput)
-    async def invalid_input(request: Request, e: InvalidInput):
-        return APIError(400, str(e)).response()
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(request: Request, e: QueueFull):
-        return APIError(429, str(e), "rate_limit_error", code="queue_full",
-                        headers={"Retry-After": str(config.retry_after_seconds)}).response()
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException):
-        return APIError(e.status_code, str(e.detail), code={404: "not_found", 413: "body_too_large"}.get(
-            e.status_code), headers=getattr(e, "headers", None)).response()
-
-    @app.exception_handler(GptxError)
-    async def generation_failed(request: Request, e: GptxError):  # e.g. non-finite logits; the server goes on
-        log.error("%s failed: %s", request.scope["gptx.record"].id, e)
-        return APIError(500, str(e), "server_error").response()
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        # Starlette logs the traceback and the server keeps serving; the client gets OpenAI's shape.
-        return APIError(500, f"internal error ({type(e).__name__}); see the server log", "server_error").response()
+    for kind in (APIError, HTTPException, InvalidInput, QueueFull, GptxError, Exception):
+        app.add_exception_handler(kind, refuse)
 
     # -- helpers shared by the two generation endpoints ------------------------------------------
     def running_pool():
@@ -455,8 +420,9 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         return state["pool"]
 
     async def parse(model: type[GenerationFields], request: Request) -> GenerationFields:
-        """The body as `model`: JSON with or without a Content-Type (not as a form or plain text: a browser may send
-        those cross-site without asking). Unknown fields are refused or ignored by the rule in schemas.py."""
+        """The body as `model`, for the model served, once the pool runs: JSON with or without a Content-Type (not as
+        a form or plain text: a browser may send those cross-site without asking). Unknown fields are refused or
+        ignored by the rule in schemas.py."""
         content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if content_type and content_type not in JSON_TYPES and not content_type.endswith("+json"):
             raise APIError(415, f"the body must be JSON sent with `Content-Type: application/json` (this request "
@@ -480,6 +446,8 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             shown = [ascii(name[:64])[1:-1].replace(",", " ") for name in unknown[:MAX_IGNORED_NAMED]]
             record.ignored = shown + ([f"(+{len(unknown) - len(shown)} more)"] if len(unknown) > len(shown) else [])
             log.info("%s ignored unknown fields: %s", record.id, ", ".join(record.ignored))
+        check_model(body.model)
+        running_pool()  # 503 before any tokenizing while not ready or draining
         return body
 
     def check_model(name: str | None) -> None:
@@ -505,24 +473,18 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                            param="max_tokens", code="context_length_exceeded")
         return requested
 
-    def at_least_fits(prompt, requested: int | None) -> None:
-        """Refuse a prompt text that certainly cannot fit, from its length alone: every token carries at most
-        `max_token_bytes` bytes of text, so a text of B bytes is at least ceil(B / max_token_bytes) tokens. Cheap,
-        and exact in the refusing direction: a text this refuses would be refused after tokenizing too."""
-        if not isinstance(prompt, str):
-            return
-        size = len(prompt) if prompt.isascii() else len(prompt.encode("utf-8", "surrogatepass"))
-        tokens = math.ceil(size / max_token_bytes)
-        context = engine.block_size
-        if tokens >= context or (requested is not None and tokens + requested > context):
-            raise APIError(400, f"the prompt of {size} bytes is at least {tokens} tokens: with "
-                                f"{requested or 1} new token(s) it cannot fit the model's context of {context} tokens",
-                           param="prompt", code="context_length_exceeded")
-
     async def encode(prompts: list, requested: int | None) -> list[list[int]]:
-        """Token ids of each prompt, after the cheap bound; long texts are tokenized off the event loop."""
-        for prompt in prompts:
-            at_least_fits(prompt, requested)
+        """Token ids of each prompt; long texts are tokenized off the event loop. A text that certainly cannot fit is
+        refused first, from its length alone: no token carries more than `max_token_bytes` bytes of text, so a text of
+        B bytes is at least ceil(B / max_token_bytes) tokens (cheap, and never refuses a text that would fit)."""
+        context = engine.block_size
+        for text in (p for p in prompts if isinstance(p, str)):
+            size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+            tokens = math.ceil(size / max_token_bytes)
+            if tokens >= context or (requested is not None and tokens + requested > context):
+                raise APIError(400, f"the prompt of {size} bytes is at least {tokens} tokens: with {requested or 1} "
+                                    f"new token(s) it cannot fit the model's context of {context} tokens",
+                               param="prompt", code="context_length_exceeded")
 
         def tokenize():
             try:
@@ -544,8 +506,8 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             options["prompt_logprobs"] = fmt.logprobs or 0  # (max_tokens 0 scores the prompt: it needs them)
         gen = Generation(running_pool(), prompts, max_tokens, options, stop, record, metrics, live, fmt.samples)
         if body.stream:
-            return StreamingResponse(stream_chunks(gen, fmt, *body.usage_options()), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(stream_chunks(gen, fmt, body.stream_options or StreamOptions()),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = [Sampled() for _ in gen.streams]
 
         async def collect():
@@ -560,17 +522,16 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         failed = False
         try:
             await unless_disconnected(request, collect())
-        except APIError:  # the client left (499) or the pool is shutting down (503): cancelled, not failed
-            raise
-        except Exception:
-            failed = True
+        except Exception as e:
+            failed = not isinstance(e, APIError)  # the client left (499), the pool shut down (503): cancelled
             raise
         finally:
             gen.close(failed)
         return JSONResponse(fmt.envelope(fmt.object, fmt.choices(results, gen.finish), usage=gen.usage()))
 
-    async def stream_chunks(gen: Generation, fmt: CompletionFormat, include_usage: bool,
-                            continuous_usage: bool) -> AsyncIterator[str]:
+    async def stream_chunks(gen: Generation, fmt: CompletionFormat, options: StreamOptions) -> AsyncIterator[str]:
+        include_usage, continuous_usage = options.include_usage, options.continuous_usage_stats
+
         def usage() -> dict:  # every chunk carries `usage`: null, or the counts so far with continuous_usage_stats
             return {"usage": gen.usage()} if continuous_usage else {"usage": None} if include_usage else {}
 
@@ -586,18 +547,12 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             if include_usage:
                 yield sse(fmt.envelope(fmt.chunk_object, [], usage=gen.usage()))
             yield sse("[DONE]")
-        except APIError as e:  # the pool shut down under this request
-            yield sse(e.body)
+        except Exception as e:  # the pool shut down under this request (503) or the generation failed (500)
+            failed = not isinstance(e, APIError)
+            yield sse(as_api_error(e, gen.record, config.retry_after_seconds).body)
+            if not isinstance(e, (APIError, GptxError)):  # a bug: its traceback goes to the log
+                raise
             yield sse("[DONE]")
-        except GptxError as e:  # a failed generation (e.g. non-finite logits): tell the client, keep serving
-            failed = True
-            log.error("%s failed: %s", gen.record.id, e)
-            yield sse(error_body(str(e), "server_error"))
-            yield sse("[DONE]")
-        except Exception as e:  # a bug: the client hears of it, the traceback goes to the log (re-raised)
-            failed = True
-            yield sse(error_body(f"internal error ({type(e).__name__}); see the server log", "server_error"))
-            raise
         finally:
             gen.close(failed)
 
@@ -605,37 +560,30 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parse(CompletionRequest, request)
-        check_model(body.model)
-        running_pool()  # 503 before any tokenizing while not ready or draining
         if len(body.prompts()) > max_group(config.max_queue):  # the share of the queue one request may hold
             raise APIError(400, f"at most {max_group(config.max_queue)} prompts per request", param="prompt")
         prompts = await encode(body.prompts(), body.token_limit())
         max_tokens = token_budget(body.token_limit(), prompts, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        echo = None
         if body.echo and not engine.backend.capabilities.any_logits:
             raise APIError(400, "echo needs every prompt position's logits, and this export returns the last "
                                 "position's only: re-export the model with this gptx", param="echo")
-        if body.echo:
-            echo = [(p if isinstance(p, str) else engine.tokenizer.decode(ids), ids)
-                    for p, ids in zip(body.prompts(), prompts)]
-        fmt = CompletionFormat(config.model_name, request.scope["gptx.record"], len(prompts), engine.tokenizer,
-                               body.logprobs, echo, body.n, body.samples())
+        echo = [(p if isinstance(p, str) else engine.tokenizer.decode(ids), ids)
+                for p, ids in zip(body.prompts(), prompts)] if body.echo else None
+        fmt = CompletionFormat(config.model_name, request.scope["gptx.record"], engine.tokenizer, body.logprobs, body.n,
+                               body.samples(), echo)
         return await respond(request, body, prompts, max_tokens, body.stops(), fmt)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await parse(ChatCompletionRequest, request)
-        check_model(body.model)
-        running_pool()
         template = config.chat_template
         prompts = await encode([template.render([(m.role, m.text()) for m in body.messages])], body.token_limit())
         max_tokens = token_budget(body.token_limit(), prompts, None)
-        fmt = ChatFormat(config.model_name, request.scope["gptx.record"], body.n, engine.tokenizer,
+        fmt = ChatFormat(config.model_name, request.scope["gptx.record"], engine.tokenizer,
                          (body.top_logprobs or 0) if body.logprobs else None, n=body.n, samples=body.n)
         return await respond(request, body, prompts, max_tokens, [*body.stops(), *template.stop], fmt)
 
-    created = int(time.time())
-    card = {"id": config.model_name, "object": "model", "created": created, "owned_by": "gptx",
+    card = {"id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "gptx",
             "max_model_len": engine.block_size}
 
     @app.get("/v1/models")
@@ -688,28 +636,22 @@ async def _disconnected(request: Request) -> None:
 def describe_validation_error(errors) -> tuple[str, str | None]:
     """pydantic's errors -> one message and OpenAI's `param` (the top-level field)."""
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if first["type"] == "json_invalid":
+    kind, message, loc = first["type"], first["msg"].removeprefix("Value error, "), [str(p) for p in first["loc"]]
+    if kind == "json_invalid":
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})", None
-    if not loc:  # the body as a whole: not an object, or a rule across fields
-        if first["type"] in ("model_type", "model_attributes_type"):
-            return "the body must be a JSON object", None
-        message = first["msg"].removeprefix("Value error, ")
-        field_name = message.split(" ", 1)[0]  # a rule across fields names its first field first
-        return message, field_name if field_name in GenerationFields.model_fields else None
-    path = []  # the field's path, up to the union member pydantic tried (tags such as "str" or "list[str]")
-    for part in loc:
-        if "[" in part or part in ("str", "int", "float", "bool"):
-            break
-        path.append(part)
+    if not loc and kind in ("model_type", "model_attributes_type"):
+        return "the body must be a JSON object", None
+    if not loc:  # a rule across fields, which names its first field first
+        name = message.split(" ", 1)[0]
+        return message, name if name in GenerationFields.model_fields else None
+    # the field's path, up to the union member pydantic tried (tags such as "str" or "list[str]")
+    path = list(itertools.takewhile(lambda p: "[" not in p and p not in ("str", "int", "float", "bool"), loc))
     where = ".".join(path)
-    if first["type"] == "extra_forbidden":
-        return f"unknown field {where!r}", path[0]
-    if first["type"] == "missing":
-        return f"{where} is required", path[0]
+    if kind in ("extra_forbidden", "missing"):
+        return (f"unknown field {where!r}" if kind == "extra_forbidden" else f"{where} is required"), path[0]
     if len(path) < len(loc) and path[-1] in UNION_HINTS:
         return f"{where} must be {UNION_HINTS[path[-1]]}", path[0]
-    return f"{where}: {first['msg'].removeprefix('Value error, ')}", path[0]
+    return f"{where}: {message}", path[0]
 
 
 UNION_HINTS = {

@@ -1,17 +1,8 @@
 """Chat messages -> one prompt for a GPT-2-style model, which has no chat format of its own.
 
-The default is a plain transcript, the shape GPT-2 saw in dialogue on the web:
-
-    You are a helpful assistant.          <- system (and developer) messages, each followed by a blank line
-
-    User: Hello!
-    Assistant: Hi. How can I help?
-    User: Tell me a joke.
-    Assistant:                            <- where the model continues
-
-Generation also stops at "\\nUser:", so the model does not write the user's next turn. Override any part
-with `gptx serve --chat-template FILE.json` (keys as in ChatTemplate; "{content}" marks where a message's text
-goes), or pass ChatTemplate(...) to create_app.
+The default is a plain transcript ("User: ...", "Assistant: ...", system messages first), the shape GPT-2 saw in
+dialogue on the web, ending in "Assistant:"; generation also stops at "\\nUser:". `gptx serve --chat-template FILE.json`
+overrides any part (keys as in ChatTemplate; "{content}" marks where a message's text goes).
 """
 
 from __future__ import annotations

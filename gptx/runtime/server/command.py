@@ -1,8 +1,5 @@
-"""`gptx serve DIR`: the OpenAI-compatible server on uvicorn, or on Ray Serve with --ray.
-
-gptx/cli.py's `serve` command parses the options and calls `run_serve`; everything heavy (the engine, FastAPI, uvicorn,
-Ray) is imported when it runs, so `gptx --help` stays fast.
-"""
+"""`gptx serve DIR` (parsed by gptx/cli.py): the OpenAI-compatible server on uvicorn, or on Ray Serve with --ray.
+Everything heavy (the engine, FastAPI, uvicorn, Ray) is imported when it runs, so `gptx --help` stays fast."""
 
 from __future__ import annotations
 

@@ -1,19 +1,10 @@
 """The connection edge under uvicorn: bounded headers, deadlines for a request still arriving, a connection cap.
 
-uvicorn brings the header bound (h11's `max_incomplete_event_size`) and the keep-alive timeout, but no deadline for
-a request that is still arriving (a client that connects and sends nothing, or trickles its headers, holds its
-connection forever), and its `limit_concurrency` answers 503 on every connection once the count is reached. This
-is uvicorn's own h11 protocol with those additions; parsing stays h11's:
-
-    header deadline   from a connection's accept (or a kept-alive connection's next first byte) to the end of the
-                      request's headers; an idle or half-sent connection is closed when it passes
-    body deadline     from the end of the headers to the end of the body
-    keep-alive        uvicorn's own timer between requests
-    header bytes      over `max_header_bytes` before the blank line: 431 and close (h11's receive buffer bound)
-    connections       past `max_connections` a new connection gets one 503 and is closed at once; the ones
-                      already open keep working
-
-Streaming responses are not limited: once a request is fully received, only the client going away ends it.
+uvicorn bounds header bytes (h11) and keep-alive, but a client that connects and sends nothing, or trickles its
+headers, holds its connection forever, and its `limit_concurrency` answers 503 on every connection at the cap. This is
+uvicorn's h11 protocol plus a header deadline (from accept, or a kept-alive request's first byte), a body deadline,
+431 for headers over `max_header_bytes`, and one 503 for a connection past `max_connections` (open ones keep working).
+A response, once its request is fully received, is not limited: only the client going away ends it.
 """
 
 from __future__ import annotations

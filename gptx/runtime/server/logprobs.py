@@ -1,8 +1,5 @@
-"""OpenAI's logprobs shapes, from the runtime's TokenLogprob: the completions object (tokens, token_logprobs,
-top_logprobs, text_offset; echo puts the prompt's first, its first token's logprob null) and chat's content list
-(token, logprob, bytes, top_logprobs). A token's text is its bytes decoded as UTF-8 with replacement (a token may
-hold part of a character); `bytes` gives the exact bytes. best_of keeps the samples with the highest sum of their
-tokens' logprobs, as OpenAI ranks them."""
+"""OpenAI's logprobs shapes from the runtime's TokenLogprob: the completions object and chat's content list. A token's
+text is its bytes decoded as UTF-8 with replacement (a token may hold part of a character); chat's `bytes` are exact."""
 
 from __future__ import annotations
 

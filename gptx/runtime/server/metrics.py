@@ -1,16 +1,4 @@
-"""Prometheus metrics for one server (its own registry, so several apps can live in one process: tests, Ray).
-
-    gptx_http_requests_total{endpoint, status}       every HTTP response, by route and status code
-    gptx_completions_total{finish_reason}            generations by how they ended: stop | length | cancelled | error
-    gptx_prompt_tokens_total, gptx_completion_tokens_total
-    gptx_prompt_tokens_cached_total                  prompt tokens served from the prefix cache (not recomputed)
-    gptx_queue_waiting, gptx_active_rows, gptx_max_batch   the pool's queue depth and rows in use (read at scrape)
-    gptx_step_batch_size{kind}                       rows per graph call (kind: prefill | decode), histogram
-    gptx_step_seconds{kind}                          duration of each graph call, histogram
-    gptx_time_to_first_token_seconds                 request arrival to its first token, histogram
-    gptx_inter_token_latency_seconds                 between consecutive tokens of a request, histogram
-    gptx_request_seconds{endpoint}                   whole request, histogram
-"""
+"""Prometheus metrics for one server: its own registry, so several apps can live in one process (tests, Ray)."""
 
 from __future__ import annotations
 

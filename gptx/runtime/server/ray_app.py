@@ -1,13 +1,8 @@
 """The same FastAPI app on Ray Serve: one engine and one pool per replica, replicas spread over a Ray cluster.
 
-    gptx serve DIR --ray --replicas 2                    # a local Ray, started and stopped for you
-    gptx serve DIR --ray --autoscale 1:4 --ray-address auto
-    serve run gptx.runtime.server.ray_app:build directory=DIR # Ray's own CLI; KubeRay's RayService uses the same
-                                                         # import path (docs/serving.md)
-
-Each replica is a Ray actor that loads the export itself (the directory must exist at the same path on every
-node), opens its pool in the app's lifespan and stamps its replica id on every response (x-gptx-replica).
-Ray's proxy routes requests to replicas; a replica that dies is replaced by the Serve controller.
+`gptx serve DIR --ray [--replicas N | --autoscale MIN:MAX] [--ray-address auto]`, or Ray's own
+`serve run gptx.runtime.server.ray_app:build directory=DIR` (KubeRay's RayService uses the same import path). Each
+replica loads the export itself (the same path on every node) and stamps its id on every response (x-gptx-replica).
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
-"""Request bodies of the OpenAI-compatible endpoints (pydantic), the rule for fields we do not know, and OpenAI's
-error body.
+"""Request bodies of the OpenAI-compatible endpoints (pydantic) and OpenAI's error body.
 
-Known fields are strict: wrong types (a string for a number, a bool for an int), NaN or infinite numbers and values
-out of OpenAI's ranges are refused with 400 before any work. Fields the server does not know are sorted by
-`unknown_fields`:
-
-- UNSUPPORTED: parameters that would change the output if honoured (tools, response_format, min_p, ...): 400.
-- OFF_VALUES: OpenAI parameters not implemented, accepted only at their "off" value (suffix=null), so clients
-  that send the defaults explicitly keep working.
-- anything else cannot change what is generated (metadata, store, a client's bookkeeping): ignored, named in one
-  log line and in the `x-gptx-ignored-fields` response header, as vLLM does.
-
-Extensions beyond OpenAI's API (vLLM's names): top_k, repetition_penalty, ignore_eos, min_tokens,
+Known fields are strict (types, finite numbers, OpenAI's ranges): 400 before any work. Unknown fields that would change
+the output if honoured (UNSUPPORTED) are refused; the others are ignored and named in the `x-gptx-ignored-fields`
+header, as vLLM does. Extensions (vLLM's names): top_k, repetition_penalty, ignore_eos, min_tokens,
 stream_options.continuous_usage_stats; max_completion_tokens on /v1/completions too.
 """
 
@@ -19,10 +10,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 4           # stop strings per request (OpenAI's limit)
 MAX_SEED = 2**63 - 1
+MAX_N = 16             # samples per prompt (n, best_of): each takes a row of the batch
+MAX_IGNORED_NAMED = 8  # unknown fields named in the log line and the header (the rest are counted)
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
@@ -33,33 +26,16 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-# OpenAI parameters this server does not implement yet: the values accepted (their "off" values)
-OFF_VALUES = {"suffix": (None,)}
-MAX_N = 16             # samples per prompt (n, best_of): each takes a row of the batch
-
 # Parameters (OpenAI's, vLLM's, llama.cpp's) that would change the output if honoured, and that this server does not
 # implement: refused whatever their value, never ignored.
 UNSUPPORTED = frozenset({
     "tools", "tool_choice", "functions", "function_call", "response_format", "structured_outputs", "guided_json",
     "guided_regex", "guided_choice", "guided_grammar", "grammar", "json_schema", "min_p", "typical_p", "tfs_z",
-    "mirostat", "stop_token_ids", "bad_words", "allowed_token_ids", "logits_processors",
-    "include_stop_str_in_output", "prompt_logprobs", "use_beam_search", "length_penalty", "truncate_prompt_tokens",
-    "prediction", "audio", "modalities", "reasoning_effort", "n_probs", "penalty_last_n", "dry_multiplier",
-    "prompt_embeds", "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
+    "mirostat", "stop_token_ids", "bad_words", "allowed_token_ids", "logits_processors", "include_stop_str_in_output",
+    "prompt_logprobs", "use_beam_search", "length_penalty", "truncate_prompt_tokens", "prediction", "audio",
+    "modalities", "reasoning_effort", "n_probs", "penalty_last_n", "dry_multiplier", "prompt_embeds",
+    "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
 })
-MAX_IGNORED_NAMED = 8   # unknown fields named in the log line and the header (the rest are counted)
-
-
-def only_off(value, info: ValidationInfo):
-    allowed = OFF_VALUES[info.field_name]
-    if value not in allowed:
-        raise ValueError(f"not supported by this server (leave it at {allowed[0]!r})")
-    return value
-
-
-def Finite(default: float, **bounds):
-    """A float field that refuses NaN and infinities ("must be a finite number"), then checks its range."""
-    return Field(default, allow_inf_nan=False, **bounds)
 
 
 class Strict(BaseModel):
@@ -67,8 +43,9 @@ class Strict(BaseModel):
 
 
 class Lenient(BaseModel):
-    """Strict about the fields it knows; keeps the others (model_extra) for `unknown_fields` to sort."""
-    model_config = ConfigDict(extra="allow", strict=True)
+    """Strict about the fields it knows (NaN and infinities too); keeps the others (model_extra) for
+    `unknown_fields` to sort."""
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(Lenient):
@@ -81,20 +58,20 @@ class GenerationFields(Lenient):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)  # 0 only to score a prompt (completions with echo)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name (chat); vLLM-style on completions
-    temperature: float = Finite(1.0, ge=0, le=2)
-    top_p: float = Finite(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     user: str | None = None
-    presence_penalty: float = Finite(0.0, ge=-2, le=2)
-    frequency_penalty: float = Finite(0.0, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     # extensions
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float = Finite(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
 
@@ -107,13 +84,9 @@ class GenerationFields(Lenient):
         return value
 
     @model_validator(mode="after")
-    def _stream_options_need_stream(self):
+    def _rules(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
-        return self
-
-    @model_validator(mode="after")
-    def _one_limit(self):
         if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
             raise ValueError(f"max_tokens ({self.max_tokens}) and max_completion_tokens ({self.max_completion_tokens})"
                              " disagree: give one of them")
@@ -121,12 +94,6 @@ class GenerationFields(Lenient):
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def usage_options(self) -> tuple[bool, bool]:
-        """(a last chunk with the usage, usage so far in every chunk)"""
-        options = self.stream_options
-        return (options is not None and options.include_usage,
-                options is not None and options.continuous_usage_stats)
 
     def unknown_fields(self) -> list[str]:
         """The names of the fields this server does not know (top level and stream_options)."""
@@ -142,10 +109,6 @@ class GenerationFields(Lenient):
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()}, min_tokens=self.min_tokens)
 
-    def samples(self) -> int:
-        """Samples drawn per prompt (best_of where the endpoint has it, else n)."""
-        return self.n
-
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -155,9 +118,14 @@ class CompletionRequest(GenerationFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
-    suffix: str | None = None
+    suffix: str | None = None  # not implemented: accepted only at its "off" value, for clients that send defaults
 
-    _off_here = field_validator("suffix")(only_off)
+    @field_validator("suffix")
+    @classmethod
+    def _suffix_off(cls, value):
+        if value is not None:
+            raise ValueError("not supported by this server (leave it at None)")
+        return value
 
     @model_validator(mode="after")
     def _completion_rules(self):
