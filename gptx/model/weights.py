@@ -1,12 +1,8 @@
 """Where GPT weights come from: the Hugging Face Hub, a local HF directory, a nanoGPT checkpoint, or the bundled sample.
 
-The HF -> gptx mapping is explicit (as in nanoGPT): parameter names already match, the `attn.bias` /
-`attn.masked_bias` buffers are dropped and the four Conv1D weights are transposed.
-
-Every file here is untrusted. Before a model is built, its config is checked (types, ranges), the parameter
-count it claims is checked against the bytes on disk, and every tensor's shape against the config, so a tiny
-file cannot make gptx allocate gigabytes. `torch.load` runs with `weights_only=True` only, and no error
-message repeats what a file contains.
+Every file is untrusted: the config's types and ranges, the parameter count it claims against the bytes on disk and
+every tensor's shape are checked before a model is built, so a tiny file cannot make gptx allocate gigabytes.
+`torch.load` runs with `weights_only=True` only, and no error message repeats what a file contains.
 """
 
 from __future__ import annotations
@@ -18,6 +14,7 @@ import pickle
 import socket
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -35,16 +32,12 @@ HUB_MODELS = {
 SAMPLE_MODELS = {"shakespeare": Path(__file__).parent / "data" / "shakespeare.pt"}
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-HUB_HOST = "huggingface.co"
 IN_MEMORY = "in-memory GPT"
 CONFIG_INTS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 MIN_BYTES_PER_PARAM = 2  # fp16/bf16: the smallest weights gptx reads
-# What torch.load raises on bytes that are not a checkpoint it can read with weights_only=True (garbage,
-# truncated zip, a pickle of arbitrary objects). Caught only around that call, on an untrusted file.
+# What torch.load raises on bytes it cannot read with weights_only=True; caught only around that call.
 UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError,
               zipfile.BadZipFile, UnicodeDecodeError)
-
-
 ALTERNATIVES = (
     "use a local Hugging Face GPT-2 directory (config.json + model.safetensors), a nanoGPT checkpoint .pt, "
     "'shakespeare' (bundled), or 'random:gpt2' for export benchmarks"
@@ -66,22 +59,20 @@ def load_pretrained(name_or_path: str, override_args: dict | None = None) -> GPT
         return load_checkpoint(path, override_args)
     if name in HUB_MODELS:
         return load_hf_dir(download_hub_model(name), override_args)
-    raise ModelLoadError(
-        f"'{name}' is neither a known model ({', '.join([*HUB_MODELS, *SAMPLE_MODELS])}) nor an existing path"
-    )
+    raise ModelLoadError(f"'{name}' is neither a known model ({', '.join([*HUB_MODELS, *SAMPLE_MODELS])}) nor an "
+                         "existing path")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP probe, so that an offline machine fails in seconds instead of hanging in retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    endpoint = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":")[0]
+    host = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
-        return True
     except OSError:
         return False
+    return True
 
 
 def download_hub_model(repo_id: str) -> Path:
@@ -142,18 +133,14 @@ def check_fits_files(cfg: dict, nbytes: int, source: str, bias: bool = True) -> 
         )
 
 
-def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape for `config`, from a model on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_state(state, config: GPTConfig, source: str) -> dict[str, torch.Tensor]:
-    """Names, types and shapes of a state dict against the model `config` describes, before building it."""
+def build_checked(config: GPTConfig, state, source: str) -> GPT:
+    """Names, types and shapes of the weights against the model `config` describes (from a model on the meta device,
+    no memory) first; the model is only built once its weights are known to fit. The head may be left out (tied)."""
     if not isinstance(state, dict):
         raise ModelLoadError(f"{source}: the weights are a {type(state).__name__}, not a state dict")
-    expected = expected_shapes(config)
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     missing = [k for k in expected if not isinstance(state.get(k), torch.Tensor)]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -163,12 +150,6 @@ def check_state(state, config: GPTConfig, source: str) -> dict[str, torch.Tensor
             raise ModelLoadError(f"{source}: {k} has shape {tuple(state[k].shape)}, the config says {shape}")
         if not state[k].is_floating_point():
             raise ModelLoadError(f"{source}: {k} holds {state[k].dtype} values, not floating point weights")
-    return state
-
-
-def build_checked(config: GPTConfig, state: dict, source: str) -> GPT:
-    """Check first, then allocate: the model is only built once its weights are known to fit."""
-    check_state(state, config, source)
     model = GPT(config)
     with torch.no_grad():
         for k, v in model.state_dict().items():
@@ -177,14 +158,6 @@ def build_checked(config: GPTConfig, state: dict, source: str) -> GPT:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def looks_like_onnx(path: Path) -> bool:
-    if path.suffix.lower() in (".onnx", ".data"):
-        return True
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return len(head) == 2 and head[0] == 0x08 and head[1] < 0x80  # ModelProto field 1 (ir_version), a small varint
-
-
 def read_checkpoint(path: str | Path) -> dict:
     """torch.load of an untrusted file, weights only; memory-mapped when the file is a zip checkpoint, so
     nothing is read into memory before it has been checked. Any unreadable file is one ModelLoadError."""
@@ -193,7 +166,9 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ModelLoadError(f"{path} is not a file")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path} is empty, not a PyTorch checkpoint")
-    if looks_like_onnx(path):
+    with open(path, "rb") as f:
+        head = f.read(2)  # an ONNX ModelProto starts with field 1 (ir_version), a small varint
+    if path.suffix.lower() in (".onnx", ".data") or (len(head) == 2 and head[0] == 0x08 and head[1] < 0x80):
         raise ModelLoadError(f"{path} looks like an ONNX model or export, not a PyTorch checkpoint: gptx exports "
                              "from PyTorch weights (a nanoGPT .pt or a Hugging Face directory); run an export with "
                              "`gptx generate DIR`")
@@ -208,16 +183,6 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except SafetensorError:
-        raise ModelLoadError(f"{path} is not a valid safetensors file (corrupt or truncated header)") from None
-
-
 def weight_files(directory: Path) -> list[Path]:
     """The files holding an HF directory's weights, each checked to lie inside the directory."""
     single = directory / "model.safetensors"
@@ -229,8 +194,8 @@ def weight_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise ModelLoadError(
-                f"{index} is not a valid safetensors index (needs a 'weight_map' of file names)") from None
+            raise ModelLoadError(f"{index} is not a valid safetensors index (needs a 'weight_map' of file "
+                                 "names)") from None
         files = []
         for shard in shards:
             path = resolve_inside(directory, shard)
@@ -247,14 +212,6 @@ def weight_files(directory: Path) -> list[Path]:
     raise ModelLoadError(f"{directory} has no model.safetensors, sharded safetensors or pytorch_model.bin")
 
 
-def read_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for file in weight_files(Path(directory)):
-        part = read_safetensors(file) if file.suffix == ".safetensors" else read_checkpoint(file)
-        state.update(part)
-    return state
-
-
 def config_from_hf(hf, override_args: dict, source: str = "config.json") -> GPTConfig:
     if not isinstance(hf, dict):
         raise ModelLoadError(f"{source} holds a {type(hf).__name__}, not a JSON object")
@@ -264,8 +221,7 @@ def config_from_hf(hf, override_args: dict, source: str = "config.json") -> GPTC
     if act not in TANH_GELUS:
         raise ModelLoadError(f"{source}: unsupported activation_function: gptx implements GPT-2's tanh GELU "
                              f"({', '.join(TANH_GELUS)})")
-    cfg = check_config(hf, source, {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer",
-                                    "n_head": "n_head", "n_embd": "n_embd"})
+    cfg = check_config(hf, source, {**{k: k for k in CONFIG_INTS}, "block_size": "n_positions"})
     if hf.get("n_inner") not in (None, 4 * cfg["n_embd"]):
         raise ModelLoadError(f"{source}: unsupported n_inner: gptx uses GPT-2's 4 * n_embd MLP")
     return GPTConfig(**cfg, bias=True, dropout=override_args.get("dropout", 0.0))
@@ -282,11 +238,13 @@ def gpt_state_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         if key.endswith(CONV1D_WEIGHTS) and isinstance(tensor, torch.Tensor) and tensor.dim() == 2:
             tensor = tensor.t()
         out[key] = tensor
-    out.setdefault("lm_head.weight", out.get("transformer.wte.weight"))
     return out
 
 
 def load_hf_dir(directory: Path, override_args: dict | None = None) -> GPT:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -300,7 +258,13 @@ def load_hf_dir(directory: Path, override_args: dict | None = None) -> GPT:
     config = config_from_hf(hf, override_args or {}, str(config_file))
     files = weight_files(directory)
     check_fits_files(config.to_dict(), sum(f.stat().st_size for f in files), str(directory))
-    return build_checked(config, gpt_state_from_hf(read_hf_state_dict(directory)), str(directory))
+    state = {}
+    for file in files:
+        try:
+            state.update(load_file(file) if file.suffix == ".safetensors" else read_checkpoint(file))
+        except SafetensorError:
+            raise ModelLoadError(f"{file} is not a valid safetensors file (corrupt or truncated header)") from None
+    return build_checked(config, gpt_state_from_hf(state), str(directory))
 
 
 def load_checkpoint(path: Path, override_args: dict | None = None) -> GPT:
@@ -328,7 +292,6 @@ def model_from_checkpoint(ckpt: dict, path: Path, override_args: dict | None = N
         raise ModelLoadError(f"{path}: 'model' is a {type(ckpt['model']).__name__}, not a state dict")
     # torch.compile'd models save their parameters under `_orig_mod.`
     state = {str(k).removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
     return build_checked(config, state, str(path))
 
 
