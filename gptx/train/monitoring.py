@@ -1,16 +1,6 @@
-"""Training monitors behind one small interface: TensorBoard, Weights & Biases (offline) and MLflow (local store).
-
-The training loop talks to a `Reporter` (log_config / log_metrics / log_artifact / close) and never imports a
-tracking library itself. Everything stays on this machine, inside the run's output directory:
-
-- tensorboard: event files in OUT/tb.
-- wandb: an offline run in OUT/wandb (we pass mode="offline" unless WANDB_MODE says otherwise), with artifact
-  copies staged in OUT/wandb too rather than in the user's home directory.
-- mlflow: a local tracking store, by default `sqlite:///OUT/mlflow.db` with artifacts in OUT/mlartifacts.
-
-The three packages are optional (`pip install 'gptx[monitor]'`); asking for one that is missing fails before any
-training work is done.
-"""
+"""Training monitors behind one small interface: TensorBoard (OUT/tb), Weights & Biases (an offline run in OUT/wandb)
+and MLflow (a local store, by default OUT/mlflow.db). Everything stays inside the run's output directory; the
+packages are optional (`pip install 'gptx[monitor]'`) and a missing one fails before any training work."""
 
 from __future__ import annotations
 
@@ -22,17 +12,16 @@ import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
 
 from gptx.runtime.errors import InvalidInput, MissingDependency
 
 REPORTERS = ("tensorboard", "wandb", "mlflow")
-PROJECT = "gptx"  # wandb project and mlflow experiment name, unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
+PROJECT = "gptx"  # wandb project and mlflow experiment, unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
 LOCAL_MLFLOW_SCHEMES = ("file:", "sqlite:")
 
 
-class Reporter(Protocol):
-    """What the training loop needs from a monitoring backend."""
+class Reporter:
+    """What the training loop needs from a monitoring backend (one run each)."""
 
     name: str
     location: str  # where the run's records are, for the user
@@ -41,7 +30,8 @@ class Reporter(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def log_artifact(self, path: Path, name: str) -> None: ...
+    def log_artifact(self, path: Path, name: str) -> None:
+        """Nothing by default (TensorBoard has no artifact store; the checkpoint stays in the output directory)."""
 
     def close(self, failed: bool = False) -> None: ...
 
@@ -54,7 +44,7 @@ def installed(name: str) -> bool:
 
 
 def parse_report_to(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """'tensorboard,wandb' or ['wandb'] -> ('tensorboard', 'wandb'); None -> tensorboard when installed; 'none' -> ()."""
+    """'tensorboard,wandb' or ['wandb'] -> ('tensorboard', 'wandb'); None: tensorboard when installed; 'none': ()."""
     if value is None:
         return ("tensorboard",) if installed("tensorboard") else ()
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -92,7 +82,7 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-class TensorBoardReporter:
+class TensorBoardReporter(Reporter):
     name = "tensorboard"
 
     def __init__(self, out_dir: Path):
@@ -107,9 +97,6 @@ class TensorBoardReporter:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
-
-    def log_artifact(self, path: Path, name: str) -> None:
-        pass  # TensorBoard has no artifact store; the checkpoint stays in the output directory
 
     def close(self, failed: bool = False) -> None:
         self.writer.close()
@@ -128,7 +115,7 @@ def env_default(name: str, value: str):
         os.environ.pop(name, None)
 
 
-class WandbReporter:
+class WandbReporter(Reporter):
     """An offline W&B run in OUT/wandb; `wandb sync` can upload it later."""
 
     name = "wandb"
@@ -161,12 +148,9 @@ class WandbReporter:
             self.run.finish(exit_code=1 if failed else 0)
 
 
-class MlflowReporter:
-    """An MLflow run in a local store (default: OUT/mlflow.db, artifacts in OUT/mlartifacts); no server.
-
-    Metrics are sent in batches at most FLUSH_SECONDS apart: one SQLite commit took ~28 ms here, more than a small
-    model's training step.
-    """
+class MlflowReporter(Reporter):
+    """An MLflow run in a local store (default: OUT/mlflow.db, artifacts in OUT/mlartifacts); no server. Metrics go in
+    batches at most FLUSH_SECONDS apart: one SQLite commit (~28 ms) costs more than a small model's training step."""
 
     name = "mlflow"
     FLUSH_SECONDS = 2.0
@@ -191,7 +175,8 @@ class MlflowReporter:
         except (MlflowException, SQLAlchemyError) as e:
             reason = str(getattr(e, "orig", None) or e).split(". ")[0].splitlines()[0][:200]
             if uri.startswith("file:"):
-                reason = "MLflow 3 opens file: stores only with MLFLOW_ALLOW_FILE_STORE=true; a sqlite: URI needs nothing"
+                reason = ("MLflow 3 opens file: stores only with MLFLOW_ALLOW_FILE_STORE=true; a sqlite: URI needs "
+                          "nothing")
             raise InvalidInput(f"mlflow cannot use the tracking store {uri}: {reason}") from None
         self.tracking_uri = uri
         self.location = f"{uri} (run {self.run_id})"
@@ -225,30 +210,27 @@ class MlflowReporter:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
-class Reporters:
+class Reporters(list):
     """Several reporters driven as one (the training loop holds exactly one of these, possibly empty)."""
-
-    def __init__(self, reporters: Sequence[Reporter] = ()):
-        self.reporters = list(reporters)
 
     @property
     def locations(self) -> dict[str, str]:
-        return {r.name: r.location for r in self.reporters}
+        return {r.name: r.location for r in self}
 
     def log_config(self, config: dict) -> None:
-        for r in self.reporters:
+        for r in self:
             r.log_config(config)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for r in self.reporters:
+        for r in self:
             r.log_metrics(metrics, step)
 
     def log_artifact(self, path: Path, name: str) -> None:
-        for r in self.reporters:
+        for r in self:
             r.log_artifact(path, name)
 
     def close(self, failed: bool = False) -> None:
-        for r in self.reporters:
+        for r in self:
             r.close(failed)
 
 

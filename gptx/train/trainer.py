@@ -1,24 +1,12 @@
-"""Train (or fine-tune) a GPT on one text file: nanoGPT's train.py habits in a plain function.
+"""Train (or fine-tune) a GPT on one text file, as nanoGPT's train.py does, in a plain function:
 
-    from gptx.train.trainer import TrainConfig, train
     result = train(TrainConfig(data="input.txt", out_dir="out", max_iters=2000))
 
-What it does, in order: tokenize the file with the GPT-2 BPE, split it into train / val (the last
-`val_fraction` of the tokens is validation), then loop: random (B, block_size) windows from a seeded
-generator, AdamW (weight decay on matrices only), linear warmup + cosine decay of the learning rate,
-gradient clipping. Every `eval_interval` iterations (and at the end) it estimates train and val loss on
-fixed batches and writes `out_dir/ckpt.pt` atomically: weights, optimizer state, iteration, RNG states.
-
-`resume=True` continues from that checkpoint exactly: k iterations + resume to N gives bit-identical
-weights to N iterations straight (keep the same config, in particular `lr_decay_iters`, since it
-defaults to `max_iters`; and keep `half_checkpoint=False`, fp16 weights cannot resume exactly).
-
-Safety: an existing checkpoint is never replaced unless `resume=True` (continue it) or `force=True` (start over);
-non-finite hyperparameters are refused up front, and a non-finite loss or weight stops the run before anything is
-written, so a checkpoint on disk always holds finite weights. A checkpoint read back for `resume` is untrusted:
-`weights_only=True`, and every key is checked before anything is built from it.
-
-Monitoring (`report_to`): TensorBoard, W&B (offline) and MLflow (local store) through `monitoring.Reporter`.
+GPT-2 BPE tokens split into train / val (the last `val_fraction`), random windows from a seeded generator, AdamW,
+warmup + cosine learning rate, gradient clipping; every `eval_interval` iterations the losses and an atomic
+`out_dir/ckpt.pt` (weights, optimizer, iteration, RNG states). `resume=True` continues it bit-exactly (same config,
+`half_checkpoint=False`). An existing checkpoint is replaced only with `resume` or `force`, a non-finite loss stops
+the run before it writes, and a checkpoint read back is untrusted (`weights_only=True`, every key checked).
 """
 
 from __future__ import annotations
@@ -26,8 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -80,13 +67,13 @@ class TrainConfig:
     mlflow_uri: str | None = None  # a file: or sqlite: URI; None = sqlite:///<out_dir>/mlflow.db
 
     def check(self) -> None:
-        for name in INT_FIELDS:
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                raise TrainError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        for name in FLOAT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TrainError(f"{name} must be a finite number, got {value!r}")
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TrainError(f"{field.name} must be an integer, got {value!r}")
+            if field.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not math.isfinite(value)):
+                raise TrainError(f"{field.name} must be a finite number, got {value!r}")
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "block_size"):
             if getattr(self, name) <= 0:
                 raise TrainError(f"{name} must be positive, got {getattr(self, name)}")
@@ -107,11 +94,6 @@ class TrainConfig:
         parse_report_to(self.report_to)
         if self.mlflow_uri is not None:
             check_mlflow_uri(self.mlflow_uri)
-
-
-INT_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "warmup_iters", "eval_interval",
-              "eval_iters", "seed")
-FLOAT_FIELDS = ("dropout", "learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "val_fraction")
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -204,10 +186,7 @@ def build_model(cfg: TrainConfig, ckpt: dict | None) -> GPT:
                          dropout=cfg.dropout, bias=cfg.bias, vocab_size=PADDED_VOCAB))
 
 
-# ------------------------------------------------------------------------------------- reading a checkpoint back
-# ckpt.pt comes from disk, so it is untrusted: weights_only=True, and every key is checked (types, shapes, sizes)
-# before anything is built from it. Error messages name keys and types, never values or torch's own text (which
-# can quote the file and suggests weights_only=False).
+# ckpt.pt is untrusted: every key is checked before anything is built from it; errors name keys and types, not values
 RESUME_KEYS = {"model_args": dict, "model": dict, "optimizer": dict, "iter_num": int, "best_val_loss": float,
                "rng": dict}
 
@@ -280,22 +259,12 @@ def check_finite(model: GPT, losses: dict[str, float], iter_num: int, ckpt_path:
 
 
 def make_progress(enabled: bool, total: int, start: int):
-    if not enabled:
-        return None, None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
-    progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  lr {task.fields[lr]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-    )
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  lr {task.fields[lr]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
     task = progress.add_task("train", total=total, completed=start, loss="-", val="-", lr="-")
     return progress, task
 
@@ -374,7 +343,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, return_model: b
     interval_start, interval_iter = t0, iter_num  # tokens/s covers training steps only, not evaluation
     failed, saved = True, False
     try:
-        with bar if bar is not None else nullcontext():
+        with bar:
             while iter_num < cfg.max_iters:
                 lr = get_lr(iter_num, cfg)
                 for group in optimizer.param_groups:
@@ -391,8 +360,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, return_model: b
                 optimizer.step()
                 iter_num += 1
                 reporters.log_metrics({"train/batch_loss": last_loss, "train/lr": lr}, iter_num)
-                if bar is not None:
-                    bar.update(task, completed=iter_num, loss=f"{last_loss:.3f}", lr=f"{lr:.1e}")
+                bar.update(task, completed=iter_num, loss=f"{last_loss:.3f}", lr=f"{lr:.1e}")
 
                 if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
                     seconds = time.perf_counter() - interval_start
@@ -406,16 +374,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, return_model: b
                     history.append(record)
                     reporters.log_metrics({"train/loss": losses["train"], "val/loss": losses["val"],
                                            "train/tokens_per_sec": tokens_per_sec}, iter_num)
-                    if bar is not None:
-                        bar.update(task, val=f"{losses['val']:.3f}")
+                    bar.update(task, val=f"{losses['val']:.3f}")
                     log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                         f"lr {lr:.2e}, {tokens_per_sec:,.0f} tokens/s")
-                    save_checkpoint(
-                        model, ckpt_path, half=cfg.half_checkpoint,
-                        optimizer=optimizer.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss,
-                        train_config=asdict(cfg),
-                        rng=rng_states(batch_gen, cfg.device),
-                    )
+                    save_checkpoint(model, ckpt_path, half=cfg.half_checkpoint, optimizer=optimizer.state_dict(),
+                                    iter_num=iter_num, best_val_loss=best_val_loss, train_config=asdict(cfg),
+                                    rng=rng_states(batch_gen, cfg.device))
                     saved = True
                     interval_start, interval_iter = time.perf_counter(), iter_num
             if iter_num == start_iter:  # resumed at or past max_iters: nothing to train, still report losses
@@ -426,21 +390,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, return_model: b
         failed = False
     finally:
         reporters.close(failed=failed)
-    elapsed = time.perf_counter() - t0
-    tokens_seen = (iter_num - start_iter) * cfg.batch_size * block_size
-    result = {
-        "iter": iter_num,
-        "train_loss": losses["train"],
-        "val_loss": losses["val"],
-        "best_val_loss": best_val_loss,
-        "last_batch_loss": last_loss,
-        "checkpoint": str(ckpt_path),
-        "tokens": len(tokens),
-        "tokens_seen": tokens_seen,
-        "seconds": elapsed,
-        "history": history,
-        "reports": reporters.locations,
-    }
-    if return_model:
-        result["model"] = model
-    return result
+    result = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+              "best_val_loss": best_val_loss, "last_batch_loss": last_loss, "checkpoint": str(ckpt_path),
+              "tokens": len(tokens), "tokens_seen": (iter_num - start_iter) * cfg.batch_size * block_size,
+              "seconds": time.perf_counter() - t0, "history": history, "reports": reporters.locations}
+    return {**result, "model": model} if return_model else result
