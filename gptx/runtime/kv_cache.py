@@ -1,17 +1,10 @@
 """The slot KV cache: `rows` x `window` slots per layer, one row per sequence, each with its own length.
 
-Row r holds lengths[r] tokens in slots [0, lengths[r]); rows [0, active) are in use and kept contiguous
-(`free` moves the last active row into the hole), so the past of a step is `buf[:active]`: a view, no copy.
-The window grows in WINDOW_STEP buckets up to the model's context by reallocating (an amortised copy), so
-attention only covers about the filled slots instead of the whole context. In-place graphs
-(GroupQueryAttention) read only each row's filled slots whatever the window, so theirs is the whole context from
-the start when that fits WHOLE_CONTEXT_BYTES: no reallocation, no copy, and only written pages become resident
-(see `first_window`).
-
-This is the only place that knows the graph's cache contract (see gptx/export/kv_step.py): the past is fed
-whole with `attention_mask` marking filled slots, each row's position is its own length, and the graph returns
-only the new tokens' keys/values, which are written here at each row's own offset. Per-row masks and
-positions are what the exported graph already takes: continuous batching needs no re-export.
+Rows [0, active) are in use and kept contiguous, so the past of a step is `buf[:active]`: a view, no copy. The
+window grows in WINDOW_STEP buckets up to the context, so attention covers about the filled slots only. This is
+the only place that knows the graph's cache contract (gptx/export/kv_step.py): the past is fed whole with
+`attention_mask` marking filled slots, each row's position is its own length, and the new tokens' keys/values
+are written at each row's own offset (by the graph itself for in-place graphs).
 """
 
 from __future__ import annotations
@@ -37,10 +30,9 @@ def window_for(slots: int, max_seq: int) -> int:
 
 
 def first_window(slots: int, max_seq: int, writes_cache: bool, rows: int, n_layer: int, n_embd: int) -> int:
-    """The window a cache of `rows` rows starts with, holding `slots`. Growing in buckets reallocates and copies
-    every layer (mostly page faults), a cost that grows with the context, while GroupQueryAttention runs no
-    slower over a whole-context buffer (docs/experiments.md). So in-place graphs take the whole context at once
-    when its virtual size (keys and values of every layer, 4 bytes each) fits WHOLE_CONTEXT_BYTES."""
+    """The window a cache of `rows` rows starts with, holding `slots`. Growing reallocates and copies every layer
+    while GroupQueryAttention runs no slower over a whole-context buffer (docs/experiments.md), so in-place graphs
+    take the whole context at once when its virtual size fits WHOLE_CONTEXT_BYTES (only written pages are resident)."""
     if writes_cache and 2 * n_layer * rows * max_seq * n_embd * 4 <= WHOLE_CONTEXT_BYTES:
         return max_seq
     return window_for(slots, max_seq)
@@ -53,15 +45,15 @@ def _every(rows: int, width: int, every_position: bool) -> dict:
     return {"logits_index": np.broadcast_to(np.arange(width, dtype=np.int64), (rows, width))}
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) of shape (B, longest prompt); shorter prompts are padded on the left."""
+def pad(prompts: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) of shape (B, longest prompt); shorter prompts are padded on the left or on the right."""
     longest = max(len(p) for p in prompts)
     ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
     mask = np.zeros((len(prompts), longest), dtype=np.int64)
     for row, prompt in enumerate(prompts):
-        if len(prompt):
-            ids[row, longest - len(prompt):] = prompt
-            mask[row, longest - len(prompt):] = 1
+        at = slice(longest - len(prompt), longest) if left else slice(0, len(prompt))
+        ids[row, at] = prompt
+        mask[row, at] = 1
     return ids, mask
 
 
@@ -104,21 +96,18 @@ class KVCache:
         self.active = last
         if row == last:
             return None
-        filled = int(self.lengths[last])
-        for buf in self.buffers:  # only the filled slots: the rest of a whole-context row is unwritten pages
-            buf[row, :, :filled] = buf[last, :, :filled]
-        self.lengths[row] = self.lengths[last]
-        self._mask[row] = self._mask[last]
+        self.copy_row(last, row)
         return last
 
     # ------------------------------------------------------------------------------------------ steps
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], every_position: bool = False):
-        """Run the prompts of (claimed, empty) `rows` in one graph call (left-padded; in-place graphs
-        right-padded); (k, V) last-position logits, or with `every_position` a list of (len_i, V) logits, one per
-        prompt position (scoring a prompt).
+        """Run the prompts of (claimed, empty) `rows` in one graph call; (k, V) last-position logits, or with
+        `every_position` a list of (len_i, V) logits, one per prompt position (scoring a prompt).
 
-        The past is empty, or `min_past` masked dummy slots where the backend cannot take an empty one
-        (TensorRT); each row's real tokens' keys/values are then copied into its slots [0, len)."""
+        Left-padded, over an empty past (or `min_past` masked dummy slots where the backend cannot take an empty
+        one: TensorRT), each row's real keys/values then copied into its slots [0, len). In-place graphs run
+        right-padded over the rows' own buffers, which must be one contiguous block of rows (claimed one after
+        another, as the scheduler does); any other set of rows is prefilled one row at a time."""
         start = time.perf_counter()
         lens = np.array([len(p) for p in prompts], dtype=np.int64)
         if lens.min(initial=1) < 1:
@@ -126,60 +115,39 @@ class KVCache:
         if lens.max() > self.max_seq:
             raise GptxError(f"a prompt of {lens.max()} tokens exceeds the context of {self.max_seq}")
         self._grow_to(int(lens.max()))
-        if self.backend.capabilities.writes_cache:
-            return self._prefill_in_place(rows, prompts, lens, start, every_position)
-        ids, mask = left_pad(prompts, self.pad_id)
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        in_place, first = self.backend.capabilities.writes_cache, int(rows[0])
+        if in_place and list(rows) != list(range(first, first + len(rows))):
+            parts = [self.prefill([r], [p], every_position) for r, p in zip(rows, prompts)]
+            return [x for part in parts for x in part] if every_position else np.concatenate(parts)
+        ids, mask = pad(prompts, self.pad_id, left=not in_place)
         k, width = ids.shape
-        min_past = self.backend.capabilities.min_past
-        past = self.backend.allocate(k, min_past)
-        if min_past:
-            mask = np.concatenate([np.zeros((k, min_past), np.int64), mask], axis=1)
+        if in_place:
+            positions = np.broadcast_to(np.arange(width, dtype=np.int64), (k, width))
+            past = self._handed = [buf[first:first + k] for buf in self.buffers]
+        else:
+            positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+            min_past = self.backend.capabilities.min_past
+            past = self.backend.allocate(k, min_past)
+            if min_past:
+                mask = np.concatenate([np.zeros((k, min_past), np.int64), mask], axis=1)
         logits, presents = self.backend.run(ids, mask, positions, past, **_every(k, width, every_position))
-        # row i's slots [0, len_i) <- its real tokens, the last len_i present positions: one slice copy per row
-        # and buffer (5x faster than one fancy-indexed scatter per buffer: 2 vs 11 ms for a 512-token prompt)
-        for buf, new in zip(self.buffers, presents):
-            for i, (row, n) in enumerate(zip(rows, lens.tolist())):
-                buf[row, :, :n] = new[i, :, width - n:]
+        if not in_place:
+            # row i's slots [0, len_i) <- its real tokens, the last len_i present positions: one slice copy per row
+            # and buffer (5x faster than one fancy-indexed scatter per buffer: 2 vs 11 ms for a 512-token prompt)
+            for buf, new in zip(self.buffers, presents):
+                for i, (row, n) in enumerate(zip(rows, lens.tolist())):
+                    buf[row, :, :n] = new[i, :, width - n:]
         rows = np.asarray(rows, dtype=np.int64)
         self.lengths[rows] = lens
         self._mask[rows, : self.window] = np.arange(self.window)[None, :] < lens[:, None]
         self._report("prefill", start, k)
-        if every_position:  # row i's real positions are its last len_i (left-padded)
-            return [logits[i, width - n:] for i, n in enumerate(lens.tolist())]
-        return logits
-
-    def _prefill_in_place(self, rows: Sequence[int], prompts, lens: np.ndarray, start: float,
-                          every_position: bool = False):
-        """Prefill where the graph writes the cache (in-place attention): the prompts, right-padded, run over
-        their own rows' buffers, which must be one contiguous block of rows (claimed one after another, as the
-        scheduler does); any other set of rows is prefilled one row at a time."""
-        first = int(rows[0])
-        if list(rows) != list(range(first, first + len(rows))):
-            parts = [self.prefill([r], [p], every_position) for r, p in zip(rows, prompts)]
-            return [x for part in parts for x in part] if every_position else np.concatenate(parts)
-        k, width = len(prompts), int(lens.max())
-        ids = np.full((k, width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((k, width), dtype=np.int64)
-        for i, prompt in enumerate(prompts):
-            ids[i, : len(prompt)] = prompt
-            mask[i, : len(prompt)] = 1
-        positions = np.broadcast_to(np.arange(width, dtype=np.int64), (k, width))
-        self._handed = [buf[first:first + k] for buf in self.buffers]
-        logits, _ = self.backend.run(ids, mask, positions, self._handed, **_every(k, width, every_position))
-        block = slice(first, first + k)
-        self.lengths[block] = lens
-        self._mask[block, : self.window] = np.arange(self.window)[None, :] < lens[:, None]
-        self._report("prefill", start, k)
-        if every_position:  # right-padded: row i's real positions are its first len_i
-            return [logits[i, :n] for i, n in enumerate(lens.tolist())]
+        if every_position:  # row i's real positions: its first len_i (right-padded) or its last (left-padded)
+            return [logits[i, :n] if in_place else logits[i, width - n:] for i, n in enumerate(lens.tolist())]
         return logits
 
     def extend(self, row: int, tokens: Sequence[int], every_position: bool = False):
-        """Append `tokens` to `row` (a prompt chunk): one graph call of T new tokens over the row's filled slots
-        (the graph's past/new contract); (1, V) logits of the last one, or with `every_position` [(T, V)]. An
-        empty row takes the `prefill` path (the backend's `min_past`); a non-empty past is at least one slot, so
-        the contract holds for TensorRT."""
+        """Append `tokens` (a prompt chunk) to `row`: one graph call over the row's filled slots; (1, V) logits of
+        the last one, or with `every_position` [(T, V)]. An empty row takes the `prefill` path (`min_past`)."""
         start_len = int(self.lengths[row])
         if start_len == 0:
             return self.prefill([row], [tokens], every_position)
@@ -207,10 +175,9 @@ class KVCache:
         return [logits[0]] if every_position else logits
 
     def copy_row(self, source: int, target: int) -> None:
-        """Make the (claimed, empty) row `target` hold what `source` holds: sibling samples of one prompt share
-        its prefill this way."""
+        """Make row `target` hold what `source` holds (sibling samples of one prompt share its prefill this way)."""
         filled = int(self.lengths[source])
-        for buf in self.buffers:
+        for buf in self.buffers:  # only the filled slots: the rest of a whole-context row is unwritten pages
             buf[target, :, :filled] = buf[source, :, :filled]
         self.lengths[target] = filled
         self._mask[target] = self._mask[source]
@@ -240,12 +207,9 @@ class KVCache:
         self._mask[row, :slots] = 1
 
     def decode(self, tokens: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
-        """One token for every active row (tokens: (active,)); (active, V) logits. Each row attends to its own
-        filled slots, sits at its own position and has its new keys/values written at its own offset.
-
-        `live` (bool, (active,)): only those rows take the token; the others (rows still being prefilled) ride
-        along in the call, their logits unused and their length unchanged (an in-place graph writes their
-        slot `length`, which their next prompt chunk overwrites)."""
+        """One token for every active row (tokens: (active,)); (active, V) logits. `live` (bool, (active,)): only
+        those rows take the token; the others (rows still being prefilled) ride along, their logits unused and
+        their length unchanged (an in-place graph writes their slot `length`, which their next chunk overwrites)."""
         start = time.perf_counter()
         a = self.active
         lengths = self.lengths[:a]

@@ -1,26 +1,12 @@
-"""Continuous batching: the engine's one generation loop. Requests join and leave the running batch at every
-step (onnxruntime-genai's Engine shape); the synchronous Engine calls and the async Pool both drive it.
+"""Continuous batching: the engine's one generation loop (onnxruntime-genai's add_request / step shape). Requests
+join and leave the running batch at every step; the synchronous Engine calls and the async Pool both drive it.
 
-    scheduler.add_request(Request(prompt_ids, max_tokens, params, stop))   # any thread; QueueFull when full
-    while scheduler.has_work():
-        for out in scheduler.step(): ...                                    # one thread
-
-One `step()`:
-  1. retire cancelled requests (their rows are freed before any compute);
-  2. decode: ONE graph call for every row whose prompt is in (each at its own length, kv_cache.py), sample
-     each with its own params and RNG, emit its token and new text, retire rows that hit EOS / a stop string
-     / max_tokens;
-  3. prefill within a token budget (`prefill_chunk`): rows whose prompt is partly in continue, oldest first,
-     then waiting requests take the free rows (round-robin between request groups). A row's first tokens may
-     come from the prefix cache (prefix_cache.py: copied, not recomputed); the rest run as chunks of at most
-     the budget over the row's own past (the graph's past/new contract), one call per chunk (fresh chunks of
-     one length share a call: no padding). A row whose prompt is complete samples its first token.
-Decode runs first, so a long prompt costs the running rows at most one budget of prefill per token (vLLM's
-token budget, onnxruntime-genai's decode-first policy, llama.cpp's n_batch loop), and rows freed by this
-step's retirements are refilled in the same step.
-
-A row's tokens depend only on its prompt, params and seed: the graph treats rows independently (per-row mask
-and positions) and the sampler draws from the row's own RNG.
+One `step()`: retire cancelled requests; decode one token for every row whose prompt is in (one graph call, each
+row at its own length, sampled with its own params and RNG); then prefill within a token budget (`prefill_chunk`):
+partly prefilled rows first, oldest first, then waiting requests into the free rows (round-robin between request
+groups), their leading blocks copied from the prefix cache. Decode runs first, so a long prompt costs the running
+rows at most one budget of prefill per token (vLLM's token budget, llama.cpp's n_batch loop). A row's tokens depend
+only on its prompt, params and seed. docs/architecture.md describes the loop in full.
 """
 
 from __future__ import annotations
@@ -38,7 +24,7 @@ from .errors import InvalidInput, QueueFull
 from .kv_cache import KVCache, OnStep
 from .prefix_cache import PrefixCache, export_identity
 from .request import Request, checked, sample_ids
-from .sampler import TokenLogprob, _is_int, draw, non_finite_error, process, token_logprobs
+from .sampler import TokenLogprob, _is_int, _is_real, draw, non_finite_error, process, token_logprobs
 from .text import TextStream
 from .tokenizer import Tokenizer
 
@@ -61,10 +47,8 @@ class StepOutput:
     finish_reason: str | None = None      # "stop" (EOS or stop string) | "length" | "cancelled" | "error"
     error: BaseException | None = None    # with finish_reason "error": what failed (traceback kept)
     cached_tokens: int = 0                # on a request's first token: prompt tokens served from the prefix cache
-    logprob: TokenLogprob | None = None   # the token's logprob (params.logprobs set), from the logits it was drawn
-                                          # from before temperature: after penalties and logit_bias
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output of a request that asked:
-                                          # each prompt token's (the first is None: nothing predicts it)
+    logprob: TokenLogprob | None = None   # params.logprobs set: from the logits drawn from, before temperature
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first output, when asked (the first token's is None)
 
 
 @dataclass(frozen=True)
@@ -84,16 +68,17 @@ class _Row:
     __slots__ = ("request", "text", "rng", "seen", "counts", "last_token", "generated", "prefilled", "cached", "order",
                  "prompt_logprobs", "parent", "siblings")
 
-    def __init__(self, request: Request, text: TextStream | None, vocab_size: int, order: int,
-                 parent: _Row | None = None):
+    def __init__(self, request: Request, scheduler: Scheduler, parent: _Row | None = None):
         self.request = request
-        self.text = text
+        eos = scheduler.eos_token_id if request.stop_at_eos else None
+        stop = () if request.params.min_tokens else request.stop  # stop strings count from min_tokens on
+        self.text = TextStream(scheduler.tokenizer, stop, eos) if scheduler.tokenizer is not None else None
         self.rng = request.params.rng()
         self.seen = None
         if request.params.repetition_penalty != 1.0:
-            self.seen = np.zeros(vocab_size, dtype=bool)
+            self.seen = np.zeros(scheduler.vocab_size, dtype=bool)
             self.seen[list(request.prompt_ids)] = True
-        self.counts = np.zeros(vocab_size, dtype=np.int32) if request.params.counts_tokens else None
+        self.counts = np.zeros(scheduler.vocab_size, dtype=np.int32) if request.params.counts_tokens else None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None if request.prompt_logprobs is None else [None]
         self.parent = parent  # a sibling sample: its row is a copy of the parent's once that prompt is in
         self.siblings: list[_Row] = []
@@ -101,7 +86,7 @@ class _Row:
         self.generated = 0
         self.prefilled = 0    # prompt tokens in the cache row
         self.cached = 0       # of which copied from the prefix cache
-        self.order = order    # admission order: partly prefilled rows continue oldest first
+        self.order = scheduler._admitted  # admission order: partly prefilled rows continue oldest first
 
     @property
     def decoding(self) -> bool:
@@ -117,8 +102,7 @@ class Scheduler:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
             if not _is_int(value) or value < 1:
                 raise InvalidInput(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) or \
-                not 0 <= prefix_cache_mb < float("inf"):
+        if not _is_real(prefix_cache_mb) or not 0 <= prefix_cache_mb < float("inf"):
             raise InvalidInput(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
         limit = backend.capabilities.max_batch
         if limit is not None and max_batch > limit:
@@ -153,9 +137,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ any thread
     def add_request(self, request: Request) -> Request:
-        """Check the request (ids in the vocabulary, fits the context, stop strings) and queue it; returns the
-        checked copy the scheduler runs. Every prompt counts against max_queue; one group may hold at most
-        `max_group(max_queue)` of it."""
+        """Check (`request.checked`) and queue a request; returns the checked copy the scheduler runs. Every prompt
+        counts against max_queue; one group may hold at most `max_group(max_queue)` of it."""
         request = checked(request, self.vocab_size, self.context, self.tokenizer is not None)
         if request.n > self.max_batch:
             raise InvalidInput(f"n {request.n} is more samples than the {self.max_batch} rows this server runs at once")
@@ -228,7 +211,8 @@ class Scheduler:
         try:
             logits = self.cache.decode(tokens, live)
         except Exception as e:  # a failed graph call fails the rows in it, not the scheduler (traceback kept)
-            self._fail(rows, e, outputs)
+            outputs.extend(StepOutput(self._rows[row].request.id, None, "", True, "error", e) for row in rows)
+            self._retire(rows)
             return
         self._sample_and_emit(rows, logits[live], outputs)
 
@@ -255,20 +239,14 @@ class Scheduler:
         to compute: its logits give the first token)."""
         row = self.cache.claim()
         self.cache.reserve(len(request.prompt_ids))
-        eos = self.eos_token_id if request.stop_at_eos else None
-        stop = () if request.params.min_tokens else request.stop  # stop strings count from min_tokens on
-        text = TextStream(self.tokenizer, stop, eos) if self.tokenizer is not None else None
-        state = _Row(request, text, self.vocab_size, self._admitted)
+        state = _Row(request, self)
         self._admitted += 1
-        self._rows.append(state)
         for j, sample_id in enumerate(sample_ids(request)[1:], 1):  # rows for the other samples, filled later
             self.cache.claim()
             seed = request.params.seed
             params = request.params if seed is None else dataclasses.replace(request.params, seed=seed + j)
-            sibling = dataclasses.replace(request, id=sample_id, params=params, n=1)
-            text = TextStream(self.tokenizer, stop, eos) if self.tokenizer is not None else None
-            state.siblings.append(_Row(sibling, text, self.vocab_size, self._admitted, parent=state))
-            self._rows.append(state.siblings[-1])
+            state.siblings.append(_Row(dataclasses.replace(request, id=sample_id, params=params, n=1), self, state))
+        self._rows += [state, *state.siblings]
         if self.prefixes is not None and request.prompt_logprobs is None:  # a scored prompt computes every token
             blocks = self.prefixes.match(request.prompt_ids, len(request.prompt_ids) - 1)
             if blocks:
@@ -280,25 +258,20 @@ class Scheduler:
     def _plan(self) -> list[tuple[int, int, int]]:
         """(row, start, end) prompt chunks for this step within the budget: partly prefilled rows first, oldest
         first, then waiting requests into the free rows."""
-        budget = self.prefill_chunk
-        chunks = []
-        pending = sorted((r.order, row) for row, r in enumerate(self._rows)
-                         if not r.decoding and r.parent is None and r.prefilled < len(r.request.prompt_ids))
-        for _, row in pending:
-            if budget <= 0:
-                return chunks
+        budget, chunks = self.prefill_chunk, []
+        pending = iter(sorted((r.order, row) for row, r in enumerate(self._rows)
+                              if not r.decoding and r.parent is None and r.prefilled < len(r.request.prompt_ids)))
+        while budget > 0:
+            _, row = next(pending, (None, None))
+            if row is None:
+                free = self.cache.rows - self.cache.active
+                request = self._pop_waiting(free) if free else None
+                if request is None:
+                    break
+                row = self._admit(request)
             state = self._rows[row]
             n = min(len(state.request.prompt_ids) - state.prefilled, budget)
             chunks.append((row, state.prefilled, state.prefilled + n))
-            budget -= n
-        while budget > 0 and self.cache.active < self.cache.rows:
-            request = self._pop_waiting(self.cache.rows - self.cache.active)
-            if request is None:
-                break
-            row = self._admit(request)
-            start = self._rows[row].prefilled
-            n = min(len(request.prompt_ids) - start, budget)
-            chunks.append((row, start, start + n))
             budget -= n
         return chunks
 
@@ -352,24 +325,18 @@ class Scheduler:
                 done.append((target, last))
         for r, error in list(failed):
             failed.extend((self._rows.index(sibling), error) for sibling in self._rows[r].siblings)
-        # a prompt scored without generating (max_tokens 0) ends here
-        scored_only = [(r, x) for r, x in done if self._rows[r].request.max_tokens == 0]
-        for r, _ in scored_only:
-            state = self._rows[r]
-            outputs.append(StepOutput(state.request.id, None, "", True, "length",
-                                      prompt_logprobs=state.prompt_logprobs))
-        if scored_only:
-            done = [(r, x) for r, x in done if self._rows[r].request.max_tokens != 0]
-            failed.extend((r, None) for r, _ in scored_only)  # retired below with the failed rows, not reported
-        # emit and retire together, after every chunk ran: retiring moves rows
-        for r, e in failed:
-            if e is not None:
-                outputs.append(StepOutput(self._rows[r].request.id, None, "", True, "error", e))
+        # a prompt scored without generating (max_tokens 0) ends here; every row retires after every chunk ran
+        # (retiring moves rows)
+        retire = [r for r, _ in done if self._rows[r].request.max_tokens == 0]
+        outputs.extend(StepOutput(self._rows[r].request.id, None, "", True, "length",
+                                  prompt_logprobs=self._rows[r].prompt_logprobs) for r in retire)
+        done = [(r, x) for r, x in done if self._rows[r].request.max_tokens != 0]
+        outputs.extend(StepOutput(self._rows[r].request.id, None, "", True, "error", e) for r, e in failed)
+        retire += [r for r, _ in failed]
         if done:
-            self._sample_and_emit([r for r, _ in done], np.concatenate([x for _, x in done]), outputs,
-                                  retire=[r for r, _ in failed])
+            self._sample_and_emit([r for r, _ in done], np.concatenate([x for _, x in done]), outputs, retire)
         else:
-            self._retire([r for r, _ in failed])
+            self._retire(retire)
 
     def _score_prompt(self, state: _Row, start: int, end: int, logits: np.ndarray) -> None:
         """Prompt tokens' logprobs from one chunk's per-position logits: position p predicts token p + 1 (raw
@@ -429,10 +396,6 @@ class Scheduler:
             if reason is not None:
                 done.append(row)
         self._retire(done)
-
-    def _fail(self, rows: list[int], error: BaseException, outputs: list[StepOutput]) -> None:
-        outputs.extend(StepOutput(self._rows[row].request.id, None, "", True, "error", error) for row in rows)
-        self._retire(rows)
 
     def _retire(self, rows: list[int]) -> None:
         """Free rows, highest first: the last active row moves into each hole, and a row still to be freed is
