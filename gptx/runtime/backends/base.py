@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence, Union
 import numpy as np
 
 from ..errors import GptxError
+from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS_INDEX, POSITION_IDS, past_names, present_names
 
 if TYPE_CHECKING:
     import torch
@@ -45,11 +46,6 @@ def last_positions(attention_mask: np.ndarray, new_len: int, writes_cache: bool)
     return np.minimum(attention_mask.sum(axis=1) - 1, new_len - 1).astype(np.int64).reshape(rows, 1)
 
 
-def old_export_error(directory) -> GptxError:
-    return GptxError(f"{directory} returns the last position's logits only (exported before logits_index): "
-                     "re-export it with this gptx to use echo or prompt logprobs")
-
-
 class Backend(ABC):
     name: ClassVar[str] = "?"
     requires: ClassVar[str]      # the package it runs on, as imported: `available` looks for it without importing it
@@ -63,6 +59,7 @@ class Backend(ABC):
         cfg = manifest["config"]
         self.n_layer, self.n_head, self.head_dim = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
         self.block_size = cfg["block_size"]
+        self.past_names, self.present_names = past_names(self.n_layer), present_names(self.n_layer)
 
     @classmethod
     def available(cls) -> bool:
@@ -80,6 +77,19 @@ class Backend(ABC):
         `logits_index` is None, else (B, K, V) for the positions it names ([B, K] indices into the T new
         positions; needs `capabilities.any_logits`). Never writes the cache, except where
         `capabilities.writes_cache`: then the graph itself writes into `past` and presents is []."""
+
+    def graph_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                     logits_index: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The graph's inputs but the cache, by name: logits_index defaults to each row's last real position;
+        exports that predate it (last position only) refuse one."""
+        inputs = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
+        if self.capabilities.any_logits:
+            inputs[LOGITS_INDEX] = last_positions(attention_mask, input_ids.shape[1], self.capabilities.writes_cache) \
+                if logits_index is None else logits_index
+        elif logits_index is not None:
+            raise GptxError(f"{self.directory} returns the last position's logits only (exported before "
+                            "logits_index): re-export it with this gptx to use echo or prompt logprobs")
+        return inputs
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"

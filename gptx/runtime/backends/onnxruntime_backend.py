@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GptxError, InvalidInput
+from ..io_names import INPUT_IDS, LOGITS, LOGITS_INDEX
+from ..manifest import check_graph, selects_logits, writes_cache_in_place
 from ..page_cache import advise_random_access, drop_cached_pages
-from ..io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_INDEX, POSITION_IDS
-from ..manifest import check_graph, kv_names, selects_logits, writes_cache_in_place
-from .base import Backend, Capabilities, last_positions, old_export_error
+from .base import Backend, Capabilities
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 def ort_load_errors() -> tuple[type[Exception], ...]:
@@ -26,17 +27,14 @@ def ort_load_errors() -> tuple[type[Exception], ...]:
     directly), plus RuntimeError for what its Python layer raises."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented",
-             "RuntimeException", "EPFail")
-    return (RuntimeError, *(getattr(state, n) for n in names if hasattr(state, n)))
+    return (RuntimeError, *(t for t in vars(state).values() if isinstance(t, type) and issubclass(t, Exception)))
 
 
 def mapped_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     """A zeroed array in its own anonymous memory mapping: its pages become resident only as they are written,
-    and they go back to the OS when the array dies. Why not np.zeros: once a large free has raised glibc's
-    mmap threshold (ORT frees big initializers while loading), arrays of a cache layer's size come from the
-    heap, and heap memory freed in its middle stays resident: every outgrown cache window would (measured on
-    GPT-2 int4: 9 MiB more peak RSS at 160 tokens)."""
+    and go back to the OS when the array dies. Not np.zeros: once ORT's large frees have raised glibc's mmap
+    threshold, cache-sized arrays come from the heap, where memory freed in its middle stays resident (GPT-2 int4:
+    9 MiB more peak RSS at 160 tokens)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: no flags, np.zeros as before
         return np.zeros(shape, dtype)
@@ -68,47 +66,37 @@ class OnnxRuntimeBackend(Backend):
         if in_place and device != "cpu":
             raise GptxError(f"{directory} was optimized with in-place attention (GroupQueryAttention), which "
                             "gptx runs on CPU only; export again without --optimize/--quantize for CUDA")
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise GptxError("onnxruntime has no CUDA execution provider here; pip install 'gptx[cuda]'")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        elif device == "cpu":
-            providers = ["CPUExecutionProvider"]
-        else:
+        if device not in PROVIDERS:
             raise GptxError(f"unknown device {device!r}: use cpu or cuda")
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise GptxError("onnxruntime has no CUDA execution provider here; pip install 'gptx[cuda]'")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise InvalidInput(f"threads must be an integer >= 0 (0 = onnxruntime's default), got {threads!r}")
         model_path = Path(directory) / manifest["model_file"]
-        if device == "cpu" and manifest.get("weights_file"):  # the session maps it: see drop_cached_pages
-            drop_cached_pages(Path(directory) / manifest["weights_file"])
+        mapped = device == "cpu" and manifest.get("weights_file")  # the session maps it: see drop_cached_pages
+        if mapped:
+            drop_cached_pages(Path(directory) / mapped)
         try:
-            self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers)
+            self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=PROVIDERS[device])
         except ort_load_errors() as e:  # its message names the problem and the path, never the file's bytes
             raise GptxError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
         check_graph(manifest, self.session, str(model_path))
-        if device == "cpu" and manifest.get("weights_file"):  # from here on it reads rows by token id
-            advise_random_access(Path(directory) / manifest["weights_file"])
+        if mapped:  # from here on it reads rows by token id
+            advise_random_access(Path(directory) / mapped)
         self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, writes_cache=in_place,
                                          any_logits=selects_logits(manifest))
-        self.past_names, self.present_names = kv_names(manifest)
         self.kv_dtype = DTYPES[next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0])]
-        self.output_names = [LOGITS, *self.present_names]
+        self.output_names, self.vocab = [LOGITS, *self.present_names], manifest["config"]["vocab_size"]
         self.cuda = CudaBinding(self) if device == "cuda" else None
         self.in_place = InPlaceBinding(self) if in_place else None
 
     def allocate(self, rows: int, window: int):
         if self.cuda:
             return self.cuda.allocate(rows, window)
-        shape = (rows, self.n_head, window, self.head_dim)
-        return [mapped_zeros(shape, self.kv_dtype) for _ in self.past_names]
+        return [mapped_zeros((rows, self.n_head, window, self.head_dim), self.kv_dtype) for _ in self.past_names]
 
     def run(self, input_ids, attention_mask, position_ids, past, logits_index=None):
-        small = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
-        if self.capabilities.any_logits:
-            small[LOGITS_INDEX] = last_positions(attention_mask, input_ids.shape[1], self.in_place is not None) \
-                if logits_index is None else logits_index
-        elif logits_index is not None:
-            raise old_export_error(self.directory)
+        small = self.graph_inputs(input_ids, attention_mask, position_ids, logits_index)
         if self.cuda:
             logits, presents = self.cuda.run(small, past)
         elif self.in_place:
@@ -118,6 +106,10 @@ class OnnxRuntimeBackend(Backend):
         if logits_index is None and logits.ndim == 3:  # one position per row
             logits = logits[:, 0]
         return logits, presents
+
+    def logits_shape(self, small: dict[str, np.ndarray]) -> tuple[int, ...]:
+        batch = len(small[INPUT_IDS])
+        return (batch, small[LOGITS_INDEX].shape[1], self.vocab) if LOGITS_INDEX in small else (batch, self.vocab)
 
 
 class InPlaceBinding:
@@ -132,28 +124,24 @@ class InPlaceBinding:
     def __init__(self, backend: OnnxRuntimeBackend):
         self.backend = backend
         self.io = backend.session.io_binding()
-        self.vocab = backend.manifest["outputs"][0]["shape"][-1]
         self.bound = None  # the `past` list the buffers are bound for (held, so its id is never reused)
-        self.logits = np.empty((0, self.vocab), np.float32)
+        self.logits = np.empty((0, backend.vocab), np.float32)
 
     def _bind(self, past, logits_shape: tuple[int, ...]) -> None:
         b, io = self.backend, self.io
-        for buf in past:
-            if not buf.flags.c_contiguous:
-                raise GptxError("in-place attention needs contiguous cache rows")  # a bug in kv_cache.py
+        if not all(buf.flags.c_contiguous for buf in past):
+            raise GptxError("in-place attention needs contiguous cache rows")  # a bug in kv_cache.py
         io.clear_binding_outputs()
         self.logits = np.empty(logits_shape, np.float32)
         io.bind_output(LOGITS, "cpu", 0, np.float32, self.logits.shape, self.logits.ctypes.data)
         for past_name, present_name, buf in zip(b.past_names, b.present_names, past):
-            ptr = buf.ctypes.data
-            io.bind_input(past_name, "cpu", 0, buf.dtype, buf.shape, ptr)
-            io.bind_output(present_name, "cpu", 0, buf.dtype, buf.shape, ptr)
+            io.bind_input(past_name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+            io.bind_output(present_name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
         self.bound = past
 
     def run(self, small: dict[str, np.ndarray], past) -> np.ndarray:
         """`small`: the inputs other than the cache, by name."""
-        batch = len(small[INPUT_IDS])
-        shape = (batch, small[LOGITS_INDEX].shape[1], self.vocab) if LOGITS_INDEX in small else (batch, self.vocab)
+        shape = self.backend.logits_shape(small)
         if past is not self.bound or self.logits.shape != shape:
             self._bind(past, shape)
         small = {name: np.ascontiguousarray(a, dtype=np.int64) for name, a in small.items()}
@@ -192,11 +180,7 @@ class CudaBinding:
 
     def bind(self, io, name: str, tensor, output: bool = False):
         np_dtype = np.float16 if tensor.dtype == self.torch.float16 else np.float32
-        ptr = tensor.data_ptr()
-        if output:
-            io.bind_output(name, "cuda", 0, np_dtype, tuple(tensor.shape), ptr)
-        else:
-            io.bind_input(name, "cuda", 0, np_dtype, tuple(tensor.shape), ptr)
+        (io.bind_output if output else io.bind_input)(name, "cuda", 0, np_dtype, tuple(tensor.shape), tensor.data_ptr())
 
     def run(self, small: dict[str, np.ndarray], past):
         """`small`: the inputs other than the cache, by name (they go up to the device each step)."""
@@ -206,16 +190,13 @@ class CudaBinding:
         io = b.session.io_binding()
         for name, array in small.items():
             io.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
-        batch, new = small[INPUT_IDS].shape
         for name, buf in zip(b.past_names, past):
             self.bind(io, name, buf)
-        vocab = b.manifest["config"]["vocab_size"]
-        shape = (batch, small[LOGITS_INDEX].shape[1], vocab) if LOGITS_INDEX in small else (batch, vocab)
-        logits = torch.empty(shape, dtype=torch.float32, device="cuda")
+        batch, new = small[INPUT_IDS].shape
+        logits = torch.empty(b.logits_shape(small), dtype=torch.float32, device="cuda")
         presents = [torch.empty((batch, b.n_head, new, b.head_dim), dtype=self.dtype, device="cuda")
                     for _ in b.present_names]
-        self.bind(io, LOGITS, logits, output=True)
-        for name, t in zip(b.present_names, presents):
-            self.bind(io, name, t, output=True)
+        for name, tensor in zip([LOGITS, *b.present_names], [logits, *presents]):
+            self.bind(io, name, tensor, output=True)
         b.session.run_with_iobinding(io)
         return logits.cpu().numpy(), presents
