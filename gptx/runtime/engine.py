@@ -52,9 +52,7 @@ class Engine:
                   repetition_penalty: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
                   max_length: int | None = None, stop: str | Sequence[str] | None = None,
                   on_step: OnStep | None = None) -> Generation:
-        """The loop for callers that want to own it (generate_next, is_done, tokens, texts, stop_row): a fixed
-        batch stepped through the scheduler in the caller's thread.
-
+        """The loop for callers that want to own it (generate_next, is_done, tokens, texts, stop_row).
         max_new_tokens (default 64) or max_length (prompt + new tokens, as in transformers), not both."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         if isinstance(prompts_ids, (str, bytes)) or not isinstance(prompts_ids, (list, tuple, np.ndarray)):
@@ -70,29 +68,15 @@ class Engine:
     def generate_ids(self, prompt_ids, max_new_tokens: int | None = None, **options) -> list[int] | list[list[int]]:
         """New token ids (eos included when hit) for one prompt (list of ints) or a batch (list of lists)."""
         single = len(prompt_ids) == 0 or not isinstance(prompt_ids[0], (list, tuple, np.ndarray))
-        gen = self._run(self.generator([prompt_ids] if single else prompt_ids, max_new_tokens, **options))
+        gen = self.generator([prompt_ids] if single else prompt_ids, max_new_tokens, **options)
+        for _ in gen.steps():
+            pass
         return gen.tokens[0] if single else gen.tokens
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None, **options) -> Iterator[int]:
         """Token ids as they are sampled (eos included when hit). Arguments are checked when called."""
-        return self._ids(self.generator([prompt_ids], max_new_tokens, **options))
-
-    @staticmethod
-    def _run(gen: Generation) -> Generation:
-        while not gen.is_done():
-            gen.generate_next()
-        return gen
-
-    @staticmethod
-    def _ids(gen: Generation) -> Iterator[int]:
-        try:
-            while not gen.is_done():
-                token = int(gen.generate_next()[0])
-                if token >= 0:
-                    yield token
-        finally:
-            if not gen.is_done():  # the caller stopped early: free the row
-                gen.stop()
+        steps = self.generator([prompt_ids], max_new_tokens, **options).steps()
+        return (o.token_id for outputs in steps for o in outputs if o.token_id is not None)
 
     # -- text ------------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int | None = None,
@@ -107,7 +91,9 @@ class Engine:
             return []
         if not all(isinstance(p, str) for p in prompts):
             raise InvalidInput("generate takes a prompt string or a list of them; use generate_ids for token ids")
-        gen = self._run(self.generator(prompts, max_new_tokens, stop=stop, **options))
+        gen = self.generator(prompts, max_new_tokens, stop=stop, **options)
+        for _ in gen.steps():
+            pass
         return gen.texts[0] if single else gen.texts
 
     def stream(self, prompt: str, max_new_tokens: int | None = None, stop: str | Sequence[str] | None = None,
@@ -116,19 +102,8 @@ class Engine:
         before the first piece; a multi-byte character split across tokens is held back until whole."""
         if not isinstance(prompt, str):
             raise InvalidInput("stream takes one prompt (str); use generate for a batch")
-        return self._pieces(self.generator([prompt], max_new_tokens, stop=stop, **options))
-
-    @staticmethod
-    def _pieces(gen: Generation) -> Iterator[str]:
-        try:
-            while not gen.is_done():
-                gen.generate_next()
-                piece = "".join(o.text for o in gen.last_outputs)
-                if piece:
-                    yield piece
-        finally:
-            if not gen.is_done():
-                gen.stop()
+        steps = self.generator([prompt], max_new_tokens, stop=stop, **options).steps()
+        return (piece for outputs in steps if (piece := "".join(o.text for o in outputs)))
 
     # -- serving ---------------------------------------------------------------------------------
     def serving(self, max_batch: int = 8, max_queue: int = 64, **options):

@@ -1,16 +1,12 @@
 """The synchronous calls' loop: a fixed batch of prompts stepped through the Scheduler in the caller's thread.
 
-`Generation` is what `Engine.generator` returns (onnxruntime-genai's Generator shape: the caller owns the loop)
-and what Engine.generate / stream / generate_ids and `gptx bench` run: the same scheduler as the serving pool,
-so EOS, stop strings, length limits and sampling are written once. Every prompt is prefilled in the first step
-(the budget covers them all), so each `generate_next()` gives every unfinished row exactly one token.
-`on_step(kind, seconds, batch)` reports each graph call ("prefill" | "decode") so benchmarks time the loop
-without patching it.
+`Generation` is what `Engine.generator` returns (onnxruntime-genai's Generator shape) and what Engine.generate /
+stream / generate_ids and `gptx bench` run: the same scheduler as the serving pool, so every rule is written once.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -50,17 +46,15 @@ class Generation:
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None, prompts: Sequence[Sequence[int]],
                  max_new_tokens: int, params: SamplingParams, *, eos_token_id: int, vocab_size: int,
                  stop_at_eos: bool = True, stop: Sequence[str] = (), on_step: OnStep | None = None):
-        if not prompts:
-            raise InvalidInput("generation needs at least one prompt")
-        requests = [Request(p, max_new_tokens, params, stop, stop_at_eos, id=str(i)) for i, p in enumerate(prompts)]
+        # every prompt is prefilled in the first step (the budget covers them all): later steps give each row a token
         self.scheduler = Scheduler(backend, tokenizer, eos_token_id=eos_token_id, vocab_size=vocab_size,
                                    max_batch=len(prompts), max_queue=len(prompts),
                                    prefill_chunk=max(sum(len(p) for p in prompts), 1), on_step=on_step)
-        self.requests = [self.scheduler.add_request(r) for r in requests]
+        for i, prompt in enumerate(prompts):
+            self.scheduler.add_request(Request(prompt, max_new_tokens, params, stop, stop_at_eos, id=str(i)))
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.texts: list[str] = ["" for _ in prompts]
         self.finish_reasons: list[str | None] = [None for _ in prompts]
-        self.cached_tokens = [0 for _ in prompts]
         self.last_outputs: list[StepOutput] = []
 
     @property
@@ -89,6 +83,16 @@ class Generation:
             if o.finished:
                 self.finish_reasons[row] = o.finish_reason
         return out
+
+    def steps(self) -> Iterator[list[StepOutput]]:
+        """Step to the end, yielding each step's outputs; a caller that stops early finishes every row."""
+        try:
+            while not self.is_done():
+                self.generate_next()
+                yield self.last_outputs
+        finally:
+            if not self.is_done():
+                self.stop()
 
     def stop_row(self, row: int) -> None:
         """Finish a row now (e.g. the caller saw what it wanted); the batch goes on for the others."""

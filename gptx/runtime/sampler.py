@@ -1,19 +1,11 @@
-"""Next-token selection in numpy: greedy, temperature, top-k, top-p, repetition / presence / frequency penalties,
-logit_bias, min_tokens, seeded - per row - and the chosen tokens' logprobs.
+"""Next-token selection in numpy, per row: greedy, temperature, top-k, top-p, repetition / presence / frequency
+penalties, logit_bias, min_tokens, and the chosen tokens' logprobs.
 
-`process` applies the rules that change the logits (penalties, bias, EOS held back before min_tokens); `draw`
-picks from them (temperature, top-k, top-p); logprobs are the log-softmax of the processed logits, before
-temperature, so with no penalty or bias they are the model's own whatever the temperature (vLLM's default
-`raw_logprobs`; OpenAI's do not depend on temperature either). Temperatures below GREEDY_BELOW are greedy.
-
-Each row draws from its own `np.random.Generator`, one uniform number per sampled token, so a row's output is
-a pure function of (its logits, its params, its seed) and never of the other rows in the batch: what
-continuous batching needs. A batch given one seed gives every row `default_rng(seed)`.
-
-Small pure functions (gpt-fast style) state the rules: `candidates` keeps the tokens top-k and top-p allow,
-working on a small candidate set so a step never sorts 50k logits when a top-m partition already holds the
-answer (it falls back to a value sort of the row when it does not), and `sample_row` draws one of them without
-numpy's scalar cumsum over the whole vocabulary (`cumsum_search`).
+`process` applies the rules that change the logits; `draw` picks from them (temperature, top-k, top-p); logprobs
+are the log-softmax of the processed logits before temperature (vLLM's default, like OpenAI's). Each row draws one
+uniform number per token from its own `np.random.Generator`, so its output is a pure function of its logits, params
+and seed, never of the other rows in the batch: what continuous batching needs. Small pure functions (gpt-fast
+style) state the rules, written to avoid sorting or cumsumming the whole vocabulary each step.
 """
 
 from __future__ import annotations
@@ -110,8 +102,7 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         """Whether any rule changes the logits before the draw (`process_row`)."""
-        return (self.repetition_penalty != 1.0 or self.counts_tokens or bool(self.logit_bias)
-                or self.min_tokens > 0)
+        return self.repetition_penalty != 1.0 or self.counts_tokens or bool(self.logit_bias) or self.min_tokens > 0
 
     def rng(self) -> np.random.Generator:
         """A fresh generator for one row: `default_rng(seed)`, or fresh entropy when seed is None."""
@@ -138,9 +129,9 @@ def apply_presence_frequency(logits: np.ndarray, counts: np.ndarray, presence: f
 
 def process_row(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None,
                 counts: np.ndarray | None = None, generated: int = 0, eos_token_id: int | None = None) -> np.ndarray:
-    """The logits one row draws from (a new array; `logits` itself when no rule applies), before temperature:
-    repetition penalty (`seen`: prompt and generated tokens), presence / frequency penalty (`counts`: generated
-    tokens), logit_bias, and EOS held back while fewer than min_tokens tokens were `generated`."""
+    """The logits one row draws from, before temperature (`logits` itself when no rule applies): repetition penalty
+    (`seen`: prompt and generated tokens), presence / frequency penalty (`counts`: generated tokens), logit_bias,
+    and EOS held back while fewer than min_tokens tokens were `generated`."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if counts is not None and params.counts_tokens:
@@ -174,9 +165,8 @@ class TokenLogprob:
 
 
 def token_logprobs(logits: np.ndarray, tokens: Sequence[int], top: int = 0) -> list[TokenLogprob]:
-    """Logprobs of `tokens[i]` under the distribution `logits[i]` (N, V), each with its `top` best alternatives
-    (ties in id order). The caller passes the logits the sampler drew from, before temperature (see
-    `process_row`), or a prompt's raw logits."""
+    """Logprobs of `tokens[i]` under `logits[i]` (N, V), each with its `top` best alternatives (ties in id order):
+    the logits the sampler drew from, before temperature, or a prompt's raw logits."""
     logp = log_softmax(logits)
     out = []
     for row, token in zip(logp, tokens):
@@ -192,12 +182,9 @@ def token_logprobs(logits: np.ndarray, tokens: Sequence[int], top: int = 0) -> l
 # ---------------------------------------------------------------------------------------------- per row
 def cumsum_search(weights: np.ndarray, fraction: float, total: float | None = None, side: str = "right") -> int:
     """np.searchsorted(cdf, fraction * total, side), cdf = np.cumsum(weights, dtype=np.float64), total = cdf[-1]
-    unless given; len(weights) when the target is past the end.
-
-    Written by hand for speed: numpy's cumsum is a scalar loop (0.2 ms over GPT-2's 50k vocabulary) whose float64
-    output, 400 KB, cost another 0.4 ms of page faults here whenever glibc had handed the last one back to the OS.
-    Here sums of CUMSUM_BLOCK weights are vectorized (25 us) and only the block that holds the target is
-    cumsummed; the result may differ from the full cumsum's only by rounding in the last bit."""
+    unless given; len(weights) when the target is past the end. Hand-written for speed: numpy's cumsum over 50k
+    weights is a scalar loop (0.2 ms, plus page faults for its output); here block sums are vectorized (25 us) and
+    only the block holding the target is cumsummed (results differ only by rounding in the last bit)."""
     n = len(weights)
     if n == 0:
         return 0
@@ -213,12 +200,9 @@ def cumsum_search(weights: np.ndarray, fraction: float, total: float | None = No
 
 
 def _nucleus(weights: np.ndarray, ids: np.ndarray | None, top_p: float, total: float):
-    """The top_p nucleus of the candidates, as (ids, weights): the most likely ones whose mass before them (of
-    `total`) is < top_p, ties kept in index order as a stable sort would. ids None means ids are positions.
-    None when all the candidates hold less than top_p.
-
-    Sorts values only (numpy's SIMD sort: 0.3 ms over 50k, against 5.6 ms for a stable argsort) and keeps the
-    candidates above the cut value, then as many ties at the cut as the count asks for."""
+    """The top_p nucleus of the candidates as (ids, weights) (ids None: ids are positions): the most likely ones
+    whose mass before them (of `total`) is < top_p, ties in index order; None when all of them hold less. Sorts
+    values only (SIMD sort: 0.3 ms over 50k, a stable argsort 5.6 ms), then keeps as many ties at the cut as needed."""
     desc = np.sort(weights)[::-1]
     first = cumsum_search(desc, top_p, total, side="left")  # the mass through `first` reaches top_p
     if first == len(desc):
@@ -233,13 +217,9 @@ def _nucleus(weights: np.ndarray, ids: np.ndarray | None, top_p: float, total: f
 
 def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray | None, np.ndarray]:
     """(ids, weights) of the tokens a draw may pick: weights = exp(logits / T - max), ids None meaning the whole
-    row; logits not finite -> ids of length 0.
-
-    The rules: top-k keeps the k highest of logits / T (ties at the k-th value all stay); top-p then keeps the
-    smallest set of the most likely whose mass reaches p (the top token always stays). Top-k partitions; top-p
-    partitions the TOP_P_CANDIDATES best and cuts the whole row only when those hold less than p of the mass.
-    Big temporaries are few and reused: a new 50k-entry array can cost 0.2-0.4 ms of page faults here when glibc
-    has handed freed blocks back to the OS."""
+    row; logits not finite -> ids of length 0. Top-k keeps the k highest of logits / T (ties at the k-th all stay);
+    top-p then the smallest most likely set whose mass reaches p, looking at the whole row only when the
+    TOP_P_CANDIDATES best hold less. Temporaries are few and reused (a new 50k array can cost 0.2-0.4 ms of faults)."""
     x = logits / np.float32(params.temperature)
     vocab = x.shape[0]
     k, top_p = params.top_k, params.top_p
@@ -294,15 +274,13 @@ def process(logits: np.ndarray, params: Sequence[SamplingParams], seen=None, cou
 def sample(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator],
            seen: np.ndarray | Sequence[np.ndarray | None] | None = None, counts=None, generated=None,
            eos_token_id: int | None = None) -> np.ndarray:
-    """Next id per row; row r uses only params[r], rngs[r] and its history (seen[r], counts[r], generated[r]:
-    see `process`). Rows whose logits are not finite get -1. Callers that also want logprobs `process`, then
-    `draw` from the processed logits and read the logprobs from the same ones."""
+    """Next id per row (-1 where the logits are not finite); row r uses only params[r], rngs[r] and its history
+    (see `process`). Callers that also want logprobs `process`, then `draw` and read them from the same logits."""
     return draw(process(logits, params, seen, counts, generated, eos_token_id), params, rngs)
 
 
 def draw(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator]) -> np.ndarray:
     """Next id per row from already processed logits (temperature, top-k, top-p here); -1 where not finite.
-
     Greedy rows share one argmax; the others draw one by one (a batch holds at most a few dozen rows)."""
     ids = np.empty(len(logits), dtype=np.int64)
     greedy = [r for r, p in enumerate(params) if p.greedy]

@@ -6,14 +6,10 @@
         async for piece in pool.stream("prompt", max_tokens=32): ...             # str pieces
         async for event in pool.events("prompt", max_tokens=32): ...             # Event: text, token_ids,
                                                                                  #        finish_reason
-Threading: the scheduler steps in ONE worker thread; the event loop thread only queues and cancels requests
-(Scheduler.add_request / remove_request are thread-safe) and receives each step's outputs, handed over with
-`loop.call_soon_threadsafe`. Arguments are checked when a call is made (InvalidInput, QueueFull raise before
-any await), so an HTTP layer can answer 400 / 429 before it starts a response.
-
-Cancellation: a caller that stops iterating (and drops the iterator), closes it, or whose task is cancelled
-removes its request; the scheduler frees the row at its next step. Leaving the `async with` cancels what is
-still in flight (those callers see finish_reason "cancelled") and joins the worker thread.
+The scheduler steps in ONE worker thread; the event loop thread queues and cancels requests and receives each
+step's outputs (`loop.call_soon_threadsafe`). Arguments are checked when a call is made (InvalidInput, QueueFull
+raise before any await), so an HTTP layer can answer 400 / 429 before it starts a response. A caller that drops,
+closes or cancels its iterator frees its row at the next step; leaving the `async with` cancels what is in flight.
 """
 
 from __future__ import annotations
@@ -93,8 +89,6 @@ class RequestStream:
         if self.finish_reason is None:
             # no wake-up here (it takes a lock the GC's thread may hold): a live request keeps the worker stepping
             self.pool.scheduler.remove_request(self.id)
-
-
 
 
 class Pool:
