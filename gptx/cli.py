@@ -1,15 +1,13 @@
-"""`gptx`: export GPT-2 models to ONNX / TensorRT, verify them against PyTorch, generate, benchmark, train.
+"""`gptx`: export GPT-2 models to ONNX / TensorRT, verify them against PyTorch, generate, benchmark, train, serve.
 
-Each command is a thin layer over a library function. Errors the user can fix (`GptxError`, and the
-parser's own: unknown option, value out of range, bad choice) print one red line and exit 1; anything
-else is a bug and keeps its traceback, with a request to report it. SIGTERM unwinds like Ctrl-C, so
-interrupted work cleans up after itself. Heavy imports (torch, onnx) happen inside the commands: `--help`
-is instant and the runtime-only install (no PyTorch) runs `info`, `generate` and `bench`.
+Each command is a thin layer over a library function. Heavy imports (torch, onnx) happen inside the commands:
+`--help` is instant and the runtime-only install (no PyTorch) runs `info`, `generate` and `bench`.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 import sys
@@ -46,8 +44,7 @@ class OneLineErrors(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
         try:
-            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
-                              **extra)
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except NoArgsIsHelpError:  # typer already printed the help
             rv = 0
         except ClickException as e:
@@ -77,6 +74,22 @@ app = typer.Typer(
 out = Console(emoji=False)  # emoji off: ':x:' in a prompt, path or manifest stays ':x:'
 err = Console(stderr=True, emoji=False)
 
+
+def above_zero(upper: float | None = None):
+    """A parser for floats in (0, upper]: typer's min/max are closed ranges."""
+
+    def parse(text) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"{text!r} is not a number") from None
+        if not (0 < value and (upper is None or value <= upper)):
+            raise typer.BadParameter(f"{value:g} is not in (0, {upper:g}]" if upper else f"{value:g} is not > 0")
+        return value
+
+    return parse
+
+
 # Choices come from the tables the library checks against, so the parser rejects a typo before any work.
 Backend = Enum("Backend", {name: name for name in ("auto", *BACKENDS)}, type=str)
 Compare = Enum("Compare", {name: name for name in ("none", "auto", *BACKENDS)}, type=str)
@@ -91,6 +104,8 @@ BackendOpt = Annotated[Backend, typer.Option(help="Engine to run (auto: TensorRT
 DeviceOpt = Annotated[Device, typer.Option(help="cpu or cuda.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results here as JSON.",
                                               show_default=False)]
+TopP = Annotated[float | None, typer.Option(parser=above_zero(upper=1.0), metavar="FLOAT", show_default=False,
+                                            help="Nucleus sampling mass in (0, 1].")]
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -104,9 +119,9 @@ def say(text: str) -> None:
     out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def guarded(fn):
-    """GptxError -> one red line, exit 1; a missing optional package -> which extra to install;
-    Ctrl-C / SIGTERM -> unwind (cleanups run), exit 130 / 143. Everything else propagates as a bug."""
+def command(fn):
+    """Register a subcommand. GptxError -> one red line, exit 1; a missing optional package -> which extra to
+    install; Ctrl-C / SIGTERM -> unwind (cleanups run), exit 130 / 143. Everything else propagates as a bug."""
     from gptx.runtime.signals import Terminated, terminate_as_interrupt
 
     @functools.wraps(fn)
@@ -126,7 +141,7 @@ def guarded(fn):
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
-    return wrapper
+    return app.command()(wrapper)
 
 
 def writable(path: Path | None, option: str) -> Path | None:
@@ -154,27 +169,9 @@ def int_list(text: str, name: str) -> list[int]:
     return values
 
 
-def above_zero(upper: float | None = None):
-    """A parser for floats in (0, upper]: typer's min/max are closed ranges."""
-
-    def parse(text) -> float:
-        try:
-            value = float(text)
-        except (TypeError, ValueError):
-            raise typer.BadParameter(f"{text!r} is not a number") from None
-        if not (0 < value and (upper is None or value <= upper)):
-            raise typer.BadParameter(f"{value:g} is not in (0, {upper:g}]" if upper else f"{value:g} is not > 0")
-        return value
-
-    return parse
-
-
-ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-
-
 def unescape(text: str) -> str:
     """`\\n`, `\\t`, `\\r` and `\\\\` typed on a command line become the characters (other backslashes stay)."""
-    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r"}.get(m.group(1), "\\"), text)
 
 
 def print_summary(directory: Path, manifest: dict) -> None:
@@ -208,26 +205,24 @@ def print_summary(directory: Path, manifest: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- export
-@app.command()
-@guarded
+@command
 def export(
-    model: Annotated[str, typer.Argument(
-        help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | shakespeare | a local HF GPT-2 directory | "
-             "a nanoGPT checkpoint .pt | random:<size> (random weights)", show_default=False)],
-    out_dir: Annotated[Path, typer.Option(
-        "--out", "-o", help="Directory to write (model.onnx, weights, tokenizer, manifest.json). Must be new, "
-                            "empty, or (with --force) an earlier gptx export.", show_default=False)],
+    model: Annotated[str, typer.Argument(show_default=False, help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | "
+                                         "shakespeare | a local HF GPT-2 directory | a nanoGPT checkpoint .pt | "
+                                         "random:<size> (random weights)")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", show_default=False, help="Directory to write (model.onnx, "
+                                          "weights, tokenizer, manifest.json). Must be new, empty, or (with "
+                                          "--force) an earlier gptx export.")],
     dtype: Annotated[DType, typer.Option(
         help="fp32 (CPU and GPU) or fp16 (GPU; LayerNorm, softmax and logits stay fp32).")] = DType.fp32,
     opset: Annotated[int, typer.Option(min=14, max=20, help="ONNX opset.")] = 17,
     seed: Annotated[int, typer.Option(min=0, help="Seed for random:<size> weights.")] = 0,
     optimize: Annotated[bool, typer.Option(
         "--optimize/--no-optimize", help="Apply ONNX Runtime graph fusions and save the optimized graph.")] = False,
-    quantize: Annotated[Quantize | None, typer.Option(
-        help="Quantize every matrix, LM head included. int8: 8-bit weights (MatMulNBits, closest to fp32); "
-             "int8-dynamic: int8 weights and activations (MatMulInteger, fastest 8-bit); int4: 4-bit weights, "
-             "the first layer as dynamic int8, the LM head's 64 best logits recomputed in fp32.",
-        show_default=False)] = None,
+    quantize: Annotated[Quantize | None, typer.Option(show_default=False, help=(
+        "Quantize every matrix, LM head included. int8: 8-bit weights (MatMulNBits, closest to fp32); int8-dynamic: "
+        "int8 weights and activations (MatMulInteger, fastest 8-bit); int4: 4-bit weights, the first layer as "
+        "dynamic int8, the LM head's 64 best logits recomputed in fp32."))] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace OUT if it holds an earlier gptx export (and nothing else).")] = False,
     validate: Annotated[bool, typer.Option(
@@ -242,8 +237,7 @@ def export(
 
 
 # ---------------------------------------------------------------------------------------------- info
-@app.command()
-@guarded
+@command
 def info(directory: ExportDir,
          as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest as JSON.")] = False):
     """Describe an export directory and check its files against the sha256 sums in its manifest."""
@@ -265,32 +259,27 @@ def info(directory: ExportDir,
         say(f"{key} " + ", ".join(f"{s['name']}{list(s['shape'])}:{s['dtype']}" for s in specs[:shown]) +
             (f", … ({len(specs)} in all)" if len(specs) > shown else ""))
     files = manifest.get("files") or {}
-    if files:
-        say(f"files:   OK (size and sha256 of {len(files)} files match the manifest)")
-    else:
-        say("files:   not verified: this export records no checksums (made by an older gptx; re-export it)")
+    say(f"files:   OK (size and sha256 of {len(files)} files match the manifest)" if files else
+        "files:   not verified: this export records no checksums (made by an older gptx; re-export it)")
 
 
 # ---------------------------------------------------------------------------------------------- generate
-@app.command()
-@guarded
+@command
 def generate(
     directory: ExportDir,
     prompt: Annotated[str, typer.Argument(help="Prompt text (empty: start from <|endoftext|>).")] = "",
     max_new_tokens: Annotated[int | None, typer.Option(
         "--max-new-tokens", "-n", min=0, help="Tokens to generate (default 64).", show_default=False)] = None,
     max_length: Annotated[int | None, typer.Option(
-        min=1, help="Stop when prompt + generated tokens reach this length (instead of -n).",
-        show_default=False)] = None,
+        min=1, help="Stop when prompt + generated tokens reach this length (instead of -n).", show_default=False)]
+    = None,
     temperature: Annotated[float, typer.Option(min=0, help="0 = greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="Keep the k most likely tokens (0 = off).")] = 40,
-    top_p: Annotated[float | None, typer.Option(
-        parser=above_zero(upper=1.0), metavar="FLOAT", help="Nucleus sampling mass in (0, 1].",
-        show_default=False)] = None,
+    top_p: TopP = None,
     repetition_penalty: Annotated[float, typer.Option(parser=above_zero(), metavar="FLOAT",
                                                       help="> 1 discourages repeats.")] = 1.0,
-    seed: Annotated[int | None, typer.Option(min=0, help="Seed for reproducible sampling.",
-                                                show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed for reproducible sampling.", show_default=False)]
+    = None,
     stop: Annotated[list[str] | None, typer.Option(
         help="Stop when this text appears (repeatable). Escapes \\n, \\t, \\r and \\\\ are understood, "
              "so --stop '\\n' stops at the end of a line.", show_default=False)] = None,
@@ -304,24 +293,18 @@ def generate(
 
     if max_new_tokens is not None and max_length is not None:
         raise InvalidInput("give --max-new-tokens (-n) or --max-length, not both")
-    length = ({"max_length": max_length} if max_length is not None
-              else {"max_new_tokens": 64 if max_new_tokens is None else max_new_tokens})
     engine = gptx.runtime.load(directory, backend=backend.value, device=device.value, verify_weights=verify_weights)
-    pieces = engine.stream(prompt, temperature=temperature, top_k=top_k, top_p=top_p,
-                           repetition_penalty=repetition_penalty, seed=seed,
-                           stop=[unescape(s) for s in stop or []], **length)
+    pieces = engine.stream(prompt, max_new_tokens, max_length=max_length, temperature=temperature, top_k=top_k,
+                           top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                           stop=[unescape(s) for s in stop or []])
     first = next(pieces, "")  # arguments are validated (and may fail) before anything is printed
-    sys.stdout.write(prompt + first)
-    sys.stdout.flush()
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    for piece in itertools.chain([prompt + first], pieces):
+        print(piece, end="", flush=True)
+    print()
 
 
 # ---------------------------------------------------------------------------------------------- verify
-@app.command()
-@guarded
+@command
 def verify(
     directory: ExportDir,
     backend: Annotated[Backend, typer.Option(help="Engine to check against PyTorch.")] = Backend.onnxruntime,
@@ -337,9 +320,8 @@ def verify(
     from gptx.export.validate import compare
 
     writable(json_path, "--json")
-    report = compare(directory, backend=backend.value, device=device.value,
-                     batch_sizes=tuple(int_list(batch_sizes, "--batch-sizes")),
-                     decode_steps=decode_steps, ppl_tokens=ppl_tokens)
+    report = compare(directory, backend=backend.value, device=device.value, decode_steps=decode_steps,
+                     batch_sizes=tuple(int_list(batch_sizes, "--batch-sizes")), ppl_tokens=ppl_tokens)
     t = Table(title=Text(f"verify {directory} ({report['backend']}, {report['dtype']})"))
     for col in ("batch", "prompt lengths", "max |diff|", "top-1", "greedy identical"):
         t.add_column(col)
@@ -352,16 +334,14 @@ def verify(
         say(f"perplexity on {p['tokens']} tokens of sample text: reference {p['reference']:.3f}, "
             f"candidate {p['candidate']:.3f} (ratio {p['ratio']:.4f})")
     write_json(json_path, report)
-    if report["passed"]:
-        out.print("[bold green]PASS[/bold green]")
-    else:
+    if not report["passed"]:
         out.print("[bold red]FAIL[/bold red]: " + escape("; ".join(report["failures"])))
         raise typer.Exit(1)
+    out.print("[bold green]PASS[/bold green]")
 
 
 # ---------------------------------------------------------------------------------------------- build
-@app.command()
-@guarded
+@command
 def build(
     directory: Annotated[Path, typer.Argument(
         help="A `gptx export` output directory (the engine is written into it).", show_default=False)],
@@ -385,28 +365,25 @@ def build(
 
 
 # ---------------------------------------------------------------------------------------------- bench
-@app.command()
-@guarded
+@command
 def bench(
     directory: ExportDir,
     backend: BackendOpt = Backend.auto,
     device: DeviceOpt = Device.cpu,
-    batch_size: Annotated[str, typer.Option("--batch-size", help="Comma-separated batch sizes.")] = "1",
-    prompt_len: Annotated[str, typer.Option("--prompt-len", help="Comma-separated prompt lengths.")] = "32",
+    batch_size: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
+    prompt_len: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "32",
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 128,
     runs: Annotated[int, typer.Option(help="Timed runs per configuration (median reported), after one warm-up.")]
     = 3,
     temperature: Annotated[float, typer.Option(
         min=0, help="0 = greedy; above 0, sample (seed 0) and time the sampler too.")] = 0.0,
     top_k: Annotated[int, typer.Option(min=0, help="Sample from the k most likely tokens (0 = off).")] = 0,
-    top_p: Annotated[float | None, typer.Option(
-        parser=above_zero(upper=1.0), metavar="FLOAT", help="Nucleus sampling mass in (0, 1].",
-        show_default=False)] = None,
+    top_p: TopP = None,
     compare: Annotated[Compare | None, typer.Option(
         help="Also run this backend (default: torch when installed; none to skip).", show_default=False)] = None,
     json_path: JsonOut = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG chart (needs matplotlib).",
-                                                 show_default=False)] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG chart (needs matplotlib).", show_default=False)]
+    = None,
 ):
     """Measure time to first token, prefill and decode tokens/s, per-token latency percentiles and peak memory."""
     from gptx.runtime.benchmark import run_bench_command
@@ -417,11 +394,9 @@ def bench(
     if temperature == 0 and (top_k or top_p is not None):
         raise InvalidInput("--top-k and --top-p need --temperature above 0 (0 is greedy)")
     sampling = SamplingParams(temperature, top_k or None, top_p, seed=0) if temperature > 0 else None
-    report = run_bench_command(directory, backend=backend.value, device=device.value,
-                               batch_sizes=int_list(batch_size, "--batch-size"),
-                               prompt_lens=int_list(prompt_len, "--prompt-len"), new_tokens=new_tokens, runs=runs,
-                               compare=compare.value if compare else None, plot_path=plot, console=out,
-                               sampling=sampling)
+    report = run_bench_command(directory, backend.value, device.value, int_list(batch_size, "--batch-size"),
+                               int_list(prompt_len, "--prompt-len"), new_tokens, runs, sampling=sampling,
+                               compare=compare.value if compare else None, plot_path=plot, console=out)
     write_json(json_path, report)
 
 
@@ -431,7 +406,6 @@ def report_to_choices(value: str | None) -> str | None:
     if value is None:
         return None  # the default: tensorboard when installed
     from gptx.train.monitoring import parse_report_to
-    from gptx.runtime.errors import InvalidInput
 
     try:
         return ",".join(parse_report_to(value)) or "none"
@@ -439,8 +413,7 @@ def report_to_choices(value: str | None) -> str | None:
         raise typer.BadParameter(str(e)) from None
 
 
-@app.command()
-@guarded
+@command
 def train(
     data: Annotated[Path, typer.Argument(help="UTF-8 text file to train on (GPT-2 tokenizer).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory (ckpt.pt and monitoring logs).")]
@@ -476,16 +449,11 @@ def train(
         help="MLflow tracking store: a file: or sqlite: URI (default sqlite:///OUT/mlflow.db).")] = None,
 ):
     """Train (or fine-tune) a GPT on a text file with AdamW, warmup + cosine LR, clipping and validation."""
+    options = {**locals(), "data": str(data), "out_dir": str(out_dir)}  # the options are TrainConfig's fields
     from gptx.train.trainer import TrainConfig
     from gptx.train.trainer import train as run_train
 
-    cfg = TrainConfig(data=str(data), out_dir=str(out_dir), n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                      block_size=block_size, dropout=dropout, batch_size=batch_size, max_iters=max_iters,
-                      learning_rate=learning_rate, min_lr=min_lr, warmup_iters=warmup_iters,
-                      weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval,
-                      eval_iters=eval_iters, seed=seed, resume=resume, force=force, init_from=init_from,
-                      half_checkpoint=half_checkpoint, report_to=report_to, mlflow_uri=mlflow_uri)
-    result = run_train(cfg)
+    result = run_train(TrainConfig(**options))
     out.print(f"[green]✓[/green] {result['iter']} iterations; train loss {result['train_loss']:.4f}, "
               f"val loss {result['val_loss']:.4f}; checkpoint {result['checkpoint']}", highlight=False)
     for name, location in result["reports"].items():
@@ -493,8 +461,7 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------- serve
-@app.command()
-@guarded
+@command
 def serve(
     directory: ExportDir,
     host: Annotated[str, typer.Option(help="Address to bind. 0.0.0.0 exposes the server to your network: "
@@ -503,13 +470,12 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Rows decoded together (continuous batching).")] = 8,
     max_queue: Annotated[int, typer.Option(min=1, help="Prompts that may wait for a row; more get 429. One request "
                                                        "may hold half of them (docs/serving.md).")] = 64,
-    prefill_chunk: Annotated[int | None, typer.Option(
-        min=1, show_default=False, help="Prompt tokens computed per step after the running rows' decode: long "
-                                        "prompts arrive in chunks while streams flow (default: docs/serving.md).")]
-    = None,
-    prefix_cache_mb: Annotated[float | None, typer.Option(
-        min=0, show_default=False, help="MiB of host memory for computed prompt blocks that later prompts starting "
-                                        "the same way reuse (shared system prompts); 0 turns it off.")] = None,
+    prefill_chunk: Annotated[int | None, typer.Option(min=1, show_default=False, help=(
+        "Prompt tokens computed per step after the running rows' decode: long prompts arrive in chunks while "
+        "streams flow (default: docs/serving.md)."))] = None,
+    prefix_cache_mb: Annotated[float | None, typer.Option(min=0, show_default=False, help=(
+        "MiB of host memory for computed prompt blocks that later prompts starting the same way reuse (shared "
+        "system prompts); 0 turns it off."))] = None,
     max_tokens_limit: Annotated[int | None, typer.Option(
         min=1, help="Largest max_tokens a request may ask for (default: up to the model's context).")] = None,
     backend: BackendOpt = Backend.auto,
@@ -521,18 +487,17 @@ def serve(
         help="Require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open).")] = None,
     model_name: Annotated[str | None, typer.Option(
         help="The model id clients send and /v1/models lists (default: the directory's name).")] = None,
-    chat_template: Annotated[Path | None, typer.Option(
-        help="JSON file overriding the chat transcript template (keys: system, user, assistant, "
-             "generation_prompt, stop; see docs/serving.md).")] = None,
+    chat_template: Annotated[Path | None, typer.Option(help=(
+        "JSON file overriding the chat transcript template (keys: system, user, assistant, generation_prompt, "
+        "stop; see docs/serving.md)."))] = None,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Larger request bodies get 413.")] = 1 << 20,
     shutdown_timeout: Annotated[float, typer.Option(
         min=0, help="On SIGTERM, seconds in-flight requests may take to finish (/health answers 503 meanwhile) "
                     "before they end with a shutting_down error.")] = 10.0,
     max_connections: Annotated[int, typer.Option(
         min=1, help="Open connections at most; past it a new connection gets 503 and is closed.")] = 512,
-    header_timeout: Annotated[float, typer.Option(
-        min=0.1, help="Seconds a request's headers may take to arrive (from the connection or its first byte).")]
-    = 10.0,
+    header_timeout: Annotated[float, typer.Option(min=0.1, help=(
+        "Seconds a request's headers may take to arrive (from the connection or its first byte)."))] = 10.0,
     body_timeout: Annotated[float, typer.Option(
         min=0.1, help="Seconds a request's body may take to arrive after its headers.")] = 30.0,
     keep_alive_timeout: Annotated[float, typer.Option(
@@ -543,8 +508,8 @@ def serve(
     autoscale: Annotated[str | None, typer.Option(
         metavar="MIN:MAX", help="Ray: autoscale between MIN and MAX replicas (instead of --replicas), aiming at "
                                 "max-batch requests per replica.")] = None,
-    ray_address: Annotated[str | None, typer.Option(
-        help="Ray: an existing cluster ('auto': the one running here, or ray://HOST:10001) instead of a local Ray.")]
+    ray_address: Annotated[str | None, typer.Option(help=(
+        "Ray: an existing cluster ('auto': the one running here, or ray://HOST:10001) instead of a local Ray."))]
     = None,
     replica_cpus: Annotated[float | None, typer.Option(
         min=0.01, help="Ray: CPUs reserved per replica (default: this machine's cores / replicas on a local Ray, "
