@@ -32,7 +32,7 @@ from ..errors import GptxError, InvalidInput, QueueFull
 from ..scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB, max_group
 from ..serving import Event, RequestStream
 from .chat import ChatTemplate
-from .logprobs import best, chat_logprobs, completion_logprobs, join
+from .logprobs import best, chat_logprobs, completion_logprobs
 from .metrics import Metrics
 from .schemas import (MAX_IGNORED_NAMED, MAX_STOP, UNSUPPORTED, ChatCompletionRequest, CompletionRequest,
                       GenerationFields, StreamOptions, error_body)
@@ -323,8 +323,9 @@ class CompletionFormat:
                 logprobs = None
                 if self.logprobs is not None:
                     logprobs = completion_logprobs(self.tokenizer, r.tokens, r.logprobs, len(prompt_text))
-                    if self.echo:
-                        logprobs = join(completion_logprobs(self.tokenizer, prompt_ids, r.prompt_logprobs), logprobs)
+                    if self.echo:  # the prompt's tokens first
+                        echoed = completion_logprobs(self.tokenizer, prompt_ids, r.prompt_logprobs)
+                        logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
                 out.append(self.choice(len(out), prompt_text + "".join(r.text), finish[k], logprobs))
         return out
 

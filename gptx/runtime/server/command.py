@@ -13,39 +13,41 @@ from ..errors import GptxError, InvalidInput
 
 
 def run_serve(directory: Path, host: str, port: int, max_batch: int, max_queue: int, max_tokens_limit: int | None,
-              prefill_chunk: int | None, prefix_cache_mb: float | None,
-              backend: str, device: str, threads: int | None, api_key: str | None,
-              model_name: str | None, chat_template: Path | None, max_body_bytes: int, shutdown_timeout: float,
-              ray: bool, replicas: int, autoscale: str | None, ray_address: str | None,
+              prefill_chunk: int | None, prefix_cache_mb: float | None, backend: str, device: str, threads: int | None,
+              api_key: str | None, model_name: str | None, chat_template: Path | None, max_body_bytes: int,
+              shutdown_timeout: float, ray: bool, replicas: int, autoscale: str | None, ray_address: str | None,
               replica_cpus: float | None, max_connections: int = 512, header_timeout: float = 10.0,
               body_timeout: float = 30.0, keep_alive_timeout: float = 5.0) -> None:
     from .app import ServerConfig
     from .chat import ChatTemplate
-    from .edge import EdgeLimits
+    from .edge import EdgeLimits, reserve_file_descriptors
 
     directory = Path(directory).resolve()
     scheduling = {k: v for k, v in (("prefill_chunk", prefill_chunk), ("prefix_cache_mb", prefix_cache_mb))
                   if v is not None}  # unset: the pool's defaults
     config = ServerConfig(model_name=model_name or directory.name, max_batch=max_batch, max_queue=max_queue,
                           max_tokens_limit=max_tokens_limit, api_key=checked_api_key(api_key), **scheduling,
-                          max_body_bytes=max_body_bytes,
-                          chat_template=ChatTemplate.from_file(chat_template) if chat_template else ChatTemplate())
+                          max_body_bytes=max_body_bytes, chat_template=ChatTemplate.from_file(chat_template)
+                          if chat_template else ChatTemplate())
     limits = EdgeLimits(max_connections=max_connections, header_timeout=header_timeout, body_timeout=body_timeout,
                         keep_alive_timeout=keep_alive_timeout)
-    load_options = engine_options(backend, device, threads)
+    if threads is not None and backend not in ("auto", "onnxruntime"):
+        raise InvalidInput("--threads sets ONNX Runtime's thread pool: use it with --backend onnxruntime")
+    load_options = {"backend": backend, "device": device, **({} if threads is None else {"threads": threads})}
     setup_logging()
     if ray:
         from .ray_app import run_on_ray
 
+        low, sep, high = (autoscale or "1:1").partition(":")
+        if not sep or not low.strip().isdigit() or not high.strip().isdigit() or not 0 < int(low) <= int(high):
+            raise InvalidInput(f"--autoscale takes MIN:MAX replicas with 1 <= MIN <= MAX, got {autoscale!r}")
         run_on_ray(directory, load_options, config, host=host, port=port, replicas=replicas,
-                   autoscale=parse_autoscale(autoscale), address=ray_address, replica_cpus=replica_cpus,
-                   shutdown_timeout=shutdown_timeout)
+                   autoscale=(int(low), int(high)) if autoscale else None, address=ray_address,
+                   replica_cpus=replica_cpus, shutdown_timeout=shutdown_timeout)
         return
     if autoscale or ray_address or replica_cpus or replicas != 1:
         raise InvalidInput("--replicas, --autoscale, --ray-address and --replica-cpus need --ray")
     import gptx.runtime
-
-    from .edge import reserve_file_descriptors
 
     reserve_file_descriptors(limits.max_connections)  # before loading: a limit that cannot be met fails at once
     engine = gptx.runtime.load(directory, **load_options)
@@ -53,32 +55,13 @@ def run_serve(directory: Path, host: str, port: int, max_batch: int, max_queue: 
 
 
 def checked_api_key(api_key: str | None) -> str | None:
-    """The key, or None for no authentication; an empty key (`--api-key ''`, `GPTX_API_KEY=`) is refused rather than
-    read as "no authentication"."""
+    """The key, or None for no authentication; an empty key (`--api-key ''`, `GPTX_API_KEY=`) is refused."""
     if api_key is None and os.environ.get("GPTX_API_KEY") == "":  # the CLI reads an empty variable as unset
         api_key = ""
     if api_key is not None and not api_key.strip():
         raise InvalidInput("the API key is empty (--api-key or GPTX_API_KEY): give a key, or set neither to serve "
                            "without authentication")
     return api_key
-
-
-def engine_options(backend: str, device: str, threads: int | None) -> dict:
-    options = {"backend": backend, "device": device}
-    if threads is not None:
-        if backend not in ("auto", "onnxruntime"):
-            raise InvalidInput("--threads sets ONNX Runtime's thread pool: use it with --backend onnxruntime")
-        options["threads"] = threads
-    return options
-
-
-def parse_autoscale(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    low, sep, high = text.partition(":")
-    if not sep or not low.strip().isdigit() or not high.strip().isdigit() or not 0 < int(low) <= int(high):
-        raise InvalidInput(f"--autoscale takes MIN:MAX replicas with 1 <= MIN <= MAX, got {text!r}")
-    return int(low), int(high)
 
 
 def setup_logging() -> None:
@@ -101,13 +84,12 @@ def announce(url: str, config, where: str) -> None:
           flush=True)
 
 
-def run_uvicorn(engine, config, host: str, port: int, shutdown_timeout: float, limits=None) -> None:
+def run_uvicorn(engine, config, host: str, port: int, shutdown_timeout: float, limits) -> None:
     import uvicorn
 
     from .app import create_app
-    from .edge import DrainingServer, EdgeLimits, protocol_for
+    from .edge import DrainingServer, protocol_for
 
-    limits = limits or EdgeLimits()
     app = create_app(engine, config)
     server = DrainingServer(uvicorn.Config(
         app, host=host, port=port, access_log=False, lifespan="on", log_level="info", ws="none",

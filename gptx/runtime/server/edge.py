@@ -37,16 +37,11 @@ class EdgeLimits:
     max_header_bytes: int = 64 * 1024
 
 
-def _busy_response() -> bytes:
-    """The one answer a connection past the cap gets (written before anything is read from it, then closed)."""
-    body = json.dumps(error_body("the server has too many open connections (--max-connections); retry",
-                                 "server_error", code="too_many_connections")).encode()
-    head = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body))
-    return head + body
-
-
-BUSY = _busy_response()
+# The one answer a connection past the cap gets (written before anything is read from it, then closed).
+_BUSY_BODY = json.dumps(error_body("the server has too many open connections (--max-connections); retry",
+                                   "server_error", code="too_many_connections")).encode()
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(_BUSY_BODY)) + _BUSY_BODY
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -89,14 +84,12 @@ class GuardedH11Protocol(H11Protocol):
         else:
             self._send_error(400, msg)
 
-    # ------------------------------------------------------------------------------ internals
     def _send_error(self, status: int, message: str) -> None:
         self._disarm()
         body = json.dumps(error_body(message, code="request_header_fields_too_large" if status == 431 else None))
         head = h11.Response(status_code=status, reason=HTTPStatus(status).phrase.encode(),
                             headers=[(b"content-type", b"application/json"), (b"connection", b"close")])
-        for event in (head,
-                      h11.Data(data=body.encode()), h11.EndOfMessage()):
+        for event in (head, h11.Data(data=body.encode()), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
         self.transport.close()
 
@@ -142,10 +135,8 @@ def reserve_file_descriptors(max_connections: int) -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, but the first SIGTERM (or Ctrl-C) drains before the listener closes: the app's `drain`
-    makes /health answer 503 and new requests 503 `shutting_down` while in-flight ones run for up to
-    `shutdown_timeout` seconds, and ends what is left with the `shutting_down` error. Then uvicorn shuts down as
-    usual. A second signal skips the rest of the drain."""
+    """uvicorn's server, but the first SIGTERM (or Ctrl-C) runs the app's `drain(shutdown_timeout)` before uvicorn
+    shuts down as usual; a second signal skips the rest of the drain."""
 
     def __init__(self, config: uvicorn.Config, drain, shutdown_timeout: float):
         super().__init__(config)

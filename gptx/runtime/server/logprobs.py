@@ -27,10 +27,6 @@ def completion_logprobs(tokenizer: Tokenizer, tokens: list[int], entries: list[T
     return out
 
 
-def join(first: dict, second: dict) -> dict:
-    return {key: first[key] + second[key] for key in first}
-
-
 def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict:
     """Chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
     def one(token: int, logprob: float) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -13,28 +15,25 @@ class Metrics:
 
     def __init__(self, max_batch: int):
         self.registry = r = CollectorRegistry()
-        self.http_requests = Counter("gptx_http_requests", "HTTP responses by route and status code",
-                                     ["endpoint", "status"], registry=r)
-        self.completions = Counter("gptx_completions", "Generations by finish reason (one per prompt)",
-                                   ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("gptx_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
-        self.completion_tokens = Counter("gptx_completion_tokens", "Tokens generated", registry=r)
-        self.cached_prompt_tokens = Counter("gptx_prompt_tokens_cached", "Prompt tokens served from the prefix "
-                                            "cache instead of computed", registry=r)
-        self.queue_waiting = Gauge("gptx_queue_waiting", "Requests waiting for a row", registry=r)
-        self.active_rows = Gauge("gptx_active_rows", "Rows of the batch in use", registry=r)
-        Gauge("gptx_max_batch", "Rows of the batch", registry=r).set(max_batch)
+        counter, gauge = partial(Counter, registry=r), partial(Gauge, registry=r)
+        histogram = partial(Histogram, buckets=LATENCY_BUCKETS, registry=r)
+        self.http_requests = counter("gptx_http_requests", "HTTP responses by route and status code",
+                                     ["endpoint", "status"])
+        self.completions = counter("gptx_completions", "Generations by finish reason (one per prompt)",
+                                   ["finish_reason"])
+        self.prompt_tokens = counter("gptx_prompt_tokens", "Prompt tokens of accepted requests")
+        self.completion_tokens = counter("gptx_completion_tokens", "Tokens generated")
+        self.cached_prompt_tokens = counter("gptx_prompt_tokens_cached",
+                                            "Prompt tokens served from the prefix cache instead of computed")
+        self.queue_waiting = gauge("gptx_queue_waiting", "Requests waiting for a row")
+        self.active_rows = gauge("gptx_active_rows", "Rows of the batch in use")
+        gauge("gptx_max_batch", "Rows of the batch").set(max_batch)
         batch_buckets = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, max_batch})
-        self.batch_size = Histogram("gptx_step_batch_size", "Rows per graph call", ["kind"],
-                                    buckets=batch_buckets, registry=r)
-        self.step_seconds = Histogram("gptx_step_seconds", "Duration of each graph call", ["kind"],
-                                      buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("gptx_time_to_first_token_seconds", "Request arrival to its first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("gptx_inter_token_latency_seconds", "Between consecutive tokens of one request",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.request_seconds = Histogram("gptx_request_seconds", "Whole request", ["endpoint"],
-                                         buckets=REQUEST_BUCKETS, registry=r)
+        self.batch_size = histogram("gptx_step_batch_size", "Rows per graph call", ["kind"], buckets=batch_buckets)
+        self.step_seconds = histogram("gptx_step_seconds", "Duration of each graph call", ["kind"])
+        self.ttft = histogram("gptx_time_to_first_token_seconds", "Request arrival to its first token")
+        self.itl = histogram("gptx_inter_token_latency_seconds", "Between consecutive tokens of one request")
+        self.request_seconds = histogram("gptx_request_seconds", "Whole request", ["endpoint"], buckets=REQUEST_BUCKETS)
 
     def on_step(self, kind: str, seconds: float, batch: int) -> None:
         """The pool's hook, called in its worker thread after every graph call (prometheus-client is thread-safe)."""

@@ -24,6 +24,8 @@ from .command import announce, checked_api_key, setup_logging
 APP_NAME = "gptx"
 HEALTH_CHECK_PERIOD_S = 2.0   # a dead replica is noticed (and replaced) within about this
 REQUEST_SLACK = 8             # requests a full replica still takes in (to answer 429, /health, /metrics)
+NUMBERS = {"max_batch": int, "max_queue": int, "max_tokens_limit": int, "max_body_bytes": int, "prefill_chunk": int,
+           "prefix_cache_mb": float}  # build()'s numeric arguments, which arrive as strings
 
 
 @serve.deployment(name="gptx")
@@ -98,13 +100,9 @@ def run_on_ray(directory: Path, load_options: dict, config: ServerConfig, *, hos
 
 def build(args: dict) -> serve.Application:
     """Application builder for `serve run gptx.runtime.server.ray_app:build directory=DIR [key=value ...]` and for a
-    RayService's `import_path`. Keys: directory (required), model_name, backend, device, threads, max_batch,
-    max_queue, max_tokens_limit, max_body_bytes, prefill_chunk, prefix_cache_mb. The API key comes from the
-    GPTX_API_KEY environment variable. Replicas, autoscaling and CPUs are set in the Serve config's `deployments:`
-    section (deployment "gptx")."""
-    args = dict(args)
-    known = {"directory", "model_name", "backend", "device", "threads", "max_batch", "max_queue",
-             "max_tokens_limit", "max_body_bytes", "prefill_chunk", "prefix_cache_mb"}
+    RayService's `import_path`; the API key comes from GPTX_API_KEY, replicas and CPUs from the Serve config's
+    `deployments:` section (deployment "gptx")."""
+    known = {"directory", "model_name", "backend", "device", "threads", *NUMBERS}
     unknown = sorted(set(args) - known)
     if unknown or "directory" not in args:
         raise InvalidInput(f"build() takes directory=DIR and optionally {', '.join(sorted(known - {'directory'}))}"
@@ -112,19 +110,13 @@ def build(args: dict) -> serve.Application:
     directory = Path(str(args["directory"]))
 
     def number(key):
-        value = args[key]
         try:
-            return int(value)
+            return NUMBERS.get(key, int)(args[key])
         except (TypeError, ValueError):
-            raise InvalidInput(f"{key} must be an integer, got {value!r}") from None
+            kind = "an integer" if NUMBERS.get(key, int) is int else "a number"
+            raise InvalidInput(f"{key} must be {kind}, got {args[key]!r}") from None
 
-    given = {key: number(key) for key in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes",
-                                          "prefill_chunk") if args.get(key) is not None}  # the rest: defaults
-    if args.get("prefix_cache_mb") is not None:
-        try:
-            given["prefix_cache_mb"] = float(args["prefix_cache_mb"])
-        except (TypeError, ValueError):
-            raise InvalidInput(f"prefix_cache_mb must be a number, got {args['prefix_cache_mb']!r}") from None
+    given = {key: number(key) for key in NUMBERS if args.get(key) is not None}  # the rest: defaults
     config = ServerConfig(model_name=str(args.get("model_name") or directory.name),
                           api_key=checked_api_key(os.environ.get("GPTX_API_KEY")), **given)
     load_options = {"backend": str(args.get("backend", "auto")), "device": str(args.get("device", "cpu"))}
