@@ -1,19 +1,10 @@
 """The `gptx` command's entry point: settle the process environment, then run the CLI (gptx/cli.py).
 
-Stdlib only and imported first, so that re-executing the process costs a bare interpreter start (40 ms), not
-the CLI's imports (0.3 s).
-
-Transparent huge pages for the weights, through glibc's own switch:
-
-A decode step streams every weight once, so with 4 KiB pages it also walks a page table entry per 4 KiB read.
-glibc's malloc backs its large blocks with 2 MiB transparent huge pages when started with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35); ONNX Runtime allocates the packed weights it reads
-with malloc. Where THP is in "madvise" mode that speeds up decoding most where a step reads the most weight
-bytes per unit of work (int4 at short context), for a few MiB more peak RSS (docs/experiments.md).
-
-glibc reads tunables only at process start, so the `gptx` command executes itself again, once, with the
-tunable added (GPTX_HUGE_PAGES=0 opts out). An application embedding the runtime sets it in its own
-environment: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python app.py`.
+A decode step streams every weight once; glibc's malloc, started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+(glibc >= 2.35), backs the large blocks ONNX Runtime packs the weights into with 2 MiB transparent huge pages,
+which saves page-table walks (docs/experiments.md). glibc reads tunables only at process start, so the command
+executes itself again, once, with the tunable added (GPTX_HUGE_PAGES=0 opts out). Stdlib only and imported first,
+so that costs a bare interpreter start (40 ms), not the CLI's imports (0.3 s).
 """
 
 from __future__ import annotations
@@ -55,10 +46,8 @@ def active(environ: Mapping[str, str] = os.environ) -> bool:
 
 def huge_page_environment(environ: Mapping[str, str], glibc: tuple[int, int] | None,
                           mode: str | None) -> dict[str, str] | None:
-    """The environment to execute again with, or None when that would change nothing.
-
-    Only where it was measured to help: glibc >= 2.35 with the kernel in "madvise" mode (in "always" mode
-    the kernel already backs large anonymous blocks with huge pages; in "never" nothing can)."""
+    """The environment to execute again with, or None where that changes nothing: it helps with glibc >= 2.35 and
+    THP in "madvise" mode ("always" already backs large anonymous blocks with huge pages; "never" cannot)."""
     if environ.get(OPT_OUT) == "0" or active(environ) or glibc is None or glibc < MIN_GLIBC or mode != "madvise":
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
@@ -67,8 +56,7 @@ def huge_page_environment(environ: Mapping[str, str], glibc: tuple[int, int] | N
 
 def reexec_with_huge_pages() -> None:
     """Replace this process with the same command line under the tunable, when that would help; else return.
-
-    Call first thing in a program's entry point (nothing done before it survives the exec)."""
+    Call it first thing in a program's entry point: nothing done before it survives the exec."""
     orig_argv = getattr(sys, "orig_argv", None)
     if not sys.platform.startswith("linux") or not orig_argv or not sys.executable:
         return
