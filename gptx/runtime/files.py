@@ -1,14 +1,8 @@
 """Writing files so that nothing half-written is ever seen and nothing is left behind: one place for all of gptx.
 
-- `atomic_write` / `atomic_path`: write beside the target under a pid-tagged name, fsync, rename into place.
-- `replace_dir`: swap a finished directory into place; on Linux `renameat2(RENAME_EXCHANGE)` makes the swap a
-  single atomic step, so a concurrent reader sees the old tree or the new one, never a missing path.
-- `clean_stale`: debris of a writer that died (SIGKILL, power loss) carries that writer's pid in its name;
-  the next writer of the same target removes it only when that pid is no longer running, so a live writer's
-  files are never touched. (A dead writer whose pid was reused by another process is left alone: safe side.)
-- `follow_umask`: created files and directories follow the umask (some libraries write 0600).
-
-Pure standard library, no PyTorch: the runtime uses it too.
+Writers work beside their target under a name that carries their pid (`.NAME.tmp-PID`...) and rename into place;
+the debris of a writer that died is removed by the next writer of the same target only once that pid is gone, so
+a live writer's files are never touched. Pure standard library, no PyTorch: the runtime uses it too.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import GptxError
@@ -35,12 +29,6 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCE
 RENAME_EXCHANGE = 2  # linux/fs.h
 
 
-def notice(message: str) -> None:
-    """One line on stderr for things the user should know about but that are not errors."""
-    print(f"gptx: {message}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------- umask
 def current_umask() -> int:
     """The process umask, read without changing it where the OS allows (os.umask is a set-and-return)."""
     with contextlib.suppress(OSError, ValueError):
@@ -54,14 +42,11 @@ def current_umask() -> int:
 
 def follow_umask(root: Path) -> None:
     """Give `root` and everything under it the modes a plain `mkdir`/`open` would have (onnx writes its
-    external data file 0600 and tempfile makes 0700 directories; a server running as another user could not
-    read those)."""
+    external data file 0600, tempfile makes 0700 directories: a server running as another user could not read)."""
     mask = current_umask()
-    root = Path(root)
-    for path in [root, *root.rglob("*")]:
-        if path.is_symlink():
-            continue
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def make_dir(path: Path) -> Path:
@@ -70,7 +55,6 @@ def make_dir(path: Path) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------- debris
 def debris_path(target: Path, kind: str) -> Path:
     """A sibling of `target` that says which process owns it: `.NAME.KIND-PID[-TOKEN]`."""
     target = Path(target)
@@ -89,12 +73,10 @@ def pid_alive(pid: int) -> bool:
         return True  # another thread of this process may be writing it
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
-        return True  # exists, owned by someone else
-    except OverflowError:
-        return False
+        pass  # exists, owned by someone else
     return True
 
 
@@ -106,8 +88,9 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def clean_stale(target: Path, announce: Callable[[str], None] = notice) -> list[Path]:
-    """Remove debris (`.NAME.tmp|partial|old-PID...`) of `target` left by processes that are no longer running."""
+def clean_stale(target: Path) -> list[Path]:
+    """Remove debris (`.NAME.tmp|partial|old-PID...`) of `target` left by processes that are no longer running
+    (a dead writer whose pid another process reuses is left alone: the safe side)."""
     target = Path(target)
     try:
         siblings = list(target.parent.iterdir())
@@ -116,19 +99,16 @@ def clean_stale(target: Path, announce: Callable[[str], None] = notice) -> list[
     removed = []
     for path in siblings:
         m = _DEBRIS.match(path.name)
-        if not m or m["name"] != target.name or pid_alive(int(m["pid"])):
-            continue
-        if m["kind"] != TMP and not m["token"]:
-            continue
-        remove_tree(path)
-        removed.append(path)
+        if m and m["name"] == target.name and (m["kind"] == TMP or m["token"]) and not pid_alive(int(m["pid"])):
+            remove_tree(path)
+            removed.append(path)
     if removed:
         names = ", ".join(p.name for p in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
-        announce(f"removed {len(removed)} leftover(s) of an interrupted run beside {target}: {names}")
+        print(f"gptx: removed {len(removed)} leftover(s) of an interrupted run beside {target}: {names}",
+              file=sys.stderr, flush=True)
     return removed
 
 
-# ------------------------------------------------------------------------------------------- untrusted paths
 def resolve_inside(root: Path, rel) -> Path | None:
     """`root/rel` with symlinks resolved, or None when it is not a usable path strictly inside `root`
     (absolute, `..` or a symlink out, NUL bytes, symlink loops, names too long). For paths read from files."""
@@ -143,7 +123,6 @@ def resolve_inside(root: Path, rel) -> Path | None:
     return path if path != base and path.is_relative_to(base) else None
 
 
-# ------------------------------------------------------------------------------------------- writes
 def fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem/OS lets a directory be fsync'd
         fd = os.open(directory, os.O_RDONLY)
@@ -153,17 +132,11 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def disk_error(path: Path, e: OSError) -> GptxError:
-    return GptxError(f"cannot write {path}: {e.strerror or e}")
-
-
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; when the block succeeds it replaces `target` in one rename.
-
-    For writers that want a path (torch.save, onnx.save). On any failure the temporary file is removed
-    and `target` is untouched. Disk-full and permission errors become one-line GptxErrors.
-    """
+    """Yield a temporary path beside `target` (for writers that want a path: torch.save, onnx.save); when the
+    block succeeds it replaces `target` in one rename. On any failure the temporary file is removed and `target`
+    is untouched; disk-full and permission errors become one-line GptxErrors."""
     target = Path(target)
     clean_stale(target)
     tmp = debris_path(target, TMP)
@@ -175,7 +148,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno in DISK_ERRNOS:
-            raise disk_error(target, e) from None
+            raise GptxError(f"cannot write {target}: {e.strerror or e}") from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -197,14 +170,11 @@ def check_writable_file(path: Path, option: str) -> Path:
 
 def atomic_write(target: str | Path, data: bytes | memoryview | str) -> Path:
     """Write text or any bytes-like object to `target` atomically (the umask decides its mode)."""
-    target = Path(target)
-    payload = data.encode() if isinstance(data, str) else data
     with atomic_path(target) as tmp, open(tmp, "xb") as f:
-        f.write(payload)
-    return target
+        f.write(data.encode() if isinstance(data, str) else data)
+    return Path(target)
 
 
-# ------------------------------------------------------------------------------------------- directories
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the OS or filesystem can't."""
     if not sys.platform.startswith("linux"):
@@ -226,9 +196,8 @@ def _exchange(a: Path, b: Path) -> bool:
 def replace_dir(new: Path, target: Path) -> None:
     """Put the finished directory `new` at `target` (a sibling), replacing what is there, with renames only.
 
-    Linux: one atomic exchange, then the old tree (now at `new`) is deleted: a reader polling `target`
-    always finds a complete directory. Elsewhere: rename the old one aside, rename the new one in, delete
-    the old one (a reader may briefly find no `target`, never a mix).
+    Linux: one atomic exchange (renameat2), so a reader polling `target` always finds a complete directory.
+    Elsewhere: the old one is renamed aside first (a reader may briefly find no `target`, never a mix).
     """
     new, target = Path(new), Path(target)
     if not target.exists():
@@ -243,7 +212,6 @@ def replace_dir(new: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
-# ------------------------------------------------------------------------------------------- hashes
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

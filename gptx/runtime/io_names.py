@@ -9,9 +9,8 @@ from __future__ import annotations
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
-# which of this call's new positions get logits, per row ([batch, logits_count] int64): the last one for a normal
-# step, every prompt position when a prompt is scored (echo, prompt logprobs). Exports made before it existed
-# return the last position's logits only and lack this input.
+# which of this call's new positions get logits, per row ([batch, logits_count] int64): the last one for a step,
+# every prompt position when a prompt is scored (echo, prompt logprobs); older exports lack it (last one only)
 LOGITS_INDEX = "logits_index"
 LOGITS = "logits"
 

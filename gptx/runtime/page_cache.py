@@ -1,6 +1,7 @@
 """Page-cache advice for the weights file ONNX Runtime maps: hints to the kernel that keep resident memory down.
 
-Neither changes a byte on disk or in the data; both are no-ops where the OS lacks the call.
+Neither changes a byte on disk or in the data; both are no-ops where the OS lacks the call. Measurements:
+docs/experiments.md ("evicts the weights file's cached pages", "without readahead once loaded").
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ import os
 import sys
 from pathlib import Path
 
+MADV_RANDOM = 1  # Linux's madvise advice: no readahead around a fault in these pages
+
 
 def drop_cached_pages(path: Path) -> None:
-    """Ask the kernel to evict a file's unmapped pages from the page cache (a hint: nothing on disk changes, and
-    pages another process maps stay). Why: pages that a read() brought in (a checksum, a copy, the export's own
-    write) sit in the cache as large folios, and a process that maps the file (ONNX Runtime maps external
-    weights) gets a whole folio resident for each row it gathers. Measured on the GPT-2 int4 export (Linux 6.18,
-    ext4, 8 MB readahead): 48 token lookups made 37 MiB of the file resident beyond what loading touched when
-    it came from such a cache, 6 MiB when its pages were faulted in from disk; decode peak RSS 251 vs 222 MiB."""
+    """Ask the kernel to evict a file's unmapped pages from the page cache (pages another process maps stay).
+    Why: pages a read() brought in (a checksum, a copy) sit in the cache as large folios, and a process that maps
+    the file (ONNX Runtime maps external weights) then gets a whole folio resident for each row it gathers."""
     if not hasattr(os, "posix_fadvise"):
         return
     try:
@@ -30,20 +30,11 @@ def drop_cached_pages(path: Path) -> None:
         os.close(fd)
 
 
-MADV_RANDOM = 1  # Linux's madvise advice: no readahead around a fault in these pages
-
-
 def advise_random_access(path: Path) -> int:
-    """Tell the kernel that this process reads its mappings of `path` at random (MADV_RANDOM, a hint: nothing
-    changes on disk or in the data), so a page fault there brings in that page, not a readahead window around it.
-    Returns how many mapped ranges took the advice (0 where there is no /proc/self/maps or no madvise).
-
-    Why (hand-written: neither the mmap module nor ONNX Runtime can advise a mapping ONNX Runtime made): after
-    loading, the only reads of the weights file's pages are rows gathered by token id, the token lookup and the
-    int4 head's exact re-score (gptx.export.optimize.rescore_head). Each miss otherwise reads a readahead window,
-    and the mapping then makes its neighbours resident too: on GPT-2 int4 (Linux 6.18, ext4, 8 MB readahead),
-    128 decode tokens with 64 re-scored rows each peaked at 279 MiB RSS, 197 MiB with this advice, for about
-    50 ms more on the first 128 tokens (benchmarks/README.md)."""
+    """Tell the kernel that this process reads its mappings of `path` at random (MADV_RANDOM), so a page fault
+    there brings in that page, not a readahead window whose neighbours the mapping then keeps resident. After
+    loading, the weights are read only by token id (the lookup, the int4 head's re-score). Returns how many mapped
+    ranges took the advice. Hand-written: neither mmap nor ONNX Runtime can advise a mapping ONNX Runtime made."""
     if not sys.platform.startswith("linux"):
         return 0
     target = str(Path(path).resolve())

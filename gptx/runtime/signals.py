@@ -32,12 +32,9 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT / SIGTERM until the block ends, then deliver them to the handlers they would have met.
-
-    For calls that cannot unwind midway: an exception raised inside torch's JIT tracer leaves it in a state
-    that segfaults (seen about 1 in 20 SIGTERMs during `gptx export`), so the export finishes its trace first.
-    Main thread only (signal's rule); elsewhere the block runs as is.
-    """
+    """Hold SIGINT / SIGTERM until the block ends, then deliver them to the handlers they would have met. For
+    calls that cannot unwind midway: an exception inside torch's JIT tracer leaves it in a state that segfaults
+    (about 1 in 20 SIGTERMs during `gptx export`). Main thread only (signal's rule); elsewhere the block runs as is."""
     signals = (signal.SIGINT, signal.SIGTERM)
     # None: a handler installed outside Python, which could not be put back afterwards
     if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, signals):

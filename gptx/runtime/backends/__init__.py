@@ -1,8 +1,7 @@
 """Backend registry: name -> class (imported only when used: each needs its own package), and what `auto` means.
 
-The runtime lists its own engines here. Any other registers itself as a `gptx.backends` entry point of its
-distribution, as the PyTorch reference backend does (gptx.export.torch_backend, pyproject.toml): the runtime
-never names a module outside itself, and reads the entry points only when a name it does not hold is asked for.
+The runtime lists its own engines here; any other registers a `gptx.backends` entry point (as the PyTorch one does,
+pyproject.toml), read only when a name the runtime does not hold is asked for.
 """
 
 from __future__ import annotations
@@ -36,14 +35,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def known(name: str) -> bool:
-    return name in BUILTIN or name in registry()
-
-
 def backend_class(name: str) -> type[Backend]:
-    if not known(name):
+    spec = BUILTIN.get(name) or registry().get(name)
+    if spec is None:
         raise GptxError(f"unknown backend {name!r}: choose auto, {', '.join(registry())}")
-    module, _, attr = (BUILTIN.get(name) or registry()[name]).partition(":")
+    module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
@@ -55,7 +51,7 @@ def resolve(name: str, manifest: dict, device: str) -> str:
     if device == "cuda" and manifest.get("engines") and backend_class("tensorrt").available():
         return "tensorrt"
     for fallback in ("onnxruntime", "torch"):
-        if known(fallback) and backend_class(fallback).available():
+        if (fallback in BUILTIN or fallback in registry()) and backend_class(fallback).available():
             return fallback
     raise GptxError("no backend available: pip install onnxruntime (or 'gptx[torch]')")
 
