@@ -1,8 +1,5 @@
-"""Presenting `gptx bench` results: its table and its bar chart (benchmarks/report.py draws its own with it).
-
-Measurement lives in gptx/runtime/benchmark.py; nothing here times anything. rich and matplotlib are imported
-only when a table or a plot is asked for.
-"""
+"""Presenting `gptx bench` results: its table and its bar chart (benchmarks/report.py draws its own charts with it).
+Nothing here times anything; rich and matplotlib are imported only when a table or a plot is asked for."""
 
 from __future__ import annotations
 
@@ -17,8 +14,7 @@ def add_ratios(results: list[dict]) -> None:
     torch_rate = {(r["batch"], r["prompt_len"]): r["decode_tokens_per_s"]
                   for r in results if r["backend_name"] == "torch"}
     for r in results:
-        ref = torch_rate.get((r["batch"], r["prompt_len"]))
-        mine = r["decode_tokens_per_s"]
+        ref, mine = torch_rate.get((r["batch"], r["prompt_len"])), r["decode_tokens_per_s"]
         r["vs_torch"] = mine / ref if ref and mine else None
 
 
@@ -32,34 +28,27 @@ def results_table(results: list[dict], report: dict | None = None):
     from rich import box
     from rich.table import Table
 
-    drift = any(r.get("last100_over_first100") is not None for r in results)
     title = None
     if report is not None:
-        m = report["machine"]
-        quant = report["manifest"].get("quantization") or {}
-        st = report["settings"]
+        m, st, quant = report["machine"], report["settings"], report["manifest"].get("quantization") or {}
         title = (f"{m['cpu']}, {m['cores']} cores, load {m['loadavg'][0]:.2f} · {st['device']} · "
                  f"{report['manifest']['dtype']}" + (f" {quant.get('method', 'quantized')}" if quant else "")
                  + f" · +{st['new_tokens']} tokens, {st.get('sampling', 'greedy')}, median of {st['runs']}")
     t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     t.add_column("backend", no_wrap=True)
     t.add_column("config", no_wrap=True)
+    drift = any(r.get("last100_over_first100") is not None for r in results)
     # two-line headers keep the table inside 80 columns without truncating anything
     for col in ("TTFT\nms", "prefill\ntok/s", "decode\ntok/s", "p50\nms", "p90\nms", "p99\nms", "peak\nMiB",
-                "× vs\ntorch"):
+                "× vs\ntorch", *(["last/first\n100 tok"] if drift else [])):
         t.add_column(col, justify="right", no_wrap=True)
-    if drift:
-        t.add_column("last/first\n100 tok", justify="right", no_wrap=True)
     for r in results:
         lat = r["latency_ms"]
         peak = r["cuda_peak_mib"] if r.get("cuda_peak_mib") is not None else r["peak_rss_mib"]
-        row = [r["backend_name"], f"b{r['batch']} p{r['prompt_len']}", fmt(r["ttft_ms"]),
-               fmt(r["prefill_tokens_per_s"], ".0f"), fmt(r["decode_tokens_per_s"], ".1f"),
-               fmt(lat["p50"], ".1f"), fmt(lat["p90"], ".1f"), fmt(lat["p99"], ".1f"),
-               fmt(peak, ".0f"), fmt(r.get("vs_torch"), ".2f", "×")]
-        if drift:
-            row.append(fmt(r.get("last100_over_first100"), ".2f", "×"))
-        t.add_row(*row)
+        t.add_row(r["backend_name"], f"b{r['batch']} p{r['prompt_len']}", fmt(r["ttft_ms"]),
+                  fmt(r["prefill_tokens_per_s"], ".0f"), fmt(r["decode_tokens_per_s"]), fmt(lat["p50"]),
+                  fmt(lat["p90"]), fmt(lat["p99"]), fmt(peak, ".0f"), fmt(r.get("vs_torch"), ".2f", "×"),
+                  *([fmt(r.get("last100_over_first100"), ".2f", "×")] if drift else []))
     return t
 
 
@@ -90,19 +79,16 @@ def grouped_bars(groups: list[str], series: dict[str, list[float | None]], path:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def write_plot(results: list[dict], path: Path, title: str = "decode throughput") -> Path:
     """`gptx bench --plot`: decode tok/s per configuration (x) and backend (bars)."""
-    def config(r):
-        return f"b{r['batch']} p{r['prompt_len']} +{r['new_tokens']}"
-
-    configs = list(dict.fromkeys(config(r) for r in results))
-    rate = {(r["backend"], config(r)): r["decode_tokens_per_s"] for r in results}
-    labels = list(dict.fromkeys(r["backend"] for r in results))
+    rate = {(r["backend"], f"b{r['batch']} p{r['prompt_len']} +{r['new_tokens']}"): r["decode_tokens_per_s"]
+            for r in results}
+    configs = list(dict.fromkeys(config for _, config in rate))
+    labels = list(dict.fromkeys(label for label, _ in rate))
     return grouped_bars(configs, {label: [rate.get((label, c)) for c in configs] for label in labels}, path, title)
