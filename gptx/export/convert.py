@@ -20,28 +20,11 @@ from pathlib import Path
 import torch
 
 from gptx.runtime.errors import ExportError
-from gptx.runtime.files import (
-    DISK_ERRNOS,
-    PARTIAL,
-    clean_stale,
-    debris_path,
-    debris_target,
-    follow_umask,
-    make_dir,
-    remove_tree,
-    replace_dir,
-)
+from gptx.runtime.files import (DISK_ERRNOS, PARTIAL, clean_stale, debris_path, debris_target, follow_umask, make_dir,
+                                remove_tree, replace_dir)
 from gptx.runtime.signals import interrupts_deferred
-from gptx.runtime.manifest import (
-    EXPORT_DTYPES,
-    FORMAT,
-    FORMAT_VERSION,
-    GRAPH_METADATA_KEYS,
-    MANIFEST_NAME,
-    QUANT_SCHEMES,
-    record_files,
-    save_manifest,
-)
+from gptx.runtime.manifest import (EXPORT_DTYPES, FORMAT, FORMAT_VERSION, GRAPH_METADATA_KEYS, MANIFEST_NAME,
+                                   QUANT_SCHEMES, record_files, save_manifest)
 from gptx.runtime.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_INDEX, POSITION_IDS, input_names,
                                    output_names, past_names, present_names)
 from gptx.runtime.tokenizer import Tokenizer
@@ -50,7 +33,6 @@ from gptx.export.kv_step import KVStep
 from gptx.model.gpt import GPT
 from gptx.model.weights import load_any, source_name, weights_sha256
 
-DTYPES = EXPORT_DTYPES
 DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
@@ -68,27 +50,20 @@ def io_spec(model: GPT, dtype: str) -> tuple[list[dict], list[dict]]:
         {"name": LOGITS_INDEX, "dtype": "int64", "shape": ["batch", "logits_count"]},
     ]
     outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", "logits_count", cfg.vocab_size]}]
-    kv_dtype = DTYPES[dtype]
-    for name in past_names(cfg.n_layer):
-        inputs.append({"name": name, "dtype": kv_dtype, "shape": kv_shape})
-    for name in present_names(cfg.n_layer):
-        outputs.append({"name": name, "dtype": kv_dtype, "shape": ["batch", cfg.n_head, "sequence", cfg.head_dim]})
+    kv_dtype = EXPORT_DTYPES[dtype]
+    inputs += [{"name": name, "dtype": kv_dtype, "shape": kv_shape} for name in past_names(cfg.n_layer)]
+    outputs += [{"name": name, "dtype": kv_dtype, "shape": ["batch", cfg.n_head, "sequence", cfg.head_dim]}
+                for name in present_names(cfg.n_layer)]
     return inputs, outputs
 
 
 def dynamic_axes(n_layer: int) -> dict:
-    axes = {
-        INPUT_IDS: {0: "batch", 1: "sequence"},
-        ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
-        POSITION_IDS: {0: "batch", 1: "sequence"},
-        LOGITS_INDEX: {0: "batch", 1: "logits_count"},
-        LOGITS: {0: "batch", 1: "logits_count"},
-    }
-    for name in past_names(n_layer):
-        axes[name] = {0: "batch", 2: "past_sequence"}
-    for name in present_names(n_layer):
-        axes[name] = {0: "batch", 2: "sequence"}
-    return axes
+    """The traced graph's symbolic dims (the ONNX names; io_spec says them for the manifest)."""
+    axes = {INPUT_IDS: {0: "batch", 1: "sequence"}, ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
+            POSITION_IDS: {0: "batch", 1: "sequence"}, LOGITS_INDEX: {0: "batch", 1: "logits_count"},
+            LOGITS: {0: "batch", 1: "logits_count"}}
+    axes.update({name: {0: "batch", 2: "past_sequence"} for name in past_names(n_layer)})
+    return axes | {name: {0: "batch", 2: "sequence"} for name in present_names(n_layer)}
 
 
 WTE = "gpt.transformer.wte.weight"  # the token embedding's initializer (tied to the LM head)
@@ -112,11 +87,8 @@ def find_tied_head(proto, wte_name: str = WTE):
 
 
 def share_tied_embedding(proto, wte_name: str = WTE) -> bool:
-    """Point the LM head at the token embedding instead of a transposed copy (saves vocab x n_embd weights).
-
-    Gemm(transB=1) reads wte directly. Weight-only quantizers only handle MatMul, so quantized exports keep the
-    MatMul form.
-    """
+    """Point the LM head at the token embedding instead of a transposed copy (saves vocab x n_embd weights): a
+    Gemm(transB=1) reads wte directly. Quantized exports keep the MatMul: weight-only quantizers take only MatMul."""
     from onnx import helper
 
     found = find_tied_head(proto, wte_name)
@@ -198,7 +170,7 @@ def build_manifest(model: GPT, source: str, dtype: str, opset: int, tokenizer: T
         "source": source,
         "seed": seed,  # what `random:<size>` weights were drawn with, so the torch reference can redraw them
         "config": cfg.to_dict(),
-        "dtype": DTYPES[dtype],
+        "dtype": EXPORT_DTYPES[dtype],
         "opset": opset,
         "inputs": inputs,
         "outputs": outputs,
@@ -265,11 +237,8 @@ def prepare_target(out_dir: Path, force: bool) -> None:
 
 
 def save_outputs(tmp_dir: Path, out_dir: Path) -> None:
-    """Final touches on the finished temporary directory, then swap it into place.
-
-    Modes follow the umask (onnx writes its data file 0600), except that a replaced directory keeps its own
-    permissions.
-    """
+    """Swap the finished temporary directory into place; modes follow the umask (onnx writes its data file 0600),
+    except that a replaced directory keeps its own permissions."""
     follow_umask(tmp_dir)
     if out_dir.is_dir():
         os.chmod(tmp_dir, stat.S_IMODE(out_dir.stat().st_mode))
@@ -315,8 +284,8 @@ def export(model: str | GPT, out_dir: str | Path, dtype: str = "fp32", opset: in
     """
     from gptx.export.progress import Steps
 
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     if quantize is not None and quantize not in QUANT_SCHEMES:
         raise ExportError(f"--quantize must be one of {', '.join(QUANT_SCHEMES)}, got {quantize!r}")
     if quantize and dtype != "fp32":
@@ -325,32 +294,27 @@ def export(model: str | GPT, out_dir: str | Path, dtype: str = "fp32", opset: in
         raise ExportError(f"--opset must be between 14 and 20, got {opset}")
     out_dir = Path(out_dir).expanduser().resolve()
     prepare_target(out_dir, force)
-    with Steps(enabled=progress) as steps:
-        with steps.step("load model"):  # before anything touches the disk: a bad model leaves no trace
-            gpt = model if isinstance(model, GPT) else load_any(model, seed=seed)
-            gpt = gpt.float().eval()
-        tokenizer = Tokenizer()
-        if gpt.config.vocab_size < tokenizer.vocab_size:
-            raise ExportError(
-                f"model vocab_size {gpt.config.vocab_size} is smaller than the GPT-2 tokenizer's "
-                f"{tokenizer.vocab_size}: gptx exports GPT-2-vocabulary models"
-            )
-        try:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            clean_stale(out_dir)
-            tmp_dir = make_dir(debris_path(out_dir, PARTIAL))
-        except OSError as e:
-            raise ExportError(f"cannot write beside {out_dir}: {e.strerror or e}") from None
-        try:
-            manifest = write_export(gpt, tmp_dir, steps, source or source_name(model), dtype, opset, seed, optimize,
-                                    quantize, validate, tokenizer)
-            save_outputs(tmp_dir, out_dir)
-        except OSError as e:
-            remove_tree(tmp_dir)
-            if e.errno in DISK_ERRNOS:
-                raise ExportError(f"cannot write the export beside {out_dir}: {e.strerror}") from None
-            raise
-        except BaseException:
-            remove_tree(tmp_dir)
-            raise
+    steps = Steps(enabled=progress)
+    with steps.step("load model"):  # before anything touches the disk: a bad model leaves no trace
+        gpt = model if isinstance(model, GPT) else load_any(model, seed=seed)
+        gpt = gpt.float().eval()
+    tokenizer = Tokenizer()
+    if gpt.config.vocab_size < tokenizer.vocab_size:
+        raise ExportError(f"model vocab_size {gpt.config.vocab_size} is smaller than the GPT-2 tokenizer's "
+                          f"{tokenizer.vocab_size}: gptx exports GPT-2-vocabulary models")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out_dir)
+        tmp_dir = make_dir(debris_path(out_dir, PARTIAL))
+    except OSError as e:
+        raise ExportError(f"cannot write beside {out_dir}: {e.strerror or e}") from None
+    try:
+        manifest = write_export(gpt, tmp_dir, steps, source or source_name(model), dtype, opset, seed, optimize,
+                                quantize, validate, tokenizer)
+        save_outputs(tmp_dir, out_dir)
+    except BaseException as e:  # Ctrl-C included: never leave a partial export behind
+        remove_tree(tmp_dir)
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            raise ExportError(f"cannot write the export beside {out_dir}: {e.strerror}") from None
+        raise
     return manifest

@@ -1,19 +1,14 @@
 """One forward step with a KV cache: the module that is exported to ONNX and that the `torch` backend runs.
 
-The same graph serves prefill (past length 0) and decode. Its contract:
-  inputs   input_ids [B, T] int64, attention_mask [B, P + T] int64, position_ids [B, T] int64,
-           logits_index [B, K] int64 (which of the T new positions get logits, per row),
-           past_key_values.{i}.key / .value [B, n_head, P, head_dim]
-  outputs  logits [B, K, vocab] float32: only the positions asked for (a step asks for its last one, K = 1, so
-           prefill does not pay for logits nobody reads; scoring a prompt asks for all of them),
-           present.{i}.key / .value [B, n_head, T, head_dim]: the keys/values of the *new* tokens only.
+The same graph serves prefill (past length 0) and decode. Its contract (names from `gptx.runtime.io_names`):
+  inputs   input_ids [B, T], attention_mask [B, P + T], position_ids [B, T] (int64),
+           logits_index [B, K] int64 (which of the T new positions get logits, per row: a step asks for its last,
+           scoring a prompt for all), past_key_values.{i}.key / .value [B, n_head, P, head_dim]
+  outputs  logits [B, K, vocab] float32, present.{i}.key / .value [B, n_head, T, head_dim]: the *new* tokens only.
 
-Returning only the new keys/values (rather than concat(past, new)) is what lets the runtime keep a
-preallocated cache and write each step into it in place: the graph never copies the past. The past may
-be the whole preallocated buffer; `attention_mask[:, :P]` marks which of its slots are filled.
-
-The transformer itself is the model's own (`GPT.body`, cached attention chosen by passing the past);
-this module only adds the contract above and the fp16 islands. Names come from `gptx.runtime.io_names`.
+Returning only the new keys/values lets the runtime keep a preallocated cache and write each step into it in place:
+the graph never copies the past, which may be the whole buffer (`attention_mask[:, :P]` marks its filled slots).
+The transformer is the model's own (`GPT.body`); this module adds only the contract and the fp16 islands.
 """
 
 from __future__ import annotations
@@ -27,12 +22,9 @@ __all__ = ["KVStep"]
 
 
 class KeepLeadingReshape(torch.autograd.Function):
-    """Reshape the trailing dims and keep (batch, seq): exported as Reshape(x, [0, 0, *tail]).
-
-    Written by hand because the tracer turns `view(B, T, H, D)` (and `unflatten`) into Shape/Gather/Slice/Concat
-    arithmetic per reshape (~300 extra nodes for GPT-2), and on CPU each node costs dispatch time at every
-    decode step. Used only while exporting (no backward).
-    """
+    """Reshape the trailing dims and keep (batch, seq): exported as Reshape(x, [0, 0, *tail]). By hand because the
+    tracer turns `view(B, T, H, D)` into Shape/Gather/Slice/Concat per reshape (~300 extra nodes for GPT-2), and on
+    CPU each node costs dispatch time at every decode step. Used only while exporting (no backward)."""
 
     @staticmethod
     def forward(ctx, x, tail: tuple[int, ...]):
@@ -52,13 +44,9 @@ def reshape_tail(x: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
 
 
 def attention_bias(allowed: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, S) float32: 0 where `allowed`, -inf elsewhere; built once per step, added in every layer.
-
-    Adding a bias instead of a masked_fill per layer: ONNX Runtime's broadcast Where is scalar and
-    single-threaded (12 ms for 12 x 512 x 512 scores here, against 0.4 ms for the vectorised Add), which was
-    10% of a 512-token prefill; the one Where left runs once, on one head's worth of slots. Same numbers:
-    x + 0 is x and x + -inf is -inf.
-    """
+    """(B, 1, T, S) float32: 0 where `allowed`, -inf elsewhere; built once per step, added in every layer (same
+    numbers as a masked_fill per layer, whose broadcast Where ONNX Runtime runs scalar and single-threaded: 12 ms
+    against 0.4 ms for the Add on 12 x 512 x 512 scores, 10% of a 512-token prefill)."""
     zero, minus_inf = (torch.tensor(v, dtype=torch.float32, device=allowed.device) for v in (0.0, float("-inf")))
     return torch.where(allowed, zero, minus_inf)
 
@@ -83,14 +71,6 @@ class KVStep(nn.Module):
                 block.mlp.half()
             gpt.lm_head.half()  # tied: wte becomes fp16 too
             gpt.transformer.wpe.float()
-
-    @property
-    def n_layer(self) -> int:
-        return self.gpt.config.n_layer
-
-    @property
-    def half(self) -> bool:
-        return self.compute_dtype == torch.float16
 
     def forward(self, input_ids, attention_mask, position_ids, logits_index, *past):
         past_len, new_len = past[0].shape[2], input_ids.shape[1]

@@ -1,11 +1,9 @@
 """Speed passes on an export directory: ONNX Runtime's fusions, then quantization.
 
-Both come from onnxruntime's own tooling (transformers optimizer, MatMulNBits and dynamic quantizers); gptx
-chooses the settings (a named preset, measured in docs/quantization.md), makes a few small graph edits the tools
-leave undone, and records what was done in the manifest so `gptx info` / `verify` can tell.
-
-Order matters: fusions run on the fp32 graph first, because the optimizer's patterns look for MatMul + Add;
-quantizing first would hide them behind MatMulNBits.
+Both come from onnxruntime's own tooling (transformers optimizer, MatMulNBits and dynamic quantizers); gptx picks
+the settings (a named preset, measured in docs/quantization.md), makes the few graph edits those tools leave undone,
+and records what was done in the manifest so `gptx info` / `verify` can tell. Fusions run first, on the fp32 graph:
+the optimizer's patterns look for MatMul + Add, which quantizing would hide behind MatMulNBits.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import numpy as np
 
 from gptx.runtime.errors import GptxError, InvalidInput
 from gptx.runtime.files import atomic_path
-from gptx.runtime.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS_INDEX, POSITION_IDS, past_names, present_names
+from gptx.runtime.io_names import ATTENTION_MASK, LOGITS_INDEX, past_names, present_names
 from gptx.runtime.manifest import IN_PLACE, QUANT_SCHEMES, load_manifest, record_files, save_manifest
 
 from gptx.export.convert import WTE, find_tied_head
@@ -34,31 +32,28 @@ class QuantPreset:
     """One quantization recipe, in onnxruntime's MatMulNBitsQuantizer terms (method "dynamic" takes only `bits`)."""
 
     bits: int
-    # blockwise: weight-only, MatMulNBits (ORT's default quantizer: per-block min/max, round to nearest);
-    # dynamic: int8 weights and int8 activations quantized per call (quantize_dynamic_int8)
+    # "blockwise": weight-only MatMulNBits (ORT's default quantizer: per-block min/max, round to nearest);
+    # "dynamic": int8 weights and int8 activations quantized per call (dynamic_int8)
     method: str = "blockwise"
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (MLAS's fast path), 1 = fp32
-    # the token lookup: "copy" = GatherBlockQuantized over its own copy of the LM head's quantized blocks (paged in
-    # as rows are looked up: see quantized_embedding), "fp32" = keep the fp32 table
+    # the token lookup: "copy" = GatherBlockQuantized over its own copy of the LM head's quantized blocks
+    # (quantized_embedding), "fp32" = keep the fp32 table
     embedding: str = "copy"
     head_bits: int | None = None  # the tied embedding / LM head at other bits (blockwise, symmetric); None = bits
     wide_layers: int = 0  # the first N transformer layers' matrices at head_bits too (the most sensitive ones)
-    # how those head_bits matrices are quantized: "blockwise" (MatMulNBits) or "dynamic" (8 bits only: int8 weights
-    # and activations, MatMulInteger, whose kernel is faster than MatMulNBits's 8-bit one; the lookup then keeps
-    # the fp32 table)
+    # how the head_bits matrices are quantized: "blockwise" (MatMulNBits) or "dynamic" (8 bits only: MatMulInteger,
+    # faster than MatMulNBits's 8-bit kernel; the lookup then keeps the fp32 table)
     wide_method: str = "blockwise"
-    # K > 0: the LM head at `bits` like the layers (not head_bits), and its K best logits recomputed exactly from
-    # the fp32 token table after it (rescore_head); the lookup then keeps the fp32 table
+    # K > 0: the LM head at `bits` like the layers, its K best logits recomputed exactly from the fp32 token table
+    # (rescore_head); the lookup then keeps the fp32 table
     head_rescore: int = 0
 
 
-# `--quantize` uses the measured winners of benchmarks/quant_sweep.py (docs/quantization.md: quality on the
-# Shakespeare sample, speed on GPT-2-124M shapes). int4 keeps the first layer, the most sensitive one, at 8 bits,
-# as dynamic int8 (MatMulInteger), whose kernel is faster than MatMulNBits's 8-bit one. Its LM head is 4-bit with
-# the 64 best logits recomputed from the fp32 table (rescore_head): fewer bytes read per token than an 8-bit head,
-# with exact logits where sampling looks. "int4-weight-only" keeps the head and layer 0 as 8-bit MatMulNBits.
+# `--quantize` uses the measured winners of benchmarks/quant_sweep.py (docs/quantization.md). int4 keeps layer 0,
+# the most sensitive, at 8 bits as dynamic int8, and its 4-bit LM head gets its 64 best logits recomputed in fp32:
+# fewer bytes read per token than an 8-bit head, exact logits where sampling looks.
 PRESETS = {
     "int8": QuantPreset(8),
     "int8-dynamic": QuantPreset(8, method="dynamic"),
@@ -72,28 +67,34 @@ HEAD_PARTS = 4  # the quantized LM head in 4 column slices (split_lm_head): a lo
 MATRICES_PER_LAYER = 4  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
 
 
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's optimizer and quantizers log a line per fusion or node and draw progress bars."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def fuse(proto, n_head: int, n_embd: int):
     """FastGelu (with its bias), SkipLayerNormalization (residual Add + LayerNorm, with the projection's bias).
 
-    The optimizer's symbolic shape inference fails on our graph (it merges the mask's length with the past's,
-    then divides by the zero-length slice that results), and without shapes it would skip SkipLayerNorm. Its
-    shape check only guards against broadcasting Adds; every Add feeding a LayerNorm in KVStep joins two
-    (batch, seq, n_embd) tensors (embeddings, residual stream), so we turn shape inference off instead.
+    Shape inference is off: ORT's fails on our graph (it merges the mask's length with the past's, then divides by
+    the zero-length slice that results), and SkipLayerNorm's use of shapes only guards against broadcasting Adds;
+    every Add feeding a LayerNorm in KVStep joins two (batch, seq, n_embd) tensors.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("gpt2")
     options.enable_shape_inference = False
-    logging.disable(logging.WARNING)  # one log line per fusion otherwise
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            optimized = optimize_model(proto, model_type="gpt2", num_heads=n_head, hidden_size=n_embd,
-                                       optimization_options=options, opt_level=0)
-        stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
-    finally:
-        logging.disable(logging.NOTSET)
-    return optimized.model, [f"{op} x{count}" for op, count in sorted(stats.items())]
+    with _quiet():
+        optimized = optimize_model(proto, model_type="gpt2", num_heads=n_head, hidden_size=n_embd,
+                                   optimization_options=options, opt_level=0)
+        stats = optimized.get_fused_operator_statistics()
+    return optimized.model, [f"{op} x{count}" for op, count in sorted(stats.items()) if count]
 
 
 def fewer_ops(proto, n_embd: int) -> list[str]:
@@ -101,46 +102,34 @@ def fewer_ops(proto, n_embd: int) -> list[str]:
     (a Mul per layer and step) into the query columns of the qkv projection, done on the fp32 weights before
     any quantization (exact when head_dim is a power of two)."""
     from onnx import numpy_helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     g = proto.graph
-    done = []
+    graph = OnnxModel(proto)
     inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers = collections.defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
+    producer, consumers = graph.output_name_to_node(), graph.input_name_to_nodes()
 
-    def constant(name):
-        node = producer.get(name)
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        if node is not None and node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
+    def scalar(name):
+        value = graph.get_constant_value(name)
+        return value.item() if value is not None and value.size == 1 else None
 
-    muls = [n for n in g.node if n.op_type == "Mul" and producer.get(n.input[0]) is not None
-            and producer[n.input[0]].op_type == "Concat" and constant(n.input[1]) is not None
-            and constant(n.input[1]).size == 1]
+    muls = [n for n in g.node if n.op_type == "Mul" and n.input[0] in producer
+            and producer[n.input[0]].op_type == "Concat" and scalar(n.input[1]) is not None]
     qkv = [n for n in g.node if n.op_type == "MatMul" and n.input[1] in inits
            and list(inits[n.input[1]].dims) == [n_embd, 3 * n_embd]]
-    scales = {float(constant(m.input[1])) for m in muls}
-    if not muls or len(muls) != len(qkv) or len(scales) != 1:
-        return done  # not the graph this pass knows: leave it alone
+    scales = {scalar(m.input[1]) for m in muls}
+    adds = [consumers.get(matmul.output[0], []) for matmul in qkv]
+    if not muls or len(muls) != len(qkv) or len(scales) != 1 or any(len(a) != 1 or a[0].op_type != "Add" for a in adds):
+        return []  # not the graph this pass knows: leave it alone
     scale = scales.pop()
-    for matmul in qkv:
-        add = consumers[matmul.output[0]]
-        if len(add) != 1 or add[0].op_type != "Add":
-            return done
     for m in muls:  # the scores feed the mask directly
         for c in consumers[m.output[0]]:
             c.input[list(c.input).index(m.output[0])] = m.input[0]
         g.node.remove(m)
-    for matmul in qkv:
+    for matmul, (add,) in zip(qkv, adds):
         w = numpy_helper.to_array(inits[matmul.input[1]]).copy()
         w[:, :n_embd] *= scale
         inits[matmul.input[1]].CopyFrom(numpy_helper.from_array(w, matmul.input[1]))
-        add = consumers[matmul.output[0]][0]
         k = next(j for j, i in enumerate(add.input) if i != matmul.output[0])
         source = add.input[k] if add.input[k] in inits else producer[add.input[k]].input[0]  # exporter's Identity
         bias = numpy_helper.to_array(inits[source]).copy()
@@ -148,46 +137,37 @@ def fewer_ops(proto, n_embd: int) -> list[str]:
         scaled = numpy_helper.from_array(bias, f"{matmul.name}/scaled_bias")  # own copy: biases may be shared
         g.initializer.append(scaled)
         add.input[k] = scaled.name
-    done.append(f"attention scale folded into the query x{len(qkv)}")
-    return done
+    return [f"attention scale folded into the query x{len(qkv)}"]
 
 
 def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
-    """Each layer's attention (split, head reshapes, two score matmuls, mask, softmax, two value matmuls,
-    merge) becomes one com.microsoft GroupQueryAttention over the packed qkv, which reads the cache and writes
-    the new keys/values into it in place. Written here because no ORT fusion targets our cache contract.
+    """Each layer's attention (split, head reshapes, score and value matmuls, mask, softmax, merge) becomes one
+    com.microsoft GroupQueryAttention over the packed qkv, which reads the cache and writes the new keys/values
+    into it in place. Written here because no ORT fusion targets our cache contract.
 
-    The graph then follows the `in_place` cache contract (gptx/runtime/manifest.py): `present.i.*` are the past
-    buffers themselves (the runtime binds both names to one array), each row's tokens are a prefix of its
-    slots (`attention_mask` is 1 on them, and prefill pads on the right), and row b's logits come from the
-    positions `logits_index` names (the runtime asks for each row's last real one: gptx.runtime.backends.base.
-    last_positions); a graph without that input (older exports) gathers its last real position itself.
-    seqlens_k / total_sequence_length are derived once from the mask. Measured on GPT-2 int4
-    (docs/benchmarks.md): 238 of 350 nodes go, and attention reads only each row's filled slots.
-    `scale` is the score scale GroupQueryAttention applies (1.0 when fewer_ops folded it into the query).
-    Returns what was done; [] (graph untouched) when the graph is not the one this pass knows.
+    The graph then follows the `in_place` cache contract (gptx/runtime/manifest.py, use_in_place_cache);
+    seqlens_k / total_sequence_length are derived once from the mask. On GPT-2 int4 238 of 350 nodes go, and
+    attention reads only each row's filled slots (docs/benchmarks.md). `scale` is the score scale (1.0 when
+    fewer_ops folded it into the query). Returns what was done; [] (graph untouched) for a graph it does not know.
     """
     from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     g = proto.graph
-    producer = {o: n for n in g.node for o in n.output}
+    produced = {o for n in g.node for o in n.output}
     pasts, presents = past_names(n_layer), present_names(n_layer)
     layers = []
     for i in range(n_layer):
         split = next((n for n in g.node if n.op_type == "Split" and n.name.startswith(f"/h.{i}/attn/")), None)
         c_proj = next((n for n in g.node if n.name.startswith(f"/h.{i}/attn/c_proj/")
                        and n.op_type in ("MatMul", "MatMulNBits")), None)
-        if split is None or c_proj is None or producer.get(presents[2 * i]) is None:
+        if split is None or c_proj is None or presents[2 * i] not in produced:
             return []
         layers.append((split.input[0], c_proj.input[0]))
-    selects = any(i.name == LOGITS_INDEX for i in g.input)
-    last = next((n for n in g.node if n.op_type == "Gather" and n.output[0] in
-                 {i for m in g.node if m.name == "/ln_f/LayerNormalization" for i in m.input}), None)
-    if last is None and not selects:
-        return []
+    if not any(i.name == LOGITS_INDEX for i in g.input):
+        return []  # the runtime finds each row's last real token through logits_index
     # rows are prefixes: row b holds sum(mask[b]) tokens, the new one(s) included
-    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "gqa/one"),
-                          numpy_helper.from_array(np.array([1], np.int64), "gqa/axis1"),
+    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "gqa/axis1"),
                           numpy_helper.from_array(np.array([1], np.int32), "gqa/one32")])
     prelude = [
         helper.make_node("Cast", [ATTENTION_MASK], ["gqa/mask32"], to=TensorProto.INT32, name="gqa/Cast"),
@@ -195,46 +175,29 @@ def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
         helper.make_node("Sub", ["gqa/lengths", "gqa/one32"], ["gqa/seqlens_k"], name="gqa/SeqlensK"),
         helper.make_node("ReduceMax", ["gqa/lengths"], ["gqa/total"], keepdims=0, name="gqa/Total"),
     ]
-    last_real = [
-        # logits position of row b: its last real token (prefill, right-padded) or 0 (decode, one new token)
-        helper.make_node("Shape", [INPUT_IDS], ["gqa/ids_shape"], name="gqa/IdsShape"),
-        helper.make_node("Gather", ["gqa/ids_shape", "gqa/axis1"], ["gqa/new_len"], axis=0, name="gqa/NewLen"),
-        helper.make_node("Sub", ["gqa/new_len", "gqa/one"], ["gqa/last_new"], name="gqa/LastNew"),
-        helper.make_node("Cast", ["gqa/seqlens_k"], ["gqa/seqlens64"], to=TensorProto.INT64, name="gqa/Cast64"),
-        helper.make_node("Min", ["gqa/seqlens64", "gqa/last_new"], ["gqa/last_index"], name="gqa/LastIndex"),
-        helper.make_node("Unsqueeze", ["gqa/last_index", "gqa/axis1"], ["gqa/last_index2"], name="gqa/Index2"),
-    ]
-    attention = [helper.make_node("GroupQueryAttention", [qkv, "", "", pasts[2 * i], pasts[2 * i + 1],
-                                                          "gqa/seqlens_k", "gqa/total"],
-                                  [out, presents[2 * i], presents[2 * i + 1]], name=f"/h.{i}/attn/GroupQueryAttention",
-                                  domain="com.microsoft", num_heads=n_head, kv_num_heads=n_head, scale=scale)
-                 for i, (qkv, out) in enumerate(layers)]
     replaced = {*(out for _, out in layers), *presents}  # what the old attention nodes produced
     for n in list(g.node):
         if set(n.output) & replaced:
             g.node.remove(n)
-    if not selects:
-        gather = helper.make_node("GatherND", [last.input[0], "gqa/last_index2"], list(last.output), batch_dims=1,
-                                  name="/GatherLastReal")
-        position = list(g.node).index(last)
-        g.node.remove(last)
-        g.node.insert(position, gather)
-        prelude += last_real
     for n in reversed(prelude):
         g.node.insert(0, n)
-    for i, node in enumerate(attention):
-        c_proj_in = layers[i][1]
-        consumer = next(k for k, n in enumerate(g.node) if c_proj_in in n.input)
-        g.node.insert(consumer, node)
+    for i, (qkv, out) in enumerate(layers):
+        node = helper.make_node("GroupQueryAttention", [qkv, "", "", pasts[2 * i], pasts[2 * i + 1], "gqa/seqlens_k",
+                                                        "gqa/total"], [out, presents[2 * i], presents[2 * i + 1]],
+                                name=f"/h.{i}/attn/GroupQueryAttention", domain="com.microsoft", num_heads=n_head,
+                                kv_num_heads=n_head, scale=scale)
+        g.node.insert(next(k for k, n in enumerate(g.node) if out in n.input), node)
     if not any(op.domain == "com.microsoft" for op in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    removed = remove_dead_nodes(proto)
+    count = len(g.node)
+    with _quiet():  # the old attention's dead nodes and weights
+        OnnxModel(proto).prune_graph(allow_remove_graph_inputs=False)
     for out in g.output:  # present.i.* now have the past's shape: the whole buffer
         if out.name in presents:
             dims = out.type.tensor_type.shape.dim
             dims[2].Clear()
             dims[2].dim_param = "past_sequence"
-    return [f"GroupQueryAttention (in-place cache) x{n_layer}, {removed} nodes removed"]
+    return [f"GroupQueryAttention (in-place cache) x{n_layer}, {count - len(g.node)} nodes removed"]
 
 
 def use_in_place_cache(manifest: dict) -> None:
@@ -249,24 +212,6 @@ def use_in_place_cache(manifest: dict) -> None:
                 "both names to one array); each row's tokens are a prefix of its slots, marked by "
                 "attention_mask; prompts are right-padded",
     }
-
-
-def remove_dead_nodes(proto) -> int:
-    """Drop nodes (and initializers) nothing reads any more, until none is left; how many nodes went."""
-    g = proto.graph
-    removed = 0
-    while True:
-        used = {o.name for o in g.output} | {i for n in g.node for i in n.input}
-        dead = [n for n in g.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
-        removed += len(dead)
-    used = {i for n in g.node for i in n.input}
-    for t in [t for t in g.initializer if t.name not in used]:
-        g.initializer.remove(t)
-    return removed
 
 
 def resolve_preset(quantize: str | None, preset: str | QuantPreset | None) -> tuple[str, QuantPreset] | None:
@@ -295,9 +240,8 @@ def untie_lm_head(proto) -> str | None:
     inits = {t.name: t for t in proto.graph.initializer}
     for node in list(proto.graph.node):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "Gemm" or node.input[1] != WTE or len(node.input) > 2 or attrs.get("transB") != 1:
-            continue
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+        if (node.op_type != "Gemm" or node.input[1] != WTE or len(node.input) > 2 or attrs.get("transB") != 1
+                or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0):
             continue
         weight = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[WTE]).T), WTE + ".T")
         proto.graph.initializer.append(weight)
@@ -308,29 +252,11 @@ def untie_lm_head(proto) -> str | None:
     return None
 
 
-def tied_lm_head(proto) -> str | None:
-    """Name of the MatMul whose weight is the token embedding transposed (GPT-2's tied LM head), if any."""
-    found = find_tied_head(proto)
-    return None if found is None else found[0].name
-
-
-@contextlib.contextmanager
-def _quiet():
-    """onnxruntime's quantizers log a line per graph node (and a pre-processing hint) and draw progress bars."""
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def dynamic_int8(proto, nodes: list[str] | None = None):
     """int8 weights (per tensor) and int8 activations quantized on every call for the MatMuls named in `nodes`
-    (None: every MatMul with constant weights): onnxruntime's quantize_dynamic (DynamicQuantizeLinear +
-    MatMulInteger, which the session fuses). It runs MLAS's integer GEMM, faster here than MatMulNBits's 8-bit
-    kernel: a faster prefill and decode than the weight-only int8, for slightly lower agreement with fp32
-    (docs/quantization.md). Per-tensor weights: per-channel ones measured far worse (docs/experiments.md)."""
+    (None: every MatMul with constant weights), by onnxruntime's quantize_dynamic (MatMulInteger). MLAS's integer
+    GEMM beats MatMulNBits's 8-bit kernel here, for slightly lower agreement with fp32 (docs/quantization.md);
+    per-channel weights measured far worse (docs/experiments.md)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -344,20 +270,6 @@ def dynamic_int8(proto, nodes: list[str] | None = None):
                                             # contrib ops (GroupQueryAttention...) carry no type information
                                             "DefaultTensorType": onnx.TensorProto.FLOAT})
         return onnx.load(str(out))
-
-
-def quantize_dynamic_int8(proto, preset: QuantPreset):
-    """Every MatMul, the LM head included, as dynamic int8 (`dynamic_int8`). The token lookup keeps the fp32
-    table, mapped from the file, so only looked-up rows become resident."""
-    untie_lm_head(proto)
-    model = dynamic_int8(proto)
-    counts = collections.Counter(n.op_type for n in model.graph.node)
-    if counts["MatMulInteger"] == 0:
-        raise GptxError("quantization found no MatMul weights to quantize")
-    info = {"method": "dynamic int8 (int8 weights per tensor, int8 activations per call: MatMulInteger)",
-            "bits": preset.bits, "lm_head_bits": preset.bits, "quantized_matmuls": counts["MatMulInteger"],
-            "remaining_fp32_matmuls": counts["MatMul"], "embedding": "fp32 Gather", "preset_settings": asdict(preset)}
-    return model, info
 
 
 def matmul_nbits(model, settings: QuantPreset, exclude: list[str] = (), algo_config=None):
@@ -379,7 +291,9 @@ def matmul_nbits(model, settings: QuantPreset, exclude: list[str] = (), algo_con
 def wide_matmuls(proto, preset: QuantPreset) -> tuple[str | None, list[str]]:
     """(the LM head's MatMul, the MatMuls quantized at head_bits instead of bits): the first wide_layers layers'
     four matrices, and the head unless it is re-scored (then it goes with the layers). Unties the head."""
-    lm_head = untie_lm_head(proto) or tied_lm_head(proto)
+    lm_head = untie_lm_head(proto)
+    if lm_head is None and (tied := find_tied_head(proto)):
+        lm_head = tied[0].name
     inits = {t.name for t in proto.graph.initializer}
     layer_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                      and n.name != lm_head]  # in graph order: layer 0's four matrices first
@@ -391,9 +305,17 @@ def wide_matmuls(proto, preset: QuantPreset) -> tuple[str | None, list[str]]:
 
 def quantize_weights(proto, preset: QuantPreset):
     """int8/int4 for every MatMul with constant weights, the LM head included: weight-only (MatMulNBits), or
-    dynamic int8 when the preset says so."""
+    dynamic int8 when the preset says so (the token lookup then keeps the fp32 table, mapped from the file)."""
     if preset.method == "dynamic":
-        return quantize_dynamic_int8(proto, preset)
+        untie_lm_head(proto)
+        model = dynamic_int8(proto)
+        counts = collections.Counter(n.op_type for n in model.graph.node)
+        if counts["MatMulInteger"] == 0:
+            raise GptxError("quantization found no MatMul weights to quantize")
+        return model, {"method": "dynamic int8 (int8 weights per tensor, int8 activations per call: MatMulInteger)",
+                       "bits": preset.bits, "lm_head_bits": preset.bits, "quantized_matmuls": counts["MatMulInteger"],
+                       "remaining_fp32_matmuls": counts["MatMul"], "embedding": "fp32 Gather",
+                       "preset_settings": asdict(preset)}
     if preset.method != "blockwise":
         raise InvalidInput(f"unknown quantization method {preset.method!r}: 'blockwise' or 'dynamic'")
     head_bits = preset.head_bits or preset.bits
@@ -440,16 +362,13 @@ def weight_only_info(model, preset: QuantPreset, lm_head: str | None, lm_head_bi
 
 
 def rescore_head(model, logits: str, k: int) -> int:
-    """Recompute the K best of the quantized LM head's logits exactly, from the fp32 token table (GPT-2's head is
+    """Recompute the K best of the quantized LM head's logits exactly from the fp32 token table (GPT-2's head is
     tied to it): TopK -> Gather the K rows -> one [K, n_embd] x [n_embd] product -> ScatterElements into the row.
 
-    Why (our own edit, not an ONNX Runtime pass): the head is the largest matrix, and at 4 bits alone its argmax
-    leaves fp32's too often (~91% top-1), so presets kept it at 8 bits, 15 MB more read per token than 4 bits on
-    GPT-2. Re-scored, every logit that greedy or top-k/top-p sampling looks at is exact unless the true best token
-    falls outside the 4-bit top K; the graph computes logits only for the positions logits_index asks for (the
-    last one, except when a prompt is scored), so this costs K rows per sequence, not per prompt token (docs/quantization.md). Call it before
-    split_lm_head, on the one MatMulNBits that computes `logits`. Returns K, or 0 when no MatMulNBits computes
-    `logits` or the fp32 table is gone."""
+    Our own edit: at 4 bits alone the head's argmax leaves fp32's too often (~91% top-1), and an 8-bit head reads
+    15 MB more per token on GPT-2. Re-scored, every logit sampling looks at is exact unless the true best token
+    falls outside the 4-bit top K, for K rows per logits position (docs/quantization.md). Call it before
+    split_lm_head. Returns K, or 0 when no MatMulNBits computes `logits` or the fp32 table is gone."""
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -482,14 +401,13 @@ def rescore_head(model, logits: str, k: int) -> int:
 
 def fold_bias(model) -> int:
     """MatMulNBits -> Add(constant bias) becomes one MatMulNBits with its optional bias input (input 5)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
     inits = {t.name: t for t in model.graph.initializer}
-    consumers = collections.defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    consumers = OnnxModel(model).input_name_to_nodes()
     folded = 0
     for node in list(model.graph.node):
-        if node.op_type != "MatMulNBits" or len(node.input) > 5 or len(consumers[node.output[0]]) != 1:
+        if node.op_type != "MatMulNBits" or len(node.input) > 5 or len(consumers.get(node.output[0], [])) != 1:
             continue
         add = consumers[node.output[0]][0]
         bias = next((i for i in add.input if i != node.output[0]), None)
@@ -506,17 +424,13 @@ def fold_bias(model) -> int:
 
 
 def quantized_embedding(model, lm_head: str, bits: int) -> str:
-    """Replace the fp32 token lookup by a GatherBlockQuantized over the LM head's quantized matrix.
+    """Replace the fp32 token lookup by a GatherBlockQuantized over a copy of the LM head's quantized blocks.
 
-    The LM head's MatMulNBits holds wte^T as (vocab, k_blocks, block bytes), row v = token v's embedding in
-    K-blocks: exactly what GatherBlockQuantized reads along its last axis. Only symmetric blocks (implicit zero
-    point, which both ops put at 2^(bits-1)) qualify; otherwise the fp32 table stays and the manifest says so.
-
-    The lookup reads a copy, not the head's own initializer: ONNX Runtime maps external weights from the file and
-    reads all of the head's pages to prepack them, and those pages would stay resident while the lookup pointed
-    at them. A copy that only the lookup reads starts paged out, and only looked-up rows become resident once its
-    pages are faulted in from disk; pages a read() left in the cache are mapped a whole folio at a time, so the
-    CPU backend evicts the file's cached pages before it loads (page_cache.drop_cached_pages).
+    The head's MatMulNBits holds wte^T as (vocab, k_blocks, block bytes): row v is token v's embedding, what
+    GatherBlockQuantized reads. Only symmetric blocks qualify (both ops put the implicit zero point at
+    2^(bits-1)); otherwise the fp32 table stays and the manifest says so. A copy, because ONNX Runtime reads all
+    of the head's pages to prepack them, and they would stay resident; a copy only the lookup reads starts paged
+    out and only looked-up rows become resident (the CPU backend evicts cached pages: drop_cached_pages).
     """
     from onnx import helper, numpy_helper
 
@@ -552,11 +466,9 @@ def quantized_embedding(model, lm_head: str, bits: int) -> str:
 def split_lm_head(model, lm_head: str, parts: int) -> int:
     """The LM head's MatMulNBits becomes `parts` slices of its vocabulary columns and one Concat of their logits.
 
-    Why: ONNX Runtime prepacks each MatMulNBits weight into its own layout and frees the original only once
-    that node is packed, so the largest matrix sets the load-time peak RSS. On GPT-2 that is the 8-bit head
-    (43 MB with its scales): in slices only a quarter of it is held twice at a time. A step pays one Concat of a
-    (batch, 1, vocab) row. Returns the number of
-    head nodes: 1 when the head is not a plain [A, B, scales] MatMulNBits, which then stays as it is."""
+    ONNX Runtime prepacks each MatMulNBits weight and frees the original only once that node is packed, so the
+    largest matrix (GPT-2's 8-bit head, 43 MB) sets the load-time peak RSS; in slices only a part is held twice.
+    A step pays one Concat of a (batch, 1, vocab) row. Returns the number of head nodes (1: left as it is)."""
     from onnx import helper, numpy_helper
 
     head = next((n for n in model.graph.node if n.name == lm_head and n.op_type == "MatMulNBits"), None)
@@ -598,15 +510,13 @@ def optimize_export(directory: str | Path, fuse_graph: bool = True, quantize: st
     chosen = resolve_preset(quantize, preset)
     directory = Path(directory)
     manifest = load_manifest(directory)
-    model_path = directory / manifest["model_file"]
-    proto = onnx.load(str(model_path))
+    proto = onnx.load(str(directory / manifest["model_file"]))
     cfg = manifest["config"]
     if fuse_graph or chosen:  # quantized exports get the fusions too: they must run on the fp32 MatMuls
         proto, fused = fuse(proto, cfg["n_head"], cfg["n_embd"])
         fewer = fewer_ops(proto, cfg["n_embd"])
-        folded = any(step.startswith("attention scale folded") for step in fewer)
-        head_dim = cfg["n_embd"] // cfg["n_head"]
-        attention = fuse_attention(proto, cfg["n_layer"], cfg["n_head"], 1.0 if folded else head_dim ** -0.5)
+        scale = 1.0 if fewer else (cfg["n_embd"] // cfg["n_head"]) ** -0.5
+        attention = fuse_attention(proto, cfg["n_layer"], cfg["n_head"], scale)
         if attention:
             use_in_place_cache(manifest)
         manifest["optimizations"] = [*manifest.get("optimizations", []), *fused, *fewer, *attention]

@@ -11,16 +11,12 @@ from rich.markup import escape
 
 
 class Steps:
+    """The steps of one command, timed; shown on stderr when `enabled`."""
+
     def __init__(self, enabled: bool = True, console: Console | None = None):
         self.enabled = enabled
         self.console = console or Console(stderr=True, emoji=False)
         self.timings: dict[str, float] = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
     @contextlib.contextmanager
     def step(self, title: str):

@@ -1,27 +1,20 @@
 """`gptx build`: a `gptx export` directory -> a TensorRT engine (`engine.plan`) beside the ONNX model.
 
-One engine, two optimization profiles (see docs/tensorrt.md for why not two engines):
-  profile 0 "prefill": T = 1..max_seq new tokens, past length fixed at 1. TensorRT profiles cannot describe a
-                       0-length dimension (NVIDIA/TensorRT#337, pytorch/TensorRT#4610), so an empty cache is
-                       passed as a single dummy slot whose attention_mask column is 0: the graph already masks
-                       unfilled slots, so the dummy never contributes.
-  profile 1 "decode":  T = 1, past length 1..max_seq: the runtime always feeds its whole preallocated cache
-                       (capacity <= max_seq) and marks the filled slots in attention_mask.
+One engine, two optimization profiles (docs/tensorrt.md says why not two engines):
+  profile 0 "prefill": T = 1..max_seq new tokens over one past slot. TensorRT profiles cannot describe a 0-length
+                       dimension (NVIDIA/TensorRT#337), so an empty cache is a dummy slot whose mask column is 0.
+  profile 1 "decode":  T = 1 over the runtime's whole preallocated cache (past length 1..max_seq).
 
-TensorRT 10.12+ builds strongly typed networks here (TensorRT 11 knows nothing else): every tensor keeps the
-dtype the ONNX graph gives it, so the engine's precision *is* the export's. An fp16 engine needs an fp16
-export (which keeps LayerNorm, softmax, the residual stream and the logits in fp32), and there are no bf16
-exports, so `--precision bf16` is refused with a plain message instead of a builder flag that TensorRT 11
-no longer has.
-
-Everything here that does not need TensorRT (argument checks, profiles, manifest entries, compatibility
-messages) is plain Python so the CPU test-suite covers it.
+Networks are strongly typed (TensorRT 10.12+; TensorRT 11 knows nothing else): the engine's precision is the
+export's, so an fp16 engine needs an fp16 export, and `--precision bf16` (no bf16 exports) is refused plainly.
+Everything that does not need TensorRT (argument checks, profiles, manifest entries) is plain Python, so the CPU
+test-suite covers it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import re
 import time
 from pathlib import Path
 
@@ -36,7 +29,6 @@ PREFILL, DECODE = "prefill", "decode"
 PROFILE_ORDER = (PREFILL, DECODE)  # optimization profile index = position here
 
 
-# ------------------------------------------------------------------------------------------- profiles
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidInput(f"{name} must be a positive integer, got {value!r}")
@@ -61,9 +53,6 @@ def check_build_args(manifest: dict, max_batch: int, max_seq: int, opt_batch: in
     return opt_seq
 
 
-_SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
-
-
 def _resolve_dim(dim, sizes: dict[str, int], name: str) -> int:
     """An io_spec dimension: an int, a symbol ('batch') or a sum of symbols ('past_sequence + sequence')."""
     if isinstance(dim, int):
@@ -73,27 +62,19 @@ def _resolve_dim(dim, sizes: dict[str, int], name: str) -> int:
         term = term.strip()
         if term.isdigit():
             total += int(term)
-        elif _SYMBOL.match(term) and term in sizes:
+        elif term in sizes:
             total += sizes[term]
         else:
             raise GptxError(f"manifest input {name} has a dimension {dim!r} that gptx build does not understand")
     return total
 
 
-def _shape(spec: dict, sizes: dict[str, int]) -> list[int]:
-    return [_resolve_dim(d, sizes, spec["name"]) for d in spec["shape"]]
-
-
 def profiles_from_manifest(manifest: dict, max_batch: int, max_seq: int, opt_batch: int,
                            opt_seq: int | None = None) -> list[dict]:
-    """Min/opt/max shapes of every graph input for the prefill and decode optimization profiles.
-
-    Returns [{"name": "prefill", "index": 0, "shapes": {input: {"min": [...], "opt": [...], "max": [...]}}},
-             {"name": "decode", "index": 1, ...}] (plain lists: stored as is in the manifest).
-    Shapes come from the manifest's `inputs` (io_spec), whose symbolic dims are batch, sequence,
-    past_sequence and logits_count (the positions logits_index asks logits for: one at decode, up to every
-    prompt token at prefill, when a prompt is scored).
-    """
+    """Min/opt/max shapes of every graph input (the manifest's `inputs`) for the prefill and decode profiles:
+    [{"name": "prefill", "index": 0, "shapes": {input: {"min": [...], "opt": [...], "max": [...]}}}, {"name":
+    "decode", "index": 1, ...}], plain lists stored as is in the manifest. logits_count is how many positions
+    logits_index asks for: one at decode, up to every prompt token at prefill (a scored prompt)."""
     opt_seq = check_build_args(manifest, max_batch, max_seq, opt_batch, opt_seq)
     batch = {"min": 1, "opt": opt_batch, "max": max_batch}
     ranges = {
@@ -108,17 +89,14 @@ def profiles_from_manifest(manifest: dict, max_batch: int, max_seq: int, opt_bat
     }
     profiles = []
     for index, name in enumerate(PROFILE_ORDER):
-        shapes = {}
-        for spec in manifest["inputs"]:
-            shapes[spec["name"]] = {
-                level: _shape(spec, {"batch": batch[level], **{k: v[level] for k, v in ranges[name].items()}})
-                for level in ("min", "opt", "max")
-            }
+        sizes = {level: {"batch": batch[level], **{k: v[level] for k, v in ranges[name].items()}}
+                 for level in ("min", "opt", "max")}
+        shapes = {spec["name"]: {level: [_resolve_dim(d, dims, spec["name"]) for d in spec["shape"]]
+                                 for level, dims in sizes.items()} for spec in manifest["inputs"]}
         profiles.append({"name": name, "index": index, "shapes": shapes})
     return profiles
 
 
-# --------------------------------------------------------------------------------- manifest entries
 def engine_entry(file: str, tensorrt_version: str, gpu_name: str, compute_capability: str, precision: str,
                  profiles: list[dict], max_batch: int, max_seq: int, build_seconds: float, **extra) -> dict:
     return {
@@ -157,23 +135,18 @@ def save_engine(directory: Path, plan, entry: dict) -> dict:
 
 def add_engine_entry(manifest: dict, entry: dict) -> dict:
     """Append `entry` to manifest['engines'], replacing an older entry for the same file."""
-    engines = [e for e in manifest.get("engines") or [] if e.get("file") != entry["file"]]
-    engines.append(entry)
-    manifest["engines"] = engines
+    manifest["engines"] = [*(e for e in manifest.get("engines") or [] if e.get("file") != entry["file"]), entry]
     return manifest
 
 
-# ------------------------------------------------------------------------------------------ environment
 def detect_gpu() -> tuple[str, str] | None:
     """(name, compute capability) of CUDA device 0, or None when no CUDA GPU is visible."""
-    try:
+    with contextlib.suppress(Exception):  # a CPU-only or broken torch just means "ask CUDA directly"
         import torch
 
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(0)
             return torch.cuda.get_device_name(0), f"{major}.{minor}"
-    except Exception:  # noqa: BLE001 - a CPU-only or broken torch just means "ask CUDA directly"
-        pass
     try:
         try:
             from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
@@ -206,24 +179,20 @@ def require_tensorrt(what: str = "gptx build"):
     return trt, gpu
 
 
-# ---------------------------------------------------------------------------------------------- build
 def check_precision(manifest: dict, precision: str) -> None:
     if precision not in PRECISIONS:
         raise InvalidInput(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     export_dtype = manifest["dtype"]
     if precision == "bf16":
-        raise BuildError(
-            "--precision bf16 needs a bfloat16 export, and gptx exports only fp32 and fp16; TensorRT networks "
-            "are strongly typed (the engine runs in the ONNX graph's types), so build an fp16 export with "
-            "--precision fp16 instead"
-        )
+        raise BuildError("--precision bf16 needs a bfloat16 export, and gptx exports only fp32 and fp16; TensorRT "
+                         "networks are strongly typed (the engine runs in the ONNX graph's types), so build an fp16 "
+                         "export with --precision fp16 instead")
     if PRECISIONS[precision] != export_dtype:
         redo = "re-export with `gptx export MODEL --dtype fp16`" if precision == "fp16" else "use an fp32 export"
         have = {v: k for k, v in PRECISIONS.items()}.get(export_dtype, export_dtype)
-        raise BuildError(
-            f"--precision {precision} does not match this {export_dtype} export: TensorRT networks are strongly "
-            f"typed, so the engine's precision is the ONNX graph's; {redo}, or build with --precision {have}"
-        )
+        raise BuildError(f"--precision {precision} does not match this {export_dtype} export: TensorRT networks are "
+                         f"strongly typed, so the engine's precision is the ONNX graph's; {redo}, or build with "
+                         f"--precision {have}")
 
 
 def _progress_monitor(trt, progress):
@@ -237,33 +206,28 @@ def _progress_monitor(trt, progress):
             base.__init__(self)
             self.tasks, self.depth = {}, {}
 
+        # each callback suppresses its errors: never let the display break a build
         def phase_start(self, phase_name, parent_phase, num_steps):
-            try:
+            with contextlib.suppress(Exception):
                 depth = 0 if not parent_phase else self.depth.get(parent_phase, 0) + 1
                 self.depth[phase_name] = depth
                 if depth <= 1:
                     label = ("  " * depth) + phase_name
                     self.tasks[phase_name] = progress.add_task(label, total=max(int(num_steps), 1))
-            except Exception:  # noqa: BLE001 - never let the display break a build
-                pass
 
         def step_complete(self, phase_name, step):
-            try:
+            with contextlib.suppress(Exception):
                 task = self.tasks.get(phase_name)
                 if task is not None:
                     progress.update(task, completed=int(step) + 1)
-            except Exception:  # noqa: BLE001
-                pass
             return True  # False would cancel the build
 
         def phase_finish(self, phase_name):
-            try:
+            with contextlib.suppress(Exception):
                 task = self.tasks.pop(phase_name, None)
                 if task is not None:
                     progress.remove_task(task)
                 self.depth.pop(phase_name, None)
-            except Exception:  # noqa: BLE001
-                pass
 
     return Monitor()
 
@@ -308,79 +272,77 @@ def build_engine(directory: str | Path, precision: str = "fp16", max_batch: int 
     console = Console(stderr=True)
     timing_path = Path(timing_cache).expanduser() if timing_cache else None
     start = time.perf_counter()
-    with Steps(enabled=progress, console=console) as steps:
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        with steps.step(f"parse {onnx_path.name}"):
-            network, parser, strongly_typed = _parse(trt, builder, logger, onnx_path)
-            names = {network.get_input(i).name for i in range(network.num_inputs)}
-            expected = {spec["name"] for spec in manifest["inputs"]}
-            if names != expected:
-                raise BuildError(f"the ONNX inputs {sorted(names)} do not match the manifest's {sorted(expected)}; "
-                                 f"re-export the model")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-        if not strongly_typed and precision == "fp16":  # a TensorRT without STRONGLY_TYPED
-            config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-            # TF32 (on by default) has a 10-bit mantissa: fp32 engines are held to fp32 tolerances by `gptx verify`
-            try:
-                config.clear_flag(trt.BuilderFlag.TF32)
-            except Exception:  # noqa: BLE001
-                pass
-        for prof in profiles:
-            p = builder.create_optimization_profile()
-            for name, s in prof["shapes"].items():
-                p.set_shape(name, s["min"], s["opt"], s["max"])
-            index = config.add_optimization_profile(p)
-            if index != prof["index"]:
-                raise BuildError(f"TensorRT put the {prof['name']} profile at index {index}, expected {prof['index']}")
-        cache = None
-        if timing_path is not None:
-            data = timing_path.read_bytes() if timing_path.is_file() else b""
-            try:
-                cache = config.create_timing_cache(data)
-                reused = cache is not None and config.set_timing_cache(cache, False)  # (cache, ignore_mismatch)
-            except Exception:  # noqa: BLE001 - a corrupt cache file must not stop the build
-                reused = False
-            if not reused:
-                if data:
-                    console.print(f"[yellow]![/yellow] timing cache {timing_path} is from another TensorRT/GPU or "
-                                  f"corrupt: starting a new one", highlight=False)
-                cache = config.create_timing_cache(b"")
-                config.set_timing_cache(cache, False)
+    steps = Steps(enabled=progress, console=console)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    with steps.step(f"parse {onnx_path.name}"):
+        network, parser, strongly_typed = _parse(trt, builder, logger, onnx_path)
+        names = {network.get_input(i).name for i in range(network.num_inputs)}
+        expected = {spec["name"] for spec in manifest["inputs"]}
+        if names != expected:
+            raise BuildError(f"the ONNX inputs {sorted(names)} do not match the manifest's {sorted(expected)}; "
+                             f"re-export the model")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    if not strongly_typed and precision == "fp16":  # a TensorRT without STRONGLY_TYPED
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 (on by default) has a 10-bit mantissa: fp32 engines are held to fp32 tolerances by `gptx verify`
+        with contextlib.suppress(Exception):
+            config.clear_flag(trt.BuilderFlag.TF32)
+    for prof in profiles:
+        p = builder.create_optimization_profile()
+        for name, s in prof["shapes"].items():
+            p.set_shape(name, s["min"], s["opt"], s["max"])
+        index = config.add_optimization_profile(p)
+        if index != prof["index"]:
+            raise BuildError(f"TensorRT put the {prof['name']} profile at index {index}, expected {prof['index']}")
+    cache = None
+    if timing_path is not None:
+        data = timing_path.read_bytes() if timing_path.is_file() else b""
+        try:
+            cache = config.create_timing_cache(data)
+            reused = cache is not None and config.set_timing_cache(cache, False)  # (cache, ignore_mismatch)
+        except Exception:  # noqa: BLE001 - a corrupt cache file must not stop the build
+            reused = False
+        if not reused:
+            if data:
+                console.print(f"[yellow]![/yellow] timing cache {timing_path} is from another TensorRT/GPU or "
+                              f"corrupt: starting a new one", highlight=False)
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, False)
 
-        bars = None
-        if progress and console.is_terminal:
-            bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                            console=console, transient=True)
-        monitor = _progress_monitor(trt, bars)
-        if monitor is not None:
-            config.progress_monitor = monitor
-        title = f"build engine ({precision}, batch <= {max_batch}, sequence <= {max_seq}; this takes minutes)"
-        if bars is not None:  # TensorRT's own phases as progress bars (one live display: not inside a step)
-            t0 = time.perf_counter()
-            with bars:
-                bars.add_task(title, total=None)
-                plan = builder.build_serialized_network(network, config)
-            if plan is not None:
-                console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - t0:.1f}s)[/dim]")
-        else:
-            with steps.step(title):
-                plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise BuildError("TensorRT failed to build the engine (see the TensorRT messages above)")
-        seconds = time.perf_counter() - start
-        with steps.step(f"write {ENGINE_FILE}"):
-            if timing_path is not None:
-                serialized = config.get_timing_cache().serialize()
-                timing_path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(timing_path, memoryview(serialized))
-            entry = engine_entry(
-                ENGINE_FILE, trt.__version__, gpu_name, cc, precision, profiles, max_batch, max_seq, seconds,
-                opt_batch=opt_batch, workspace_gib=workspace_gib, engine_bytes=memoryview(plan).nbytes,
-                model_file=manifest["model_file"], strongly_typed=strongly_typed,
-            )
-            save_engine(directory, memoryview(plan), entry)
+    bars = None
+    if progress and console.is_terminal:
+        bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                        console=console, transient=True)
+    monitor = _progress_monitor(trt, bars)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    title = f"build engine ({precision}, batch <= {max_batch}, sequence <= {max_seq}; this takes minutes)"
+    if bars is not None:  # TensorRT's own phases as progress bars (one live display: not inside a step)
+        t0 = time.perf_counter()
+        with bars:
+            bars.add_task(title, total=None)
+            plan = builder.build_serialized_network(network, config)
+        if plan is not None:
+            console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - t0:.1f}s)[/dim]")
+    else:
+        with steps.step(title):
+            plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildError("TensorRT failed to build the engine (see the TensorRT messages above)")
+    seconds = time.perf_counter() - start
+    with steps.step(f"write {ENGINE_FILE}"):
+        if timing_path is not None:
+            serialized = config.get_timing_cache().serialize()
+            timing_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(timing_path, memoryview(serialized))
+        entry = engine_entry(
+            ENGINE_FILE, trt.__version__, gpu_name, cc, precision, profiles, max_batch, max_seq, seconds,
+            opt_batch=opt_batch, workspace_gib=workspace_gib, engine_bytes=memoryview(plan).nbytes,
+            model_file=manifest["model_file"], strongly_typed=strongly_typed,
+        )
+        save_engine(directory, memoryview(plan), entry)
     del cache, parser  # the parser must outlive the network until the build is done
     return entry

@@ -1,28 +1,19 @@
 """Which ONNX graphs TensorRT's ONNX parser can take: a static check that runs anywhere (no TensorRT, no GPU).
 
-`gptx build` runs `check_graph` before handing the file to TensorRT, so an unsupported graph fails in a
-second with a readable list instead of minutes into a build with a parser stack trace; the tests run it on
-real exports on CPU machines where TensorRT cannot be installed.
+`gptx build` runs `check_graph` first, so an unsupported graph fails in a second with a readable list instead of
+minutes into a build; the tests run it on real exports where TensorRT cannot be installed.
 
-Source of SUPPORTED_OPS: onnx/onnx-tensorrt `docs/operators.md`, the "TensorRT 10.15 supports operators in
-the inclusive range of opset 9 to opset 24" revision (read 2026; it matches the 10.15 GA changelog entry of
-2026-02-02 that added RotaryEmbedding, RMSNormalization and TensorScatter). Every operator marked "Y" there is
-listed below; the "N" ones (Sequence*, String*, Optional*, Bitwise*, ConvInteger, MatMulInteger, QLinear*,
-DynamicQuantizeLinear, Unique, Det, ...) are not. Per-operator restrictions that matter for GPT-2:
-  * `axes` of Squeeze/Unsqueeze/Reduce* must be constants (the TorchScript exporter writes them as constants).
-  * If/Loop are parsed but restricted (Loop: no dynamic scan-output length); our export is a straight-line
-    graph, so any control flow means something other than `gptx export` wrote the file: we flag it.
-
-Data types (same document, TensorRT 10.x): FLOAT32, FLOAT16, BFLOAT16, INT32, INT64, BOOL, UINT8 (network
-I/O only) and the quantized types INT8/INT4/FP8/FP4 (only through Q/DQ). INT64 is a native type since
-TensorRT 10 (TensorRT 8.x cast it down to INT32, clamping; tensorrt>=10 is what `gptx[tensorrt]` installs).
-DOUBLE has only "limited support": TensorRT casts it down to FLOAT and clamps, silently changing numerics,
-so a float64 tensor is reported as a problem. Strings, complex and unsigned 16/32/64-bit ints are not
-TensorRT types at all.
+SUPPORTED_OPS is every operator marked "Y" in onnx/onnx-tensorrt `docs/operators.md`, the TensorRT 10.15 revision
+(opset 9 to 24; it matches the 10.15 GA changelog that added RotaryEmbedding, RMSNormalization, TensorScatter).
+The "N" ones (Sequence*, String*, Optional*, MatMulInteger, QLinear*, DynamicQuantizeLinear, ...) are not.
+Our export is a straight-line graph, so If/Loop/Scan (parsed, but restricted) mean something else wrote the file.
+Types (same document): INT64 is native since TensorRT 10; DOUBLE is cast down to FLOAT and clamped, silently
+changing numerics, so float64 is reported; strings, complex and unsigned 16/32/64-bit ints are not TensorRT types.
 """
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 SOURCE = "onnx/onnx-tensorrt docs/operators.md (TensorRT 10.15, opset 9-24)"
@@ -52,19 +43,9 @@ SUPPORTED_OPS: frozenset[str] = frozenset({
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
-# onnx.TensorProto enum values (kept numeric so this module imports without onnx)
-_DTYPE_NAMES = {
-    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 8: "string", 9: "bool",
-    10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 14: "complex64", 15: "complex128", 16: "bfloat16",
-    17: "float8e4m3fn", 18: "float8e4m3fnuz", 19: "float8e5m2", 20: "float8e5m2fnuz", 21: "uint4", 22: "int4",
-    23: "float4e2m1",
-}
-FLOAT64 = 11
-UNSUPPORTED_DTYPES = frozenset({4, 5, 8, 12, 13, 14, 15})  # uint16, int16, string, uint32, uint64, complex
-
-
-def dtype_name(code: int) -> str:
-    return _DTYPE_NAMES.get(code, f"dtype#{code}")
+FLOAT64 = 11  # onnx.TensorProto enum values, numeric so this module imports without onnx
+UNSUPPORTED_DTYPES = {4: "uint16", 5: "int16", 8: "string", 12: "uint32", 13: "uint64", 14: "complex64",
+                      15: "complex128"}
 
 
 def _load(onnx_path_or_model):
@@ -79,29 +60,30 @@ def _load(onnx_path_or_model):
     return onnx_path_or_model
 
 
-def _walk(graph, where: str = "graph"):
-    """(graph, location) for the graph and every subgraph (If/Loop/Scan bodies), depth first."""
-    yield graph, where
+def _walk(graph):
+    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
-            if attr.g is not None and attr.HasField("g"):
-                yield from _walk(attr.g, f"{where}/{node.op_type} {node.name or '?'}.{attr.name}")
-            for i, sub in enumerate(attr.graphs):
-                yield from _walk(sub, f"{where}/{node.op_type} {node.name or '?'}.{attr.name}[{i}]")
+            if attr.HasField("g"):
+                yield from _walk(attr.g)
+            for sub in attr.graphs:
+                yield from _walk(sub)
 
 
-def _value_dtypes(graph):
+def _tensor_dtypes(graph):
+    """(what, dtype code) of each initializer and typed input, output and value of `graph`."""
+    for init in graph.initializer:
+        yield f"initializer {init.name}", init.data_type
     for kind, values in (("input", graph.input), ("output", graph.output), ("value", graph.value_info)):
         for v in values:
             if v.type.HasField("tensor_type"):
-                yield kind, v.name, v.type.tensor_type.elem_type
+                yield f"{kind} {v.name}", v.type.tensor_type.elem_type
 
 
 def check_graph(onnx_path_or_model) -> list[str]:
     """Problems that would stop (or silently change) a TensorRT build of this ONNX graph; [] when none.
-
-    Accepts a path (external weights are not read) or an onnx.ModelProto.
-    """
+    Takes a path (external weights are not read) or an onnx.ModelProto."""
     model = _load(onnx_path_or_model)
     problems: list[str] = []
 
@@ -109,44 +91,30 @@ def check_graph(onnx_path_or_model) -> list[str]:
         if opset.domain in DEFAULT_DOMAINS and not MIN_OPSET <= opset.version <= MAX_OPSET:
             problems.append(f"opset {opset.version} is outside the range TensorRT parses ({MIN_OPSET}-{MAX_OPSET})")
 
-    unsupported: dict[str, int] = {}
-    foreign: dict[str, int] = {}
-    control: dict[str, int] = {}
+    ops = collections.Counter()  # op_type, or domain::op_type outside the standard domains
     float64: list[str] = []
     bad_types: list[str] = []
-    for graph, where in _walk(model.graph):
+    for graph in _walk(model.graph):
         for node in graph.node:
-            if node.domain not in DEFAULT_DOMAINS:
-                key = f"{node.domain}::{node.op_type}"
-                foreign[key] = foreign.get(key, 0) + 1
-            elif node.op_type not in SUPPORTED_OPS:
-                unsupported[node.op_type] = unsupported.get(node.op_type, 0) + 1
-            if node.op_type in CONTROL_FLOW_OPS and node.domain in DEFAULT_DOMAINS:
-                control[node.op_type] = control.get(node.op_type, 0) + 1
+            ops[node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"] += 1
             for attr in node.attribute:
                 if node.op_type == "Cast" and attr.name == "to" and attr.i == FLOAT64:
                     float64.append(f"Cast to float64 ({node.name or node.output[0]})")
                 if attr.HasField("t") and attr.t.data_type == FLOAT64:
                     float64.append(f"{node.op_type} constant {node.name or node.output[0]}")
-        for init in graph.initializer:
-            if init.data_type == FLOAT64:
-                float64.append(f"initializer {init.name}")
-            elif init.data_type in UNSUPPORTED_DTYPES:
-                bad_types.append(f"initializer {init.name} is {dtype_name(init.data_type)}")
-        for kind, name, code in _value_dtypes(graph):
+        for what, code in _tensor_dtypes(graph):
             if code == FLOAT64:
-                float64.append(f"{kind} {name}")
+                float64.append(what)
             elif code in UNSUPPORTED_DTYPES:
-                bad_types.append(f"{kind} {name} is {dtype_name(code)}")
+                bad_types.append(f"{what} is {UNSUPPORTED_DTYPES[code]}")
 
-    for op, n in sorted(unsupported.items()):
-        problems.append(f"operator {op} ({n}x) is not supported by TensorRT's ONNX parser")
-    for op, n in sorted(foreign.items()):
-        problems.append(f"operator {op} ({n}x) is not a standard ONNX operator (an ONNX Runtime fusion or "
-                        f"contrib op?): TensorRT cannot parse it; build from an unoptimized export")
-    for op, n in sorted(control.items()):
-        problems.append(f"control flow {op} ({n}x): gptx exports are straight-line graphs and TensorRT restricts "
-                        f"{op} bodies; re-export with `gptx export`")
+    ops = sorted(ops.items())
+    problems += [f"operator {op} ({n}x) is not supported by TensorRT's ONNX parser" for op, n in ops
+                 if "::" not in op and op not in SUPPORTED_OPS]
+    problems += [f"operator {op} ({n}x) is not a standard ONNX operator (an ONNX Runtime fusion or contrib op?): "
+                 f"TensorRT cannot parse it; build from an unoptimized export" for op, n in ops if "::" in op]
+    problems += [f"control flow {op} ({n}x): gptx exports are straight-line graphs and TensorRT restricts {op} "
+                 f"bodies; re-export with `gptx export`" for op, n in ops if op in CONTROL_FLOW_OPS]
     if float64:
         shown = ", ".join(float64[:5]) + (f", ... ({len(float64)} in all)" if len(float64) > 5 else "")
         problems.append(f"float64 tensors ({shown}): TensorRT has no float64, it would cast them to float32")

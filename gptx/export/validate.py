@@ -51,13 +51,6 @@ def thresholds_for(manifest: dict) -> Thresholds:
     return Thresholds(1e-3, 0.999, True, 1.0001)
 
 
-def reference_backend(directory: Path, manifest: dict, reference_model=None, device: str = "cpu") -> Backend:
-    """The fp32 PyTorch model the export came from."""
-    from gptx.export.torch_backend import TorchBackend
-
-    return TorchBackend(manifest, directory, device, model=reference_model, half=False)
-
-
 def teacher_forced(backend: Backend, prompts: list[list[int]], continuation: np.ndarray, pad_id: int):
     """Prefill the prompts (one call), then feed `continuation` (B, steps) one column at a time, on the
     runtime's slot cache; yields each call's logits."""
@@ -130,27 +123,26 @@ def greedy(backend: Backend, prompts: list[list[int]], steps: int, pad_id: int) 
     return np.array(gen.tokens)
 
 
-def check_decode_steps(decode_steps, block_size: int) -> None:
-    """Each case needs a prompt token, `decode_steps` fed tokens and the one sampled after them in the context."""
-    most = block_size - 2
-    if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or not 1 <= decode_steps <= most:
-        raise InvalidInput(f"decode_steps must be an integer from 1 to {most} (the model's context is {block_size} "
-                           f"tokens), got {decode_steps!r}")
-
-
 def compare(directory: str | Path, backend: str = "onnxruntime", device: str = "cpu", reference_model=None,
             batch_sizes=(1, 2, 3), decode_steps: int = 8, ppl_tokens: int = 128,
             candidate: Backend | None = None) -> dict:
+    """Compare a backend with the fp32 PyTorch model the export came from: the report `gptx verify` prints."""
+    from gptx.export.torch_backend import TorchBackend
+
     directory = Path(directory)
     manifest = load_manifest(directory)
-    check_decode_steps(decode_steps, manifest["config"]["block_size"])
+    block = manifest["config"]["block_size"]
+    # each case needs a prompt token, `decode_steps` fed tokens and the one sampled after them in the context
+    if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or not 1 <= decode_steps <= block - 2:
+        raise InvalidInput(f"decode_steps must be an integer from 1 to {block - 2} (the model's context is {block} "
+                           f"tokens), got {decode_steps!r}")
     tokenizer = Tokenizer(directory / manifest["tokenizer"]["file"])
     vocab = manifest["tokenizer"]["vocab_size"]
     pad = manifest["tokenizer"]["eot_token"]
-    ref = reference_backend(directory, manifest, reference_model)
+    ref = TorchBackend(manifest, directory, "cpu", model=reference_model, half=False)
     cand = candidate or create_backend(backend, manifest, directory, device)
     limits = thresholds_for(manifest)
-    room = manifest["config"]["block_size"] - decode_steps - 1  # prompt + fed tokens + the last sampled one
+    room = block - decode_steps - 1  # prompt + fed tokens + the last sampled one
     cases = []
     for b in batch_sizes:
         prompts = [tokenizer.encode(PROMPTS[(i + b) % len(PROMPTS)])[:room] for i in range(b)]
@@ -181,7 +173,7 @@ def compare(directory: str | Path, backend: str = "onnxruntime", device: str = "
     }
     if ppl_tokens:
         text = SAMPLE_TEXT.read_text(encoding="utf-8")[:20000]
-        sample = tokenizer.encode(text)[: min(ppl_tokens, manifest["config"]["block_size"])]
+        sample = tokenizer.encode(text)[: min(ppl_tokens, block)]
         agreement = text_agreement(ref, cand, np.asarray([sample], dtype=np.int64), vocab)
         report["perplexity"] = {"tokens": len(sample), "reference": agreement["ref_perplexity"],
                                 "candidate": agreement["cand_perplexity"], "ratio": agreement["perplexity_ratio"]}
