@@ -31,11 +31,11 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise InvalidInput(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise InvalidInput(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
     @property
     def head_dim(self) -> int:
@@ -205,15 +205,11 @@ class GPT(nn.Module):
 
     def forward(self, idx=None, targets=None, *, input_ids=None, attention_mask=None,
                 return_logits: bool = True) -> GPTOutput:
-        """Logits for every position, and the mean cross-entropy over real target positions if `targets` is given.
-
-        idx / input_ids: a (B, T) or (T,) tensor, a list of ints, or a list of token lists of any lengths
-            (padded on the right here). attention_mask: (B, T), 1 = real token, for a batch padded on the
-            right (or on the left, as generation batches are); positions count real tokens only, so a
-            padded row gives the same outputs as the row alone. targets: the same shape, or the same
-            ragged lists; -1 and padding are ignored. return_logits=False skips the LM head (poolers).
-        Returns GPTOutput: unpacks as `logits, loss`, plus `.last_hidden_state` and `.pooler_output`.
-        """
+        """GPTOutput (unpacks as `logits, loss`): logits for every position, and the mean cross-entropy over real
+        target positions if `targets` (same shape or ragged lists; -1 and padding ignored) is given. idx / input_ids:
+        a (B, T) or (T,) tensor, a list of ints, or token lists of any lengths (right-padded here). attention_mask:
+        (B, T), 1 = real token, for a batch padded on either side; positions count real tokens only, so a padded row
+        gives the same outputs as the row alone. return_logits=False skips the LM head (poolers)."""
         if (idx is None) == (input_ids is None):
             raise InvalidInput("forward needs token ids once: model(idx) or model(input_ids=...), not both")
         idx, name = (idx, "idx") if input_ids is None else (input_ids, "input_ids")
@@ -227,10 +223,9 @@ class GPT(nn.Module):
             targets = padded_targets(targets, idx, mask, name)
         B, T = idx.shape
         if mask is None:  # every position real: no mask to build, SDPA's causal kernel
-            x, _ = self.body(idx, torch.arange(T, dtype=torch.long, device=idx.device))
+            x, _ = self.body(idx, torch.arange(T, device=idx.device))
         else:
-            pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            x, _ = self.body(idx, pos, attention_allowed(mask, 0, T))
+            x, _ = self.body(idx, (mask.cumsum(dim=1) - 1).clamp(min=0), attention_allowed(mask, 0, T))
         hidden = self.transformer.ln_f(x)
         last = None if mask is None else (mask * torch.arange(T, device=mask.device)).argmax(dim=1)  # last real token
         pooled = hidden[:, -1] if last is None else hidden[torch.arange(B, device=idx.device), last]
@@ -259,13 +254,9 @@ class GPT(nn.Module):
                  top_p: float | None = None, *, max_length: int | None = None, repetition_penalty: float = 1.0,
                  seed: int | None = None):
         """Reference generation: re-runs the whole context each step (no cache), so it is slow but obviously right.
-
-        Tokens are picked by the runtime's own sampler (`gptx.runtime.sampler.Sampler`), so with the same seed and
-        settings this gives the same tokens as `gptx.runtime.load(export).generate_ids`. temperature 0 is greedy.
-        A tensor or equal-length lists give a (B, T + new) tensor; ragged lists are left-padded with an
-        attention mask and give a list of token lists (prompt + new tokens, no padding). Past block_size,
-        max_new_tokens slides the context window (nanoGPT); max_length must fit in it.
-        """
+        The runtime's own sampler picks the tokens (temperature 0: greedy), so a seed gives the runtime's tokens.
+        A tensor or equal-length lists give a (B, T + new) tensor; ragged lists (left-padded here) give token lists.
+        Past block_size, max_new_tokens slides the context window (nanoGPT); max_length must fit in it."""
         from gptx.runtime.generation import resolve_new_tokens
         from gptx.runtime.sampler import Sampler, SamplingParams
 

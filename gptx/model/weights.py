@@ -185,30 +185,24 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def weight_files(directory: Path) -> list[Path]:
     """The files holding an HF directory's weights, each checked to lie inside the directory."""
-    single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
+    if not (directory / "model.safetensors").is_file() and index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise ModelLoadError(f"{index} is not a valid safetensors index (needs a 'weight_map' of file "
                                  "names)") from None
-        files = []
-        for shard in shards:
-            path = resolve_inside(directory, shard)
-            if path is None:
-                raise ModelLoadError(f"{index}: a shard in 'weight_map' lies outside {directory} or is not a usable "
-                                     "path; refusing it")
-            if not path.is_file():
-                raise ModelLoadError(f"{index} names a shard that is missing from {directory}")
-            files.append(path)
+        files = [resolve_inside(directory, shard) for shard in shards]
+        if None in files:
+            raise ModelLoadError(f"{index}: a shard in 'weight_map' lies outside {directory} or is not a usable "
+                                 "path; refusing it")
+        if not all(path.is_file() for path in files):
+            raise ModelLoadError(f"{index} names a shard that is missing from {directory}")
         return files
-    bin_file = directory / "pytorch_model.bin"
-    if bin_file.is_file():
-        return [bin_file]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
     raise ModelLoadError(f"{directory} has no model.safetensors, sharded safetensors or pytorch_model.bin")
 
 
@@ -267,15 +261,11 @@ def load_hf_dir(directory: Path, override_args: dict | None = None) -> GPT:
     return build_checked(config, gpt_state_from_hf(state), str(directory))
 
 
-def load_checkpoint(path: Path, override_args: dict | None = None) -> GPT:
-    """A nanoGPT-style checkpoint: {'model_args': {...}, 'model': state_dict, ...} (ours adds optimizer etc.)."""
+def load_checkpoint(path: Path, override_args: dict | None = None, ckpt: dict | None = None) -> GPT:
+    """A nanoGPT-style checkpoint {'model_args': {...}, 'model': state_dict, ...} (or `ckpt`, read from `path` already):
+    model_args are checked for types, ranges and against the file's size before anything is allocated."""
     path = Path(path)
-    return model_from_checkpoint(read_checkpoint(path), path, override_args)
-
-
-def model_from_checkpoint(ckpt: dict, path: Path, override_args: dict | None = None) -> GPT:
-    """The GPT a checkpoint dict (read from `path` by `read_checkpoint`) describes: its model_args are checked for
-    types and ranges, and against the file's size, before anything is allocated; then every weight's shape."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     if "model" not in ckpt or "model_args" not in ckpt:
         raise ModelLoadError(f"{path} is not a nanoGPT-style checkpoint (needs 'model_args' and 'model' keys)")
     args = ckpt["model_args"]
@@ -296,10 +286,7 @@ def model_from_checkpoint(ckpt: dict, path: Path, override_args: dict | None = N
 
 
 def save_checkpoint(model: GPT, path: Path, half: bool = False, **extra) -> None:
-    """Write a nanoGPT-compatible checkpoint atomically: a pid-tagged temporary file beside it, then a rename.
-
-    A writer killed mid-save leaves `.NAME.tmp-PID`, which the next save of the same checkpoint removes.
-    """
+    """Write a nanoGPT-compatible checkpoint atomically (`atomic_path`: a temporary file beside it, then a rename)."""
     state = model.state_dict()
     state.pop("lm_head.weight", None)  # tied to wte: store once
     if half:
@@ -350,11 +337,8 @@ def weights_sha256(model: GPT) -> str:
 
 
 def load_export_source(manifest: dict) -> GPT:
-    """Rebuild the PyTorch model an export was made from (for `verify` and `--backend torch`).
-
-    The manifest names the source (absolute path, hub/sample name, or random:<size> + seed) and a hash of its
-    weights; different weights are refused rather than silently compared or run.
-    """
+    """Rebuild the PyTorch model an export was made from (for `verify` and `--backend torch`), refusing weights
+    whose hash differs from the manifest's rather than silently comparing or running them."""
     source = manifest.get("source")
     if not isinstance(source, str) or not source or source == IN_MEMORY:
         raise ModelLoadError("this export came from an in-memory model: the PyTorch reference cannot be rebuilt "

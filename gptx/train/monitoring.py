@@ -17,7 +17,6 @@ from gptx.runtime.errors import InvalidInput, MissingDependency
 
 REPORTERS = ("tensorboard", "wandb", "mlflow")
 PROJECT = "gptx"  # wandb project and mlflow experiment, unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
-LOCAL_MLFLOW_SCHEMES = ("file:", "sqlite:")
 
 
 class Reporter:
@@ -38,9 +37,7 @@ class Reporter:
 
 def installed(name: str) -> bool:
     """Importable without importing it (wandb and mlflow take seconds); sys.modules[name] = None means blocked."""
-    if name in sys.modules:
-        return sys.modules[name] is not None
-    return importlib.util.find_spec(name) is not None
+    return sys.modules[name] is not None if name in sys.modules else importlib.util.find_spec(name) is not None
 
 
 def parse_report_to(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -66,7 +63,7 @@ def require_installed(names: Iterable[str]) -> None:
 
 
 def check_mlflow_uri(uri: str) -> str:
-    if not uri.startswith(LOCAL_MLFLOW_SCHEMES):
+    if not uri.startswith(("file:", "sqlite:")):
         raise InvalidInput(f"mlflow_uri must be a local store (a file: or sqlite: URI), got {uri!r}")
     return uri
 

@@ -23,10 +23,9 @@ from gptx.runtime.errors import ModelLoadError, TrainError
 
 from gptx.model.gpt import GPT, GPTConfig
 from gptx.train.monitoring import check_mlflow_uri, open_reporters, parse_report_to, require_installed
-from gptx.model.weights import model_from_checkpoint, read_checkpoint, save_checkpoint
+from gptx.model.weights import load_checkpoint, read_checkpoint, save_checkpoint
 
 CKPT_NAME = "ckpt.pt"
-PADDED_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64
 
 
 @dataclass
@@ -81,16 +80,13 @@ class TrainConfig:
             raise TrainError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
         if self.lr_decay_iters is not None and (not isinstance(self.lr_decay_iters, int) or self.lr_decay_iters < 0):
             raise TrainError(f"lr_decay_iters must be a non-negative integer or None, got {self.lr_decay_iters!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise TrainError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise TrainError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("val_fraction", "dropout", "beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TrainError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.min_lr < 0:
             raise TrainError("learning_rate must be > 0 and min_lr >= 0")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise TrainError("weight_decay and grad_clip must be >= 0")
-        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
-            raise TrainError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         parse_report_to(self.report_to)
         if self.mlflow_uri is not None:
             check_mlflow_uri(self.mlflow_uri)
@@ -129,14 +125,11 @@ def split_tokens(tokens: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, 
     n = len(tokens)
     n_val = int(n * cfg.val_fraction)
     need = cfg.block_size + 1
-    total_need = need * (2 if cfg.val_fraction > 0 else 1)
     train_data, val_data = tokens[: n - n_val], tokens[n - n_val:]
     if len(train_data) < need or (cfg.val_fraction > 0 and len(val_data) < need):
-        hint = f"at least ~{max(total_need, math.ceil(need / cfg.val_fraction)) if cfg.val_fraction > 0 else need}"
-        raise TrainError(
-            f"{cfg.data} is too short: {n} tokens, but block_size {cfg.block_size} with val_fraction "
-            f"{cfg.val_fraction} needs {hint} (use more text or a smaller --block-size)"
-        )
+        least = max(2 * need, math.ceil(need / cfg.val_fraction)) if cfg.val_fraction > 0 else need
+        raise TrainError(f"{cfg.data} is too short: {n} tokens, but block_size {cfg.block_size} with val_fraction "
+                         f"{cfg.val_fraction} needs at least ~{least} (use more text or a smaller --block-size)")
     return train_data, val_data
 
 
@@ -150,9 +143,8 @@ def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: t
 def configure_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on every parameter with dim >= 2 (matmuls, embeddings), none on biases and LayerNorms."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied wte/lm_head appears once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = torch.device(cfg.device).type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
@@ -165,25 +157,33 @@ def estimate_loss(model: GPT, splits: dict[str, torch.Tensor], cfg: TrainConfig,
     out = {}
     for i, (name, data) in enumerate(splits.items()):
         gen = torch.Generator().manual_seed(cfg.seed + 1 + i)
-        losses = [
-            model(*get_batch(data, cfg.batch_size, block_size, gen, cfg.device))[1].item()
-            for _ in range(cfg.eval_iters)
-        ]
-        out[name] = sum(losses) / len(losses)
+        batches = (get_batch(data, cfg.batch_size, block_size, gen, cfg.device) for _ in range(cfg.eval_iters))
+        out[name] = sum(model(x, y)[1].item() for x, y in batches) / cfg.eval_iters
     model.train(was_training)
     return out
 
 
 def build_model(cfg: TrainConfig, ckpt: dict | None) -> GPT:
+    """The checkpoint's model (`weights.load_checkpoint` checks before it allocates) in fp32, refused if it holds NaN
+    or inf (a diverged checkpoint must not be trained on); else `init_from`'s, else a new one."""
     if ckpt is not None:
-        return resume_model(ckpt, cfg)
+        path = Path(cfg.out_dir).expanduser() / CKPT_NAME
+        try:
+            model = load_checkpoint(path, ckpt=ckpt)
+        except ModelLoadError as e:
+            raise TrainError(f"cannot resume from {path}: {e}") from None
+        not_finite = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
+        if not_finite:
+            raise TrainError(f"cannot resume from {path}: its weights hold NaN or inf ({not_finite[0]})")
+        return model.float()
     if cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from, override_args={"dropout": cfg.dropout})
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
         return model
+    # GPTConfig's default vocab_size: GPT-2's 50257 padded to a multiple of 64
     return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                         dropout=cfg.dropout, bias=cfg.bias, vocab_size=PADDED_VOCAB))
+                         dropout=cfg.dropout, bias=cfg.bias))
 
 
 # ckpt.pt is untrusted: every key is checked before anything is built from it; errors name keys and types, not values
@@ -208,27 +208,12 @@ def read_resume_checkpoint(path: Path) -> dict:
             raise TrainError(f"{where}: '{key}' is {found}, expected {kind.__name__}")
     if ckpt["iter_num"] < 0:
         raise TrainError(f"{where}: 'iter_num' is negative")
-    rng = ckpt["rng"]
     reference = {"torch": torch.get_rng_state(), "batch": torch.Generator().get_state()}
     for key, like in reference.items():
-        state = rng.get(key)
+        state = ckpt["rng"].get(key)
         if not isinstance(state, torch.Tensor) or state.dtype != like.dtype or state.shape != like.shape:
             raise TrainError(f"{where}: 'rng.{key}' is not a CPU random-generator state")
     return ckpt
-
-
-def resume_model(ckpt: dict, cfg: TrainConfig) -> GPT:
-    """The checkpoint's model (built by `weights.model_from_checkpoint`, which checks before it allocates), in
-    fp32 and without NaN or inf: a diverged checkpoint must not be trained on."""
-    path = Path(cfg.out_dir).expanduser() / CKPT_NAME
-    try:
-        model = model_from_checkpoint(ckpt, path)
-    except ModelLoadError as e:
-        raise TrainError(f"cannot resume from {path}: {e}") from None
-    not_finite = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
-    if not_finite:
-        raise TrainError(f"cannot resume from {path}: its weights hold NaN or inf ({not_finite[0]})")
-    return model.float()
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, where: str) -> None:
@@ -279,10 +264,8 @@ def rng_states(batch_gen: torch.Generator, device: str) -> dict:
 
 def train(cfg: TrainConfig, progress: bool = True, log=print, *, return_model: bool = False) -> dict:
     """Run the training loop; return {'iter', 'train_loss', 'val_loss', 'best_val_loss', 'checkpoint', 'history', ...}.
-
-    `log` gets one line per evaluation (`history` holds the same numbers unrounded); `return_model=True` adds the
-    trained in-memory GPT under 'model'. Raises TrainError (nothing written) on bad input or a diverged run.
-    """
+    `log` gets one line per evaluation; `return_model=True` adds the trained GPT under 'model'. Raises TrainError
+    (nothing written) on bad input or a diverged run."""
     cfg.check()
     report_to = parse_report_to(cfg.report_to)
     require_installed(report_to)  # before any work: a missing extra is a one-line error, not a late crash
@@ -369,9 +352,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, return_model: b
                     check_finite(model, losses, iter_num, ckpt_path)
                     losses.setdefault("val", float("nan"))
                     best_val_loss = min(best_val_loss, losses["val"])  # a NaN val loss (no val split) keeps it
-                    record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
-                              "tokens_per_sec": tokens_per_sec}
-                    history.append(record)
+                    history.append({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                    "lr": lr, "tokens_per_sec": tokens_per_sec})
                     reporters.log_metrics({"train/loss": losses["train"], "val/loss": losses["val"],
                                            "train/tokens_per_sec": tokens_per_sec}, iter_num)
                     bar.update(task, val=f"{losses['val']:.3f}")
