@@ -1,14 +1,10 @@
 """Prefix reuse: the keys/values of prompt blocks already computed, kept in host memory for the next prompt
 that starts with the same tokens (vLLM's automatic prefix caching, in its simplest form).
 
-A prompt is cut into blocks of BLOCK_TOKENS tokens from its start; block i's key is a hash of block i-1's key
-and block i's tokens, so a key names the whole prefix up to the end of its block (its tokens and their
-positions), and a lookup walks the chain from the first block until a key is missing. The chain starts at the
-export's identity (a hash of its manifest, which holds its files' sizes and hashes), so the keys/values of one
-export are never served to another; the cache lives in its scheduler anyway.
-
-Blocks are copied into a row (never shared in place: rows are dense buffers), so a reused prefix gives exactly
-the keys/values the row would have computed. Memory is bounded (`capacity_bytes`), least recently used out.
+Block i's key hashes block i-1's key and block i's tokens, so a key names the whole prefix up to its block; the
+chain starts at the export's identity, so one export's keys/values are never served to another. Blocks are copied
+into a row, never shared in place, so a reused prefix gives exactly the keys/values the row would have computed.
+Memory is bounded (`capacity_bytes`), least recently used out.
 """
 
 from __future__ import annotations

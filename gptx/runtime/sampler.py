@@ -147,15 +147,6 @@ def process_row(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | N
     return logits
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-probabilities, in float64 (so that logprobs near 0 keep their digits)."""
-    x = np.asarray(logits, dtype=np.float64)
-    top = np.max(x, axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore"):  # an all -inf row gives NaN, as the model's own would
-        shifted = x - top
-        return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
-
-
 @dataclass(frozen=True)
 class TokenLogprob:
     """A chosen token's logprob and the `top` most likely alternatives (id, logprob), best first."""
@@ -167,7 +158,10 @@ class TokenLogprob:
 def token_logprobs(logits: np.ndarray, tokens: Sequence[int], top: int = 0) -> list[TokenLogprob]:
     """Logprobs of `tokens[i]` under `logits[i]` (N, V), each with its `top` best alternatives (ties in id order):
     the logits the sampler drew from, before temperature, or a prompt's raw logits."""
-    logp = log_softmax(logits)
+    x = np.asarray(logits, dtype=np.float64)  # float64: logprobs near 0 keep their digits
+    with np.errstate(invalid="ignore"):  # an all -inf row gives NaN, as the model's own would
+        shifted = x - np.max(x, axis=-1, keepdims=True)
+        logp = shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
     out = []
     for row, token in zip(logp, tokens):
         best = ()

@@ -302,9 +302,13 @@ class Scheduler:
             except Exception as e:  # as in _decode: only these requests fail
                 failed.extend((r, e) for r in rows)
                 continue
-            if scored:
+            if scored:  # position p's logits score prompt token p + 1 (raw logits: no penalty or bias applies)
                 for (r, s, e), every in zip(group, logits):
-                    self._score_prompt(self._rows[r], s, e, every)
+                    state = self._rows[r]
+                    targets = state.request.prompt_ids[s + 1: e + 1]
+                    if targets:
+                        state.prompt_logprobs.extend(token_logprobs(every[:len(targets), : self.vocab_size], targets,
+                                                                    state.request.prompt_logprobs))
                 logits = np.stack([every[-1] for every in logits])
             for k, (r, s, e) in enumerate(group):
                 state = self._rows[r]
@@ -337,16 +341,6 @@ class Scheduler:
             self._sample_and_emit([r for r, _ in done], np.concatenate([x for _, x in done]), outputs, retire)
         else:
             self._retire(retire)
-
-    def _score_prompt(self, state: _Row, start: int, end: int, logits: np.ndarray) -> None:
-        """Prompt tokens' logprobs from one chunk's per-position logits: position p predicts token p + 1 (raw
-        logits: no penalty or bias applies to a prompt)."""
-        prompt = state.request.prompt_ids
-        count = min(end, len(prompt) - 1) - start
-        if count > 0:
-            state.prompt_logprobs.extend(token_logprobs(logits[:count, : self.vocab_size],
-                                                        prompt[start + 1: start + 1 + count],
-                                                        state.request.prompt_logprobs))
 
     # -- sampling ------------------------------------------------------------------------------------
     def _sample_and_emit(self, rows: list[int], logits: np.ndarray, outputs: list[StepOutput],

@@ -1,11 +1,7 @@
-"""Token ids in, safe text pieces out: the one place that turns a row's tokens into the text a caller sees.
-
-Used by Engine.generate / Engine.stream and by the scheduler, so batch, stream and server text agree:
-  * UTF-8 safe: a character split across tokens is held back until whole (StreamDecoder);
-  * stop strings: the text is cut at the first occurrence of any of them, and a tail that may be the start
-    of a stop string still arriving is held back until it is known not to be one;
-  * end-of-text: the EOS token ends the text (it is not decoded) when `eos_token_id` is given.
-An empty stop string is ignored (it would otherwise match before the first character).
+"""Token ids in, safe text pieces out: the one place that turns a row's tokens into the text a caller sees, so
+batch, stream and server text agree. A character split across tokens is held back until whole (StreamDecoder); the
+text is cut at the first stop string (empty ones are ignored), a tail that may start one is held back until known
+not to; the EOS token, when given, ends the text undecoded.
 """
 
 from __future__ import annotations
@@ -44,33 +40,26 @@ class TextStream:
             return ""
         if token == self.eos_token_id:
             self.stopped = True
-            return self._emit_all(self.decoder.flush())
+            return self._emit(self.decoder.flush(), final=True)
         return self._emit(self.decoder.push(token))
 
     def finish(self) -> str:
         """Whatever is still held back (an incomplete character, a possible stop prefix) once no token follows."""
-        if self.stopped:
-            return ""
-        return self._emit_all(self.decoder.flush())
+        return "" if self.stopped else self._emit(self.decoder.flush(), final=True)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _emit(self, new: str) -> str:
+    def _emit(self, new: str, final: bool = False) -> str:
+        """The text safe to hand out after `new`: all of it when `final` or past a stop string."""
         start = self.emitted
         self.text += new
-        if self._cut():
+        if self._cut() or final:
+            self.emitted = len(self.text)
             return self.text[start:]
         safe = len(self.text) - self._stop_prefix_len()
         if safe <= start:
             return ""
         self.emitted = safe
         return self.text[start:safe]
-
-    def _emit_all(self, new: str) -> str:
-        start = self.emitted
-        self.text += new
-        self._cut()
-        self.emitted = len(self.text)
-        return self.text[start:]
 
     def _cut(self) -> bool:
         """Cut `text` at the first stop string; a stop can only start in the not-yet-emitted part."""

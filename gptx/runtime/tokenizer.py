@@ -34,15 +34,12 @@ def _tiktoken_ranks(path: Path) -> dict[bytes, int]:
         parts = line.split()
         if not parts:
             continue
-        entry = None
-        if len(parts) == 2:
-            try:
-                entry = base64.b64decode(parts[0], validate=True), int(parts[1])
-            except ValueError:  # binascii.Error is one: these two conversions only
-                pass
-        if entry is None:
-            raise GptxError(f"{path} line {number} is not '<base64 token> <rank>': not a GPT-2 BPE vocabulary")
-        ranks[entry[0]] = entry[1]
+        try:  # ValueError (binascii.Error is one): not two fields, or these two conversions only
+            token, rank = parts
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise GptxError(f"{path} line {number} is not '<base64 token> <rank>': "
+                            "not a GPT-2 BPE vocabulary") from None
     return ranks
 
 
@@ -72,18 +69,14 @@ def _hf_ranks(vocab_json: Path, merges: Path) -> dict[bytes, int]:
 
 def _load_ranks(vocab_file: Path) -> dict[bytes, int]:
     """Ranks from a .tiktoken file, an HF directory, or a vocab.json with merges.txt beside it, checked to be usable."""
-    if vocab_file.is_dir():
-        vocab_json, merges = vocab_file / "vocab.json", vocab_file / "merges.txt"
-    elif vocab_file.name.endswith(".json"):
-        vocab_json, merges = vocab_file, vocab_file.with_name("merges.txt")
-    else:
-        vocab_json = None
-    if vocab_json is None:
-        ranks = _tiktoken_ranks(vocab_file)
-    elif vocab_json.is_file() and merges.is_file():
+    if vocab_file.is_dir() or vocab_file.name.endswith(".json"):
+        vocab_json = vocab_file / "vocab.json" if vocab_file.is_dir() else vocab_file
+        merges = vocab_json.with_name("merges.txt")
+        if not (vocab_json.is_file() and merges.is_file()):
+            raise GptxError(f"{vocab_file}: need vocab.json and merges.txt side by side")
         ranks = _hf_ranks(vocab_json, merges)
     else:
-        raise GptxError(f"{vocab_file}: need vocab.json and merges.txt side by side")
+        ranks = _tiktoken_ranks(vocab_file)
     if not ranks:
         raise GptxError(f"{vocab_file} holds no BPE ranks (an empty file?): not a GPT-2 BPE vocabulary")
     if sorted(ranks.values()) != list(range(len(ranks))) or not all(bytes([b]) in ranks for b in range(256)):
@@ -131,13 +124,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False, *, pad_to: int | str | None = None,
                      pad_id: int | None = None, return_mask: bool = False):
-        """Token lists for a list of texts, as HF tokenizers give them.
-
-        pad_to None (default): each row keeps its own length (`GPT.forward` takes such ragged lists as they are).
-        pad_to="longest" or a length: rows are padded on the right with `pad_id` (default: <|endoftext|>, GPT-2's
-        usual pad); a text longer than that length is an error, never cut silently.
-        return_mask=True: returns (ids, attention_mask), the mask 1 for real tokens and 0 for padding.
-        """
+        """Token lists for a list of texts, as HF tokenizers give them: each its own length (`GPT.forward` takes
+        ragged lists), or with pad_to ("longest" or a length) padded on the right with `pad_id` (default
+        <|endoftext|>, GPT-2's usual pad; a longer text is an error, never cut). return_mask=True: (ids, mask)."""
         if isinstance(texts, str):
             raise TypeError("encode_batch expects a list of str; use encode for a single text")
         texts = list(texts)
@@ -150,23 +139,17 @@ class Tokenizer:
             ids = self._enc.encode_ordinary_batch(texts)
         lengths = [len(row) for row in ids]
         if pad_to is not None:
-            width = self._pad_width(pad_to, lengths)
+            if pad_to != "longest" and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to <= 0):
+                raise InvalidInput(f"pad_to must be None, 'longest' or a positive int, got {pad_to!r}")
+            width = max(lengths, default=0) if pad_to == "longest" else pad_to
+            longer = [(i, n) for i, n in enumerate(lengths) if n > width]
+            if longer:
+                raise InvalidInput(f"text {longer[0][0]} is {longer[0][1]} tokens, longer than pad_to={pad_to}")
             pad = self.eot_token if pad_id is None else self._check_ids([pad_id])[0]
             ids = [row + [pad] * (width - len(row)) for row in ids]
         if not return_mask:
             return ids
         return ids, [[1] * n + [0] * (len(row) - n) for row, n in zip(ids, lengths)]
-
-    @staticmethod
-    def _pad_width(pad_to, lengths: list[int]) -> int:
-        if pad_to == "longest":
-            return max(lengths, default=0)
-        if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to <= 0:
-            raise InvalidInput(f"pad_to must be None, 'longest' or a positive int, got {pad_to!r}")
-        for i, n in enumerate(lengths):
-            if n > pad_to:
-                raise InvalidInput(f"text {i} is {n} tokens, longer than pad_to={pad_to}")
-        return pad_to
 
     def _check_ids(self, tokens: Iterable[int]) -> list[int]:
         ids = [int(t) for t in tokens]
@@ -190,11 +173,8 @@ class Tokenizer:
     def save(self, path: str | Path) -> Path:
         """Write the ranks as a .tiktoken file (what export puts beside the ONNX model)."""
         path = Path(path)
-        lines = [
-            base64.b64encode(token).decode() + " " + str(rank)
-            for token, rank in sorted(self.ranks().items(), key=lambda kv: kv[1])
-        ]
-        path.write_text("\n".join(lines) + "\n")
+        ranks = sorted(self.ranks().items(), key=lambda kv: kv[1])
+        path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks))
         return path
 
 
