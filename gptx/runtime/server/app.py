@@ -42,7 +42,6 @@ log = logging.getLogger("gptx.server")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions; chat defaults to the context
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 OFF_LOOP_PROMPT_BYTES = 16 * 1024  # longer prompt texts are tokenized in a worker thread (tiktoken drops the GIL)
-JSON_TYPES = ("application/json", "text/json")
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,6 @@ def as_api_error(e: Exception, record: RequestRecord, retry_after: int) -> APIEr
     return APIError(500, f"internal error ({type(e).__name__}); see the server log", "server_error")
 
 
-# ---------------------------------------------------------------------------------------------- per request
 @dataclass
 class RequestRecord:
     """What the log line and the metrics say about one HTTP request."""
@@ -141,11 +139,10 @@ class Frontdoor:
             return message
 
         try:
-            refusal = self.refusal(scope)
-            if refusal is not None:
-                await refusal.response()(scope, receive, send_with_headers)
-            else:
-                await self.app(scope, receive_within_limit, send_with_headers)
+            self.admit(scope)
+            await self.app(scope, receive_within_limit, send_with_headers)
+        except APIError as e:  # admit's refusal (the app answers its own)
+            await e.response()(scope, receive, send_with_headers)
         finally:
             endpoint = (scope["path"] if scope["path"] in ROUTES else
                         "/v1/models/{id}" if scope["path"].startswith("/v1/models/") else "other")
@@ -159,21 +156,20 @@ class Frontdoor:
                          ascii(scope["method"])[1:-1], path, status, record.prompt_tokens, record.completion_tokens,
                          f" finish={record.finish}" if record.finish else "", ttft, seconds)
 
-    def refusal(self, scope) -> APIError | None:
+    def admit(self, scope) -> None:
         limit, key = self.config.max_headers, self.config.api_key
         if len(scope["headers"]) > limit:  # their total size is bounded by the HTTP server (edge.py)
-            return APIError(431, f"the request has {len(scope['headers'])} headers, over this server's limit of "
+            raise APIError(431, f"the request has {len(scope['headers'])} headers, over this server's limit of "
                                  f"{limit}", code="request_header_fields_too_large")
         headers = dict(scope["headers"])
         if key is not None and scope["path"].startswith("/v1/"):
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                return APIError(401, "a valid API key is needed: send `Authorization: Bearer <key>`",
+                raise APIError(401, "a valid API key is needed: send `Authorization: Bearer <key>`",
                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.config.max_body_bytes:
-            return APIError(413, self.too_large, code="body_too_large")
-        return None
+            raise APIError(413, self.too_large, code="body_too_large")
 
 
 class Generation:
@@ -207,8 +203,7 @@ class Generation:
                 if self._last_token[i] is None:
                     self.metrics.ttft.observe(now - self.record.started)
                     self.metrics.cached_prompt_tokens.inc(event.cached_tokens)
-                    if self.record.ttft is None:
-                        self.record.ttft = now - self.record.started
+                    self.record.ttft = now - self.record.started if self.record.ttft is None else self.record.ttft
                 else:
                     self.metrics.itl.observe(now - self._last_token[i])
                 self._last_token[i] = now
@@ -268,7 +263,6 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Even
             task.cancel()
 
 
-# ---------------------------------------------------------------------------------------------- response shapes
 @dataclass
 class Sampled:
     """What one sample (stream) of a request produced, for the final body."""
@@ -364,7 +358,6 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-# ---------------------------------------------------------------------------------------------- the app
 def create_app(engine, config: ServerConfig) -> FastAPI:
     metrics = Metrics(config.max_batch)
     state: dict = {"pool": None, "draining": False}
@@ -405,14 +398,12 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
 
     app.state.drain = drain
 
-    # -- errors: every refusal and failure in OpenAI's shape; the server goes on serving -------------------------
-    async def refuse(request: Request, e: Exception) -> JSONResponse:
+    async def refuse(request: Request, e: Exception) -> JSONResponse:  # every refusal and failure, in OpenAI's shape
         return as_api_error(e, request.scope["gptx.record"], config.retry_after_seconds).response()
 
     for kind in (APIError, HTTPException, InvalidInput, QueueFull, GptxError, Exception):
         app.add_exception_handler(kind, refuse)
 
-    # -- helpers shared by the two generation endpoints ------------------------------------------
     def running_pool():
         if state["draining"]:
             raise APIError(503, "the server is shutting down; retry", "server_error", code="shutting_down")
@@ -425,7 +416,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         a form or plain text: a browser may send those cross-site without asking). Unknown fields are refused or
         ignored by the rule in schemas.py."""
         content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if content_type and content_type not in JSON_TYPES and not content_type.endswith("+json"):
+        if content_type not in ("", "application/json", "text/json") and not content_type.endswith("+json"):
             raise APIError(415, f"the body must be JSON sent with `Content-Type: application/json` (this request "
                                 f"says {ascii(content_type[:100])})", code="unsupported_media_type")
         try:
@@ -557,7 +548,6 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         finally:
             gen.close(failed)
 
-    # -- endpoints --------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parse(CompletionRequest, request)
@@ -615,8 +605,11 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
 
 async def unless_disconnected(request: Request, work) -> None:
     """Run `work` (a non-streaming generation) but stop it when the client goes away, so its rows are freed."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -627,11 +620,6 @@ async def unless_disconnected(request: Request, work) -> None:
     if task.cancelled():
         raise APIError(499, "the client closed the request")  # nobody reads it; logged as 499
     task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def describe_validation_error(errors) -> tuple[str, str | None]:

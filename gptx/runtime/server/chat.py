@@ -37,12 +37,9 @@ class ChatTemplate:
 
     def render(self, messages: list[tuple[str, str]]) -> str:
         """(role, text) pairs -> the prompt; "developer" is OpenAI's newer name for "system"."""
-        parts = []
-        for role, text in messages:
-            turn = {"system": self.system, "developer": self.system, "user": self.user,
-                    "assistant": self.assistant}[role]
-            parts.append(turn.replace(CONTENT, text))  # replace, not str.format: braces in messages stay text
-        return "".join(parts) + self.generation_prompt
+        turns = {"system": self.system, "developer": self.system, "user": self.user, "assistant": self.assistant}
+        # replace, not str.format: braces in messages stay text
+        return "".join(turns[role].replace(CONTENT, text) for role, text in messages) + self.generation_prompt
 
     @classmethod
     def from_file(cls, path: str | Path) -> ChatTemplate:

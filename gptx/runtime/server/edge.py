@@ -141,8 +141,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, drain, shutdown_timeout: float):
         super().__init__(config)
         self.drain, self.shutdown_timeout = drain, shutdown_timeout
-        self.drain_requested = False
-        self.drain_task: asyncio.Task | None = None
+        self.drain_requested, self.drain_task = False, None
 
     def handle_exit(self, sig, frame) -> None:
         if self.started and not self.drain_requested and not self.should_exit:

@@ -67,8 +67,7 @@ def run_on_ray(directory: Path, load_options: dict, config: ServerConfig, *, hos
     load_manifest(directory)  # a missing or broken export fails here, in one line, not in every replica
     most = autoscale[1] if autoscale else replicas
     local = address is None
-    if replica_cpus is None:
-        replica_cpus = (os.cpu_count() or 1) / most if local else 1.0
+    replica_cpus = replica_cpus or ((os.cpu_count() or 1) / most if local else 1.0)
     if local:
         # logical CPUs: enough for every replica, at least this machine's cores
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(most * replica_cpus)), include_dashboard=False)

@@ -43,8 +43,7 @@ class Strict(BaseModel):
 
 
 class Lenient(BaseModel):
-    """Strict about the fields it knows (NaN and infinities too); keeps the others (model_extra) for
-    `unknown_fields` to sort."""
+    """Strict about the fields it knows (NaN too); keeps the others (model_extra) for `unknown_fields` to sort."""
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
@@ -144,10 +143,7 @@ class CompletionRequest(GenerationFields):
 
     def prompts(self) -> list[str | list[int]]:
         """One prompt (text or token ids) per choice."""
-        p = self.prompt
-        if isinstance(p, str) or isinstance(p[0], int):
-            return [p]
-        return list(p)
+        return [self.prompt] if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else list(self.prompt)
 
 
 class TextPart(Strict):
