@@ -98,13 +98,12 @@ DType = Enum("DType", {name: name for name in EXPORT_DTYPES}, type=str)
 Quantize = Enum("Quantize", {name: name for name in QUANT_SCHEMES}, type=str)
 Precision = Enum("Precision", {name: name for name in ENGINE_PRECISIONS}, type=str)
 
-ExportDir = Annotated[Path, typer.Argument(help="A `gptx export` output directory.", show_default=False)]
+ExportDir = Annotated[Path, typer.Argument(help="A `gptx export` output directory.")]
 BackendOpt = Annotated[Backend, typer.Option(help="Engine to run (auto: TensorRT engine on CUDA if built, else "
                                                   "ONNX Runtime, else PyTorch).")]
 DeviceOpt = Annotated[Device, typer.Option(help="cpu or cuda.")]
-JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results here as JSON.",
-                                              show_default=False)]
-TopP = Annotated[float | None, typer.Option(parser=above_zero(upper=1.0), metavar="FLOAT", show_default=False,
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the results here as JSON.")]
+TopP = Annotated[float | None, typer.Option(parser=above_zero(upper=1.0), metavar="FLOAT",
                                             help="Nucleus sampling mass in (0, 1].")]
 
 
@@ -207,19 +206,18 @@ def print_summary(directory: Path, manifest: dict) -> None:
 # ---------------------------------------------------------------------------------------------- export
 @command
 def export(
-    model: Annotated[str, typer.Argument(show_default=False, help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | "
-                                         "shakespeare | a local HF GPT-2 directory | a nanoGPT checkpoint .pt | "
-                                         "random:<size> (random weights)")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", show_default=False, help="Directory to write (model.onnx, "
-                                          "weights, tokenizer, manifest.json). Must be new, empty, or (with "
-                                          "--force) an earlier gptx export.")],
+    model: Annotated[str, typer.Argument(help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | shakespeare | a local HF "
+                                         "GPT-2 directory | a nanoGPT checkpoint .pt | random:<size> (random "
+                                         "weights)")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write (model.onnx, weights, tokenizer, "
+                                          "manifest.json): new, empty, or (with --force) an earlier gptx export.")],
     dtype: Annotated[DType, typer.Option(
         help="fp32 (CPU and GPU) or fp16 (GPU; LayerNorm, softmax and logits stay fp32).")] = DType.fp32,
     opset: Annotated[int, typer.Option(min=14, max=20, help="ONNX opset.")] = 17,
     seed: Annotated[int, typer.Option(min=0, help="Seed for random:<size> weights.")] = 0,
     optimize: Annotated[bool, typer.Option(
         "--optimize/--no-optimize", help="Apply ONNX Runtime graph fusions and save the optimized graph.")] = False,
-    quantize: Annotated[Quantize | None, typer.Option(show_default=False, help=(
+    quantize: Annotated[Quantize | None, typer.Option(help=(
         "Quantize every matrix, LM head included. int8: 8-bit weights (MatMulNBits, closest to fp32); int8-dynamic: "
         "int8 weights and activations (MatMulInteger, fastest 8-bit); int4: 4-bit weights, the first layer as "
         "dynamic int8, the LM head's 64 best logits recomputed in fp32."))] = None,
@@ -269,20 +267,18 @@ def generate(
     directory: ExportDir,
     prompt: Annotated[str, typer.Argument(help="Prompt text (empty: start from <|endoftext|>).")] = "",
     max_new_tokens: Annotated[int | None, typer.Option(
-        "--max-new-tokens", "-n", min=0, help="Tokens to generate (default 64).", show_default=False)] = None,
+        "--max-new-tokens", "-n", min=0, help="Tokens to generate (default 64).")] = None,
     max_length: Annotated[int | None, typer.Option(
-        min=1, help="Stop when prompt + generated tokens reach this length (instead of -n).", show_default=False)]
-    = None,
+        min=1, help="Stop when prompt + generated tokens reach this length (instead of -n).")] = None,
     temperature: Annotated[float, typer.Option(min=0, help="0 = greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="Keep the k most likely tokens (0 = off).")] = 40,
     top_p: TopP = None,
     repetition_penalty: Annotated[float, typer.Option(parser=above_zero(), metavar="FLOAT",
                                                       help="> 1 discourages repeats.")] = 1.0,
-    seed: Annotated[int | None, typer.Option(min=0, help="Seed for reproducible sampling.", show_default=False)]
-    = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed for reproducible sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(
         help="Stop when this text appears (repeatable). Escapes \\n, \\t, \\r and \\\\ are understood, "
-             "so --stop '\\n' stops at the end of a line.", show_default=False)] = None,
+             "so --stop '\\n' stops at the end of a line.")] = None,
     backend: BackendOpt = Backend.auto,
     device: DeviceOpt = Device.cpu,
     verify_weights: Annotated[bool, typer.Option(
@@ -343,15 +339,13 @@ def verify(
 # ---------------------------------------------------------------------------------------------- build
 @command
 def build(
-    directory: Annotated[Path, typer.Argument(
-        help="A `gptx export` output directory (the engine is written into it).", show_default=False)],
+    directory: Annotated[Path, typer.Argument(help="A `gptx export` output directory (the engine is written here).")],
     precision: Annotated[Precision, typer.Option(
         help="TensorRT networks are strongly typed: use an fp16 export for fp16.")] = Precision.fp16,
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch the engine serves.")] = 8,
     max_seq: Annotated[int, typer.Option(min=1, help="Largest prompt + generated length.")] = 1024,
     opt_batch: Annotated[int, typer.Option(min=1, help="Batch size TensorRT tunes kernels for.")] = 1,
-    timing_cache: Annotated[Path | None, typer.Option(
-        help="Reusable timing cache file (read and updated).", show_default=False)] = None,
+    timing_cache: Annotated[Path | None, typer.Option(help="Reusable timing cache file (read and updated).")] = None,
     workspace: Annotated[float, typer.Option(parser=above_zero(), metavar="FLOAT",
                                              help="Workspace memory pool limit, GiB.")] = 4.0,
 ):
@@ -380,10 +374,9 @@ def bench(
     top_k: Annotated[int, typer.Option(min=0, help="Sample from the k most likely tokens (0 = off).")] = 0,
     top_p: TopP = None,
     compare: Annotated[Compare | None, typer.Option(
-        help="Also run this backend (default: torch when installed; none to skip).", show_default=False)] = None,
+        help="Also run this backend (default: torch when installed; none to skip).")] = None,
     json_path: JsonOut = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG chart (needs matplotlib).", show_default=False)]
-    = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG chart (needs matplotlib).")] = None,
 ):
     """Measure time to first token, prefill and decode tokens/s, per-token latency percentiles and peak memory."""
     from gptx.runtime.benchmark import run_bench_command
@@ -416,16 +409,14 @@ def report_to_choices(value: str | None) -> str | None:
 @command
 def train(
     data: Annotated[Path, typer.Argument(help="UTF-8 text file to train on (GPT-2 tokenizer).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory (ckpt.pt and monitoring logs).")]
-    = Path("out"),
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where ckpt.pt and monitoring logs go.")] = Path("out"),
     n_layer: Annotated[int, typer.Option(help="Transformer blocks (new models only).")] = 4,
     n_head: Annotated[int, typer.Option(help="Attention heads (new models only).")] = 4,
     n_embd: Annotated[int, typer.Option(help="Embedding width (new models only).")] = 128,
     block_size: Annotated[int, typer.Option(help="Context length of the training windows.")] = 128,
     dropout: Annotated[float, typer.Option(help="Dropout probability in [0, 1).")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Windows per iteration.")] = 16,
-    max_iters: Annotated[int, typer.Option(help="Train until this iteration (counted from the start when resuming).")]
-    = 2000,
+    max_iters: Annotated[int, typer.Option(help="Last iteration (counted from the start when resuming).")] = 2000,
     learning_rate: Annotated[float, typer.Option(help="Peak AdamW learning rate (after warmup).")] = 1e-3,
     min_lr: Annotated[float, typer.Option(help="Learning rate at the end of the cosine decay.")] = 1e-4,
     warmup_iters: Annotated[int, typer.Option(help="Linear warmup iterations.")] = 100,
@@ -437,8 +428,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from OUT/ckpt.pt.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over even though OUT/ckpt.pt exists (it is "
                                                         "replaced at the first new checkpoint).")] = False,
-    init_from: Annotated[str | None, typer.Option(help="Fine-tune from anything `export` accepts instead of "
-                                                          "scratch.")] = None,
+    init_from: Annotated[str | None, typer.Option(help="Fine-tune from anything `export` accepts.")] = None,
     half_checkpoint: Annotated[bool, typer.Option(help="Store weights in fp16 (small shipped models).")] = False,
     report_to: Annotated[str | None, typer.Option(
         "--report-to", callback=report_to_choices, metavar="tensorboard,wandb,mlflow|none",
@@ -470,10 +460,10 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Rows decoded together (continuous batching).")] = 8,
     max_queue: Annotated[int, typer.Option(min=1, help="Prompts that may wait for a row; more get 429. One request "
                                                        "may hold half of them (docs/serving.md).")] = 64,
-    prefill_chunk: Annotated[int | None, typer.Option(min=1, show_default=False, help=(
+    prefill_chunk: Annotated[int | None, typer.Option(min=1, help=(
         "Prompt tokens computed per step after the running rows' decode: long prompts arrive in chunks while "
         "streams flow (default: docs/serving.md)."))] = None,
-    prefix_cache_mb: Annotated[float | None, typer.Option(min=0, show_default=False, help=(
+    prefix_cache_mb: Annotated[float | None, typer.Option(min=0, help=(
         "MiB of host memory for computed prompt blocks that later prompts starting the same way reuse (shared "
         "system prompts); 0 turns it off."))] = None,
     max_tokens_limit: Annotated[int | None, typer.Option(
@@ -483,7 +473,7 @@ def serve(
     threads: Annotated[int | None, typer.Option(
         min=0, help="ONNX Runtime intra-op threads (default: onnxruntime's choice; per replica with --ray).")] = None,
     api_key: Annotated[str | None, typer.Option(
-        envvar="GPTX_API_KEY", show_default=False, show_envvar=True,
+        envvar="GPTX_API_KEY", show_envvar=True,
         help="Require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open).")] = None,
     model_name: Annotated[str | None, typer.Option(
         help="The model id clients send and /v1/models lists (default: the directory's name).")] = None,
@@ -509,8 +499,7 @@ def serve(
         metavar="MIN:MAX", help="Ray: autoscale between MIN and MAX replicas (instead of --replicas), aiming at "
                                 "max-batch requests per replica.")] = None,
     ray_address: Annotated[str | None, typer.Option(help=(
-        "Ray: an existing cluster ('auto': the one running here, or ray://HOST:10001) instead of a local Ray."))]
-    = None,
+        "Ray: join an existing cluster ('auto': the one running here, or ray://HOST:10001)."))] = None,
     replica_cpus: Annotated[float | None, typer.Option(
         min=0.01, help="Ray: CPUs reserved per replica (default: this machine's cores / replicas on a local Ray, "
                        "1 on a cluster).")] = None,
