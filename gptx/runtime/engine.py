@@ -1,8 +1,6 @@
 """`gptx.runtime.load(DIR)` -> Engine: text in, text out, for apps embedding gptx (numpy + onnxruntime + tiktoken only).
-
-Every call runs the one generation loop, the Scheduler (gptx/runtime/scheduler.py): the synchronous ones
-(generate, stream, generate_ids, stream_ids, generator) step a fixed batch of it in the caller's thread;
-`serving()` opens an async pool whose worker thread steps one for many callers (continuous batching).
+Every call runs the one generation loop, the Scheduler: the synchronous ones step a fixed batch of it in the
+caller's thread (`Generation`); `serving()` opens an async pool whose worker thread steps one for many callers.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from .kv_cache import OnStep
 from .manifest import load_manifest
 from .request import TokenIds, token_ids
 from .sampler import SamplingParams
-from .text import normalize_stop
 from .tokenizer import Tokenizer
 
 
@@ -62,7 +59,7 @@ class Engine:
             raise InvalidInput("generator needs at least one prompt")
         new = resolve_new_tokens(max_new_tokens, max_length, max(map(len, prompts)), self.block_size)
         return Generation(self.backend, self.tokenizer, prompts, new, params, eos_token_id=self.eos_token_id,
-                          vocab_size=self.vocab_size, stop_at_eos=stop_at_eos, stop=normalize_stop(stop),
+                          vocab_size=self.vocab_size, stop_at_eos=stop_at_eos, stop=stop,
                           on_step=on_step)
 
     def generate_ids(self, prompt_ids, max_new_tokens: int | None = None, **options) -> list[int] | list[list[int]]:

@@ -45,7 +45,7 @@ class Generation:
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None, prompts: Sequence[Sequence[int]],
                  max_new_tokens: int, params: SamplingParams, *, eos_token_id: int, vocab_size: int,
-                 stop_at_eos: bool = True, stop: Sequence[str] = (), on_step: OnStep | None = None):
+                 stop_at_eos: bool = True, stop: str | Sequence[str] | None = (), on_step: OnStep | None = None):
         # every prompt is prefilled in the first step (the budget covers them all): later steps give each row a token
         self.scheduler = Scheduler(backend, tokenizer, eos_token_id=eos_token_id, vocab_size=vocab_size,
                                    max_batch=len(prompts), max_queue=len(prompts),

@@ -1,8 +1,6 @@
-"""What a caller asks for, checked once at the edge into the types the inner layers trust.
-
-`TokenIds` is a prompt whose ids are known to be in the vocabulary: `token_ids` makes one from untrusted input
-(and passes one through untouched), the tokenizer's output is one by construction. `Request` is a generation
-request; `Scheduler.add_request` checks it against the model (`checked`) and from then on nothing re-checks it.
+"""What a caller asks for, checked once at the edge into the types the inner layers trust: `TokenIds` (a prompt
+whose ids are known to be in the vocabulary) and `Request`, which `Scheduler.add_request` checks against the model
+(`checked`); from then on nothing re-checks either.
 """
 
 from __future__ import annotations

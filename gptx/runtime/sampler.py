@@ -86,9 +86,7 @@ class SamplingParams:
     def __post_init__(self):
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias or ()
         object.__setattr__(self, "logit_bias", tuple(sorted((k, v) for k, v in bias)))
-        validate_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, seed=self.seed,
-                          presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                          logit_bias=self.logit_bias, min_tokens=self.min_tokens, logprobs=self.logprobs)
+        validate_sampling(**vars(self))  # every field is a validate_sampling argument of the same name
 
     @property
     def greedy(self) -> bool:

@@ -369,17 +369,14 @@ class Scheduler:
                 state.seen[token] = True
             if state.counts is not None:
                 state.counts[token] += 1
-            if state.text is not None and state.generated == request.params.min_tokens:
-                state.text.stops = request.stop  # min_tokens reached: stop strings apply to what follows
-            reason = None
             if state.text is not None:
+                if state.generated == request.params.min_tokens:
+                    state.text.stops = request.stop  # min_tokens reached: stop strings apply to what follows
                 text = state.text.push(token)
-                if state.text.stopped:
-                    reason = "stop"
+                reason = "stop" if state.text.stopped else None
             else:
                 text = ""
-                if request.stop_at_eos and token == self.eos_token_id:
-                    reason = "stop"
+                reason = "stop" if request.stop_at_eos and token == self.eos_token_id else None
             if reason is None and state.generated >= request.max_tokens:
                 reason = "length"
                 if state.text is not None:

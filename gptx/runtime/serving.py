@@ -105,8 +105,7 @@ class Pool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        self._stopping = False
-        self._closed = False
+        self._closed = False  # set once, by aclose: the worker thread stops after its current step
         self._crash: BaseException | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -127,7 +126,6 @@ class Pool:
         if self._thread is None or self._closed:
             return
         self._closed = True
-        self._stopping = True
         self._wake.set()
         await self._exited
         self._thread.join()
@@ -139,27 +137,22 @@ class Pool:
         return self.scheduler.stats()
 
     # ------------------------------------------------------------------------------ requests
-    def events(self, prompt: str | Sequence[int], max_tokens: int | None = 64, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-               seed: int | None = None, stop: str | Sequence[str] | None = None, stop_at_eos: bool = True,
-               request_id: str | None = None, group: str | None = None, **options) -> RequestStream:
-        """Queue a request now (InvalidInput / QueueFull raise here) and return its stream of Events.
-        max_tokens None = up to the context. `group` ties the prompts of one caller's request together: admission
-        round-robins between groups, and one group holds at most half the queue. Further options: the
-        SamplingParams fields presence_penalty, frequency_penalty, logit_bias, min_tokens, logprobs (each token's
-        logprob with that many alternatives), and prompt_logprobs (the prompt's; max_tokens 0 then only scores
-        it). `samples` gives n streams of one prompt sharing its prefill."""
-        return self.samples(prompt, 1, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_at_eos=stop_at_eos,
-                            request_id=request_id, group=group, **options)[0]
+    def events(self, prompt: str | Sequence[int], max_tokens: int | None = 64, **options) -> RequestStream:
+        """Queue a request now (InvalidInput / QueueFull raise here) and return its stream of Events; the options
+        are those of `samples`."""
+        return self.samples(prompt, 1, max_tokens, **options)[0]
 
     def samples(self, prompt: str | Sequence[int], n: int, max_tokens: int | None = 64, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                 seed: int | None = None, stop: str | Sequence[str] | None = None, stop_at_eos: bool = True,
                 request_id: str | None = None, group: str | None = None, prompt_logprobs: int | None = None,
                 **sampling) -> list[RequestStream]:
-        """n streams of Events for one prompt: its prompt is computed once, then each sample draws with its own
-        RNG (seed + j for sample j when a seed is given, so a seeded request reproduces every sample)."""
+        """n streams of Events for one prompt, queued now: the prompt is computed once, then each sample draws with
+        its own RNG (seed + j for sample j, so a seeded request reproduces every sample). max_tokens None = up to
+        the context. `group` ties the prompts of one caller's request together: admission round-robins between
+        groups, and one group holds at most half the queue. Further options: the SamplingParams fields
+        presence_penalty, frequency_penalty, logit_bias, min_tokens, logprobs (each token's with that many
+        alternatives), and prompt_logprobs (the prompt's; max_tokens 0 then only scores it)."""
         if self._loop is None or self._closed:
             raise GptxError("the pool is not running: use `async with engine.serving() as pool`")
         if self._crash is not None:
@@ -212,7 +205,7 @@ class Pool:
     def _work(self) -> None:
         """The worker thread: step while there is work, sleep on `_wake` otherwise."""
         try:
-            while not self._stopping:
+            while not self._closed:
                 if not self.scheduler.has_work():
                     self._wake.wait()
                     self._wake.clear()

@@ -96,10 +96,8 @@ class Tokenizer:
     def _build(self, path: Path, ranks: dict[bytes, int]) -> None:
         self.vocab_file = path
         self.eot_token = len(ranks)  # GPT-2 puts <|endoftext|> right after the 50256 BPE ranks
-        self._enc = tiktoken.Encoding(
-            name=f"gpt2:{path.name}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-            special_tokens={ENDOFTEXT: self.eot_token},
-        )
+        self._enc = tiktoken.Encoding(name=f"gpt2:{path.name}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                      special_tokens={ENDOFTEXT: self.eot_token})
         # tiktoken keeps the ranks dict only to pickle the Encoding (its Rust core holds its own copy): letting it go
         # frees 9 MiB of every process's RSS on GPT-2 (measured). ranks() rebuilds it when save or pickle need it.
         self._enc._mergeable_ranks = None
@@ -109,8 +107,11 @@ class Tokenizer:
         """{token bytes: rank} of the BPE vocabulary (without <|endoftext|>), read back from the encoder."""
         return {token: self._enc.encode_single_token(token) for token in self._enc.token_byte_values()}
 
-    def __reduce__(self):
-        return _tokenizer_from_ranks, (self.vocab_file, self.ranks())
+    def __getstate__(self):  # pickled with its ranks: unpickling never reads `vocab_file` again (it may have changed)
+        return self.vocab_file, self.ranks()
+
+    def __setstate__(self, state):
+        self._build(*state)
 
     def __repr__(self):
         return f"Tokenizer(vocab_file={str(self.vocab_file)!r}, vocab_size={self.vocab_size})"
@@ -178,24 +179,11 @@ class Tokenizer:
         return path
 
 
-def _tokenizer_from_ranks(path: Path, ranks: dict[bytes, int]) -> Tokenizer:
-    """Unpickling: the same vocabulary, without reading `path` again (it may have changed since)."""
-    tokenizer = Tokenizer.__new__(Tokenizer)
-    tokenizer._build(Path(path), ranks)
-    return tokenizer
-
-
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by vocab.json / merges.txt."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    rest = [b for b in range(256) if b not in printable]  # mapped to 256, 257, ... in byte order
+    return dict(zip(printable + rest, map(chr, printable + [256 + i for i in range(len(rest))])))
 
 
 def save_hf_vocab(tokenizer: "Tokenizer", directory: str | Path) -> Path:
