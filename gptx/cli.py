@@ -203,7 +203,7 @@ def print_summary(directory: Path, manifest: dict) -> None:
     out.print(t)
 
 
-# ---------------------------------------------------------------------------------------------- export
+# ---------------------------------------------------------------------------------------------- commands
 @command
 def export(
     model: Annotated[str, typer.Argument(help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | shakespeare | a local HF "
@@ -234,7 +234,6 @@ def export(
     print_summary(out_dir, manifest)
 
 
-# ---------------------------------------------------------------------------------------------- info
 @command
 def info(directory: ExportDir,
          as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest as JSON.")] = False):
@@ -261,7 +260,6 @@ def info(directory: ExportDir,
         "files:   not verified: this export records no checksums (made by an older gptx; re-export it)")
 
 
-# ---------------------------------------------------------------------------------------------- generate
 @command
 def generate(
     directory: ExportDir,
@@ -299,7 +297,6 @@ def generate(
     print()
 
 
-# ---------------------------------------------------------------------------------------------- verify
 @command
 def verify(
     directory: ExportDir,
@@ -318,9 +315,8 @@ def verify(
     writable(json_path, "--json")
     report = compare(directory, backend=backend.value, device=device.value, decode_steps=decode_steps,
                      batch_sizes=tuple(int_list(batch_sizes, "--batch-sizes")), ppl_tokens=ppl_tokens)
-    t = Table(title=Text(f"verify {directory} ({report['backend']}, {report['dtype']})"))
-    for col in ("batch", "prompt lengths", "max |diff|", "top-1", "greedy identical"):
-        t.add_column(col)
+    t = Table("batch", "prompt lengths", "max |diff|", "top-1", "greedy identical",
+              title=Text(f"verify {directory} ({report['backend']}, {report['dtype']})"))
     for c in report["cases"]:
         t.add_row(str(c["batch"]), str(c["prompt_lengths"]), f"{c['max_abs_diff']:.2e}", f"{c['top1_agreement']:.3f}",
                   "✓" if c["greedy_identical"] else "✗")
@@ -336,7 +332,6 @@ def verify(
     out.print("[bold green]PASS[/bold green]")
 
 
-# ---------------------------------------------------------------------------------------------- build
 @command
 def build(
     directory: Annotated[Path, typer.Argument(help="A `gptx export` output directory (the engine is written here).")],
@@ -358,7 +353,6 @@ def build(
     out.print(f"[green]✓[/green] engine {escape(str(entry['file']))} built in {entry['build_seconds']:.0f}s")
 
 
-# ---------------------------------------------------------------------------------------------- bench
 @command
 def bench(
     directory: ExportDir,
@@ -393,7 +387,6 @@ def bench(
     write_json(json_path, report)
 
 
-# ---------------------------------------------------------------------------------------------- train
 def report_to_choices(value: str | None) -> str | None:
     """Check --report-to's comma-separated choices at parse time (usage error, exit 2, before any work)."""
     if value is None:
@@ -450,7 +443,6 @@ def train(
         out.print(f"  {name}: {location}", highlight=False, soft_wrap=True)
 
 
-# ---------------------------------------------------------------------------------------------- serve
 @command
 def serve(
     directory: ExportDir,

@@ -8,6 +8,7 @@ timed runs; scalars are medians over timed runs, latency percentiles pool every 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import itertools
@@ -66,10 +67,8 @@ def peak_rss_mib(reset_ok: bool) -> tuple[float, str]:
 def _cuda_torch(device: str):
     """torch, when it is already loaded and the config runs on CUDA; never imports it."""
     torch = sys.modules.get("torch")
-    if device != "cuda" or torch is None:
-        return None
     try:
-        return torch if torch.cuda.is_available() else None
+        return torch if device == "cuda" and torch is not None and torch.cuda.is_available() else None
     except RuntimeError:  # a CUDA build on a machine whose driver cannot start
         return None
 
@@ -174,7 +173,7 @@ def bench_config(target, batch: int, prompt_len: int, new_tokens: int, runs: int
     manifest = getattr(target, "manifest", None) or backend.manifest
     vocab = int(manifest.get("tokenizer", {}).get("vocab_size") or manifest["config"]["vocab_size"])
     validate_args([batch], [prompt_len], new_tokens, runs, int(backend.capabilities.max_seq), warmup)
-    check_memory(backend.manifest, [batch], [prompt_len], new_tokens, backend.device)
+    check_memory(manifest, [batch], [prompt_len], new_tokens, backend.device)
     prompts = synthetic_prompts(batch, prompt_len, vocab)
     cuda = _cuda_torch(backend.device)
     gc.collect()
@@ -247,19 +246,15 @@ def usable_cores() -> int:
 
 def library_versions() -> dict:
     """numpy and onnxruntime always (the runtime's own deps); torch only if already loaded."""
-    from importlib.metadata import PackageNotFoundError, version
+    from .. import __version__
 
-    out = {"python": platform.python_version(), "numpy": np.__version__}
-    if importlib.util.find_spec("onnxruntime") is not None:
+    out = {"python": platform.python_version(), "gptx": __version__, "numpy": np.__version__}
+    with contextlib.suppress(ImportError):
         import onnxruntime
 
         out["onnxruntime"] = onnxruntime.__version__
     if "torch" in sys.modules:
         out["torch"] = getattr(sys.modules["torch"], "__version__", "?")
-    try:
-        out["gptx"] = version("gptx")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        pass
     return out
 
 
@@ -275,14 +270,10 @@ def machine_info() -> dict:
         "versions": library_versions(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages for the weights: gptx/launcher.py
     }
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        info["torch_threads"] = torch.get_num_threads()
-        try:
-            if torch.cuda.is_available():
-                info["gpu"] = torch.cuda.get_device_name(0)
-        except RuntimeError:  # a CUDA build on a machine whose driver cannot start
-            pass
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    if (torch := _cuda_torch("cuda")) is not None:
+        info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
@@ -291,10 +282,9 @@ def sampling_summary(sampling) -> str:
     """'greedy', or the sampling settings a run used, as the report and its table title show them."""
     if sampling is None or sampling.greedy:
         return "greedy"
-    parts = [f"temperature {sampling.temperature:g}"]
-    parts += [f"top-k {sampling.top_k}"] if sampling.top_k else []
-    parts += [f"top-p {sampling.top_p:g}"] if sampling.top_p is not None and sampling.top_p < 1 else []
-    return ", ".join(parts) + f", seed {sampling.seed}"
+    top_k = f"top-k {sampling.top_k}, " if sampling.top_k else ""
+    top_p = f"top-p {sampling.top_p:g}, " if sampling.top_p is not None and sampling.top_p < 1 else ""
+    return f"temperature {sampling.temperature:g}, {top_k}{top_p}seed {sampling.seed}"
 
 
 def run_bench_command(directory, backend: str = "auto", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
