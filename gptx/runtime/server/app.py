@@ -215,12 +215,14 @@ class Generation:
                     raise APIError(503, "the server is shutting down; retry", "server_error", code="shutting_down")
             yield i, event
 
-    def close(self, failed: bool = False) -> None:
-        """Cancel what is still running (a client that left, a sibling that failed) and account for it."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Cancel what is still running and account for it: as failed after an error of the generation, as cancelled
+        after none, a cancellation or an APIError (the client left: 499, the pool shut down: 503)."""
         for i, stream in enumerate(self.streams):
             if self.finish[i] is None:
                 stream.cancel()
-                self._finished(i, "error" if failed else "cancelled")
+                self._finished(i, "error" if isinstance(error, Exception) and not isinstance(error, APIError) else
+                               "cancelled")
         self.record.completion_tokens = sum(self.tokens)
         self.record.finish = ",".join(dict.fromkeys(r for r in self.finish if r))
         self.live.discard(self)
@@ -511,14 +513,12 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                 if event.prompt_logprobs is not None:
                     r.prompt_logprobs = event.prompt_logprobs
 
-        failed = False
         try:
             await unless_disconnected(request, collect())
-        except Exception as e:
-            failed = not isinstance(e, APIError)  # the client left (499), the pool shut down (503): cancelled
+        except BaseException as e:
+            gen.close(e)
             raise
-        finally:
-            gen.close(failed)
+        gen.close()
         return JSONResponse(fmt.envelope(fmt.object, fmt.choices(results, gen.finish), usage=gen.usage()))
 
     async def stream_chunks(gen: Generation, fmt: CompletionFormat, options: StreamOptions) -> AsyncIterator[str]:
@@ -527,7 +527,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         def usage() -> dict:  # every chunk carries `usage`: null, or the counts so far with continuous_usage_stats
             return {"usage": gen.usage()} if continuous_usage else {"usage": None} if include_usage else {}
 
-        failed = False  # a client that goes away cancels this generator: its rows count as cancelled
+        error = None  # a client that goes away cancels this generator: its rows count as cancelled
         try:
             for choice in fmt.opening():
                 yield sse(fmt.envelope(fmt.chunk_object, [choice], **usage()))
@@ -540,13 +540,13 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                 yield sse(fmt.envelope(fmt.chunk_object, [], usage=gen.usage()))
             yield sse("[DONE]")
         except Exception as e:  # the pool shut down under this request (503) or the generation failed (500)
-            failed = not isinstance(e, APIError)
+            error = e
             yield sse(as_api_error(e, gen.record, config.retry_after_seconds).body)
             if not isinstance(e, (APIError, GptxError)):  # a bug: its traceback goes to the log
                 raise
             yield sse("[DONE]")
         finally:
-            gen.close(failed)
+            gen.close(error)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

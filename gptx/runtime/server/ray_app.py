@@ -50,12 +50,9 @@ def deployment(directory: str | Path, load_options: dict, config: ServerConfig, 
                    max_ongoing_requests=config.max_batch + config.max_queue + REQUEST_SLACK,
                    health_check_period_s=HEALTH_CHECK_PERIOD_S,
                    graceful_shutdown_timeout_s=shutdown_timeout)
-    if autoscale is not None:
-        options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
-                                         "target_ongoing_requests": config.max_batch}
-    else:
-        options["num_replicas"] = replicas
-    return GptxReplica.options(**options).bind(str(directory), load_options, config)
+    scale = {"num_replicas": replicas} if autoscale is None else {"autoscaling_config": {
+        "min_replicas": autoscale[0], "max_replicas": autoscale[1], "target_ongoing_requests": config.max_batch}}
+    return GptxReplica.options(**options, **scale).bind(str(directory), load_options, config)
 
 
 def run_on_ray(directory: Path, load_options: dict, config: ServerConfig, *, host: str, port: int, replicas: int,

@@ -162,6 +162,7 @@ class ChatMessage(Strict):
 
 class ChatCompletionRequest(GenerationFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1)  # 0 scores a prompt, which chat does not do
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -169,6 +170,4 @@ class ChatCompletionRequest(GenerationFields):
     def _chat_rules(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
-        if self.token_limit() == 0:
-            raise ValueError("max_tokens must be at least 1")
         return self
