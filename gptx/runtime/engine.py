@@ -59,8 +59,7 @@ class Engine:
             raise InvalidInput("generator needs at least one prompt")
         new = resolve_new_tokens(max_new_tokens, max_length, max(map(len, prompts)), self.block_size)
         return Generation(self.backend, self.tokenizer, prompts, new, params, eos_token_id=self.eos_token_id,
-                          vocab_size=self.vocab_size, stop_at_eos=stop_at_eos, stop=stop,
-                          on_step=on_step)
+                          vocab_size=self.vocab_size, stop_at_eos=stop_at_eos, stop=stop, on_step=on_step)
 
     def generate_ids(self, prompt_ids, max_new_tokens: int | None = None, **options) -> list[int] | list[list[int]]:
         """New token ids (eos included when hit) for one prompt (list of ints) or a batch (list of lists)."""
@@ -78,10 +77,8 @@ class Engine:
     # -- text ------------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int | None = None,
                  stop: str | Sequence[str] | None = None, **options) -> str | list[str]:
-        """Continuation text for a prompt, or a list of them for a list of prompts (each its own length).
-
-        Generation ends at <|endoftext|> (unless stop_at_eos=False), at the first stop string (cut there; an
-        empty stop string is ignored) or after max_new_tokens / at max_length."""
+        """Continuation text for a prompt, or a list of them for a list of prompts (each its own length). It ends at
+        <|endoftext|> (unless stop_at_eos=False), at the first stop string (cut there) or after max_new_tokens."""
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         if not prompts:

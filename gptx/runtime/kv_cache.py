@@ -40,9 +40,7 @@ def first_window(slots: int, max_seq: int, writes_cache: bool, rows: int, n_laye
 
 def _every(rows: int, width: int, every_position: bool) -> dict:
     """backend.run's logits_index for every new position of each row, when asked (else the last one's only)."""
-    if not every_position:
-        return {}
-    return {"logits_index": np.broadcast_to(np.arange(width, dtype=np.int64), (rows, width))}
+    return {"logits_index": np.broadcast_to(np.arange(width, dtype=np.int64), (rows, width))} if every_position else {}
 
 
 def pad(prompts: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:

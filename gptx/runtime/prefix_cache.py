@@ -61,9 +61,7 @@ class PrefixCache:
         """Keep the full blocks of `tokens` not cached yet, from block `first_block` on (the earlier ones were
         offered before); `read(start, end)` gives their keys/values."""
         b = self.block_tokens
-        for i, key in enumerate(self.keys(tokens, len(tokens))):
-            if i < first_block:
-                continue
+        for i, key in enumerate(self.keys(tokens, len(tokens))[first_block:], first_block):
             if key in self._blocks:
                 self._blocks.move_to_end(key)
                 continue

@@ -301,8 +301,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
         rows = len(logits)
-        while len(self.rngs) < rows:
-            self.rngs.append(self.params.rng())
+        self.rngs += [self.params.rng() for _ in range(rows - len(self.rngs))]
         logits = np.asarray(logits)[:, : self.vocab_size]
         if seen is not None:
             seen = seen[:, : self.vocab_size]

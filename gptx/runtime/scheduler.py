@@ -118,10 +118,7 @@ class Scheduler:
         self.prefixes = None
         if prefix_cache_mb and isinstance(self.cache.buffers[0], np.ndarray):
             self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20), export_identity(backend.manifest))
-        self.steps = 0
-        self.cached_tokens = 0
-        self.prefilled_tokens = 0
-        self._admitted = 0
+        self.steps = self.cached_tokens = self.prefilled_tokens = self._admitted = 0  # counts so far
         self._rows: list[_Row] = []          # aligned with the cache's rows [0, active)
         self._lock = threading.Lock()        # guards the three below (add_request comes from other threads)
         self._groups: OrderedDict[str, deque[Request]] = OrderedDict()  # waiting, by group, in round-robin order
@@ -148,12 +145,9 @@ class Scheduler:
                 raise InvalidInput(f"request id {request.id!r} is already in use")
             if self._waiting >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
-            waiting = self._groups.get(group)
-            if waiting is not None and len(waiting) >= max_group(self.max_queue):
+            if len(self._groups.get(group, ())) >= max_group(self.max_queue):
                 raise QueueFull(f"one request may hold at most {max_group(self.max_queue)} places of the queue")
-            if waiting is None:
-                waiting = self._groups[group] = deque()
-            waiting.append(request)
+            self._groups.setdefault(group, deque()).append(request)  # a new group joins the round-robin last
             self._waiting += 1
             self._known.update(sample_ids(request))
         return request
@@ -217,23 +211,6 @@ class Scheduler:
         self._sample_and_emit(rows, logits[live], outputs)
 
     # -- prefill ------------------------------------------------------------------------------------
-    def _pop_waiting(self, free_rows: int) -> Request | None:
-        """The next request, round-robin between groups (FIFO within a group, groups in arrival order); None when
-        it needs more than `free_rows` rows (one per sample)."""
-        with self._lock:
-            if not self._groups:
-                return None
-            group, waiting = next(iter(self._groups.items()))
-            if waiting[0].n > free_rows:
-                return None
-            request = waiting.popleft()
-            self._waiting -= 1
-            if waiting:
-                self._groups.move_to_end(group)
-            else:
-                del self._groups[group]
-            return request
-
     def _admit(self, request: Request) -> int:
         """Claim a row for `request` and fill it from the prefix cache (at least the last prompt token is left
         to compute: its logits give the first token)."""
@@ -257,17 +234,23 @@ class Scheduler:
 
     def _plan(self) -> list[tuple[int, int, int]]:
         """(row, start, end) prompt chunks for this step within the budget: partly prefilled rows first, oldest
-        first, then waiting requests into the free rows."""
+        first, then waiting requests into the free rows (round-robin between groups, FIFO within a group)."""
         budget, chunks = self.prefill_chunk, []
         pending = iter(sorted((r.order, row) for row, r in enumerate(self._rows)
                               if not r.decoding and r.parent is None and r.prefilled < len(r.request.prompt_ids)))
         while budget > 0:
             _, row = next(pending, (None, None))
             if row is None:
-                free = self.cache.rows - self.cache.active
-                request = self._pop_waiting(free) if free else None
-                if request is None:
-                    break
+                with self._lock:
+                    group = next(iter(self._groups), None)
+                    if group is None or self._groups[group][0].n > self.cache.rows - self.cache.active:
+                        break  # nothing waits, or the next request needs more rows (one per sample) than are free
+                    request = self._groups[group].popleft()
+                    self._waiting -= 1
+                    if self._groups[group]:
+                        self._groups.move_to_end(group)
+                    else:
+                        del self._groups[group]
                 row = self._admit(request)
             state = self._rows[row]
             n = min(len(state.request.prompt_ids) - state.prefilled, budget)

@@ -229,12 +229,9 @@ class Pool:
     def _deliver(self, outputs: list[StepOutput]) -> None:
         """Event loop thread: hand each output to its request's inbox."""
         for out in outputs:
-            inbox = self._inboxes.get(out.request_id)
-            if inbox is None:
-                continue
-            inbox.put_nowait(out)
-            if out.finished:
-                del self._inboxes[out.request_id]
+            inbox = self._inboxes.pop(out.request_id, None) if out.finished else self._inboxes.get(out.request_id)
+            if inbox is not None:
+                inbox.put_nowait(out)
 
     def _fail_all(self, error: BaseException) -> None:
         self._deliver([StepOutput(rid, None, "", True, "error", error) for rid in list(self._inboxes)])

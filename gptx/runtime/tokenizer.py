@@ -52,9 +52,8 @@ def _hf_ranks(vocab_json: Path, merges: Path) -> dict[bytes, int]:
         merge_lines = [line.split() for line in _read(merges).decode("utf-8").splitlines()[1:]]  # 1st: "#version"
     except ValueError:  # UnicodeDecodeError and JSONDecodeError
         raise not_bpe from None
-    if not isinstance(vocab, dict) or not all(isinstance(r, int) for r in vocab.values()):
-        raise not_bpe
-    if any(len(pair) != 2 for pair in merge_lines if pair):
+    if not isinstance(vocab, dict) or not all(isinstance(r, int) for r in vocab.values()) or \
+            any(len(pair) != 2 for pair in merge_lines if pair):
         raise not_bpe
     try:
         ranks = {bytes(byte_of[c] for c in token): rank for token, rank in vocab.items()
@@ -134,10 +133,8 @@ class Tokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"encode_batch expects a list of str; item {i} is a {type(text).__name__}")
-        if allow_special:
-            ids = self._enc.encode_batch(texts, allowed_special="all")
-        else:
-            ids = self._enc.encode_ordinary_batch(texts)
+        enc = self._enc
+        ids = enc.encode_batch(texts, allowed_special="all") if allow_special else enc.encode_ordinary_batch(texts)
         lengths = [len(row) for row in ids]
         if pad_to is not None:
             if pad_to != "longest" and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to <= 0):
@@ -164,9 +161,7 @@ class Tokenizer:
 
     def decode(self, tokens):
         """list of ints -> str; list of lists -> list of str. Broken UTF-8 at the edges becomes U+FFFD."""
-        if hasattr(tokens, "tolist"):  # numpy arrays and torch tensors
-            tokens = tokens.tolist()
-        tokens = list(tokens)
+        tokens = list(tokens.tolist() if hasattr(tokens, "tolist") else tokens)  # numpy arrays and torch tensors
         if tokens and isinstance(tokens[0], (list, tuple)) or (tokens and hasattr(tokens[0], "tolist")):
             return [self.decode(t) for t in tokens]
         return self.decode_bytes(tokens).decode("utf-8", errors="replace")
