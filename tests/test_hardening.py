@@ -99,6 +99,7 @@ MANIFEST_CASES = {
     "n_head-zero": (_set("config.n_head", 0), "'config.n_head' must be >= 1"),
     "n_embd-indivisible": (_set("config.n_head", 3), "not divisible"),
     "n_layer-disagrees-with-inputs": (_layers(3), "'config.n_layer' 3"),
+    "n_layer-huge": (_layers(10**12), "needs 2000000000004"),  # refused without building 2e12 names
     "empty-inputs": (_set("inputs", []), "'inputs' is empty"),
     "inputs-not-list": (_set("inputs", {"a": 1}), "'inputs' must be a list"),
     "input-without-name": (lambda m: {**m, "inputs": [{"dtype": "int64", "shape": []}, *m["inputs"][1:]]},

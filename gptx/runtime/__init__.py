@@ -6,12 +6,10 @@ from .sampler import SamplingParams
 from .scheduler import Request, Scheduler, StepOutput
 from .tokenizer import Tokenizer
 
-SERVING_NAMES = ("Completion", "Event", "Pool")
-
 
 def __getattr__(name: str):
     # gptx.runtime.serving imports asyncio, and asyncio imports ssl (~4 MiB of RSS): only apps that serve load it
-    if name in SERVING_NAMES:
+    if name in ("Completion", "Event", "Pool"):
         from . import serving
 
         return getattr(serving, name)

@@ -1,8 +1,6 @@
-"""Every error type gptx raises on purpose, in one module that both packages import (no PyTorch needed).
-
-The CLI prints a `GptxError` as one clear line and exits 1; anything else is a bug and keeps its traceback.
-Errors about a bad argument also subclass `ValueError`, so API users can catch them the usual way.
-"""
+"""Every error type gptx raises on purpose, in one module both packages import (no PyTorch needed): the CLI prints
+a `GptxError` as one clear line and exits 1, anything else is a bug and keeps its traceback. Errors about a bad
+argument also subclass `ValueError`, so API users can catch them the usual way."""
 
 
 class GptxError(Exception):

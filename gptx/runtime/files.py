@@ -22,11 +22,10 @@ from pathlib import Path
 from .errors import GptxError
 
 TMP, PARTIAL, OLD = "tmp", "partial", "old"
-# .NAME.tmp-PID, .NAME.partial-PID-TOKEN, .NAME.old-PID-TOKEN
 _DEBRIS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|partial|old)-(?P<pid>\d+)(?:-(?P<token>[0-9a-f]+))?$")
 # what a full or read-only disk looks like; EFBIG is what a file-size limit (ulimit -f) gives
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
-RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # linux/fcntl.h, linux/fs.h
 
 
 def current_umask() -> int:
@@ -57,9 +56,8 @@ def make_dir(path: Path) -> Path:
 
 def debris_path(target: Path, kind: str) -> Path:
     """A sibling of `target` that says which process owns it: `.NAME.KIND-PID[-TOKEN]`."""
-    target = Path(target)
-    suffix = f"{os.getpid()}" if kind == TMP else f"{os.getpid()}-{secrets.token_hex(4)}"
-    return target.with_name(f".{target.name}.{kind}-{suffix}")
+    target, token = Path(target), "" if kind == TMP else f"-{secrets.token_hex(4)}"
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}{token}")
 
 
 def debris_target(name: str) -> str | None:
@@ -96,12 +94,10 @@ def clean_stale(target: Path) -> list[Path]:
         siblings = list(target.parent.iterdir())
     except OSError:
         return []
-    removed = []
-    for path in siblings:
-        m = _DEBRIS.match(path.name)
-        if m and m["name"] == target.name and (m["kind"] == TMP or m["token"]) and not pid_alive(int(m["pid"])):
-            remove_tree(path)
-            removed.append(path)
+    removed = [path for path in siblings if (m := _DEBRIS.match(path.name)) and m["name"] == target.name
+               and (m["kind"] == TMP or m["token"]) and not pid_alive(int(m["pid"]))]
+    for path in removed:
+        remove_tree(path)
     if removed:
         names = ", ".join(p.name for p in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
         print(f"gptx: removed {len(removed)} leftover(s) of an interrupted run beside {target}: {names}",
@@ -145,13 +141,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.errno in DISK_ERRNOS:
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             raise GptxError(f"cannot write {target}: {e.strerror or e}") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
 
@@ -177,13 +170,10 @@ def atomic_write(target: str | Path, data: bytes | memoryview | str) -> Path:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the OS or filesystem can't."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
     renameat2 = getattr(libc, "renameat2", None)  # glibc >= 2.28
     if renameat2 is None:
         return False
-    AT_FDCWD = -100
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
         return True

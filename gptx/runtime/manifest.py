@@ -78,13 +78,12 @@ def writes_cache_in_place(manifest: dict) -> bool:
 
 
 def selects_logits(manifest: dict) -> bool:
-    """True when the graph takes LOGITS_INDEX, so it can return the logits of any of a call's positions (what
-    echo and prompt logprobs need); older exports return the last position's only."""
+    """True when the graph takes LOGITS_INDEX: logits of any positions (echo, prompt logprobs), not the last only."""
     return any(spec.get("name") == LOGITS_INDEX for spec in manifest.get("inputs") or [])
 
 
-def _names_summary(names: list[str]) -> str:
-    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+def _names_summary(names: list[str], count: int) -> str:
+    return ", ".join(names[:4]) + (f", ... ({count} in all)" if count > 4 else "")
 
 
 def check_consistency(m: dict, where: str) -> None:
@@ -98,45 +97,44 @@ def check_consistency(m: dict, where: str) -> None:
     for name in GRAPH_METADATA_KEYS:
         if cfg[name] < 1:
             raise ManifestError(f"{where}: 'config.{name}' must be >= 1, got {cfg[name]}")
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise ManifestError(f"{where}: 'config.n_embd' {cfg['n_embd']} is not divisible by 'config.n_head' "
-                            f"{cfg['n_head']}")
+    n_head, head_dim = cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
+    if cfg["n_embd"] % n_head:
+        raise ManifestError(f"{where}: 'config.n_embd' {cfg['n_embd']} is not divisible by 'config.n_head' {n_head}")
     if m["dtype"] not in EXPORT_DTYPES.values():
         raise ManifestError(f"{where}: 'dtype' must be one of {', '.join(EXPORT_DTYPES.values())}")
-    selects = selects_logits(m)
-    for key, expected in (("inputs", input_names(cfg["n_layer"], selects)), ("outputs", output_names(cfg["n_layer"]))):
+    selects, n_layer = selects_logits(m), cfg["n_layer"]
+    for key, names_for in (("inputs", lambda n: input_names(n, selects)), ("outputs", output_names)):
         if not m[key]:
             raise ManifestError(f"{where}: '{key}' is empty")
         for i, spec in enumerate(m[key]):
             if spec["dtype"] not in ORT_DTYPES.values():
                 raise ManifestError(f"{where}: '{key}[{i}].dtype' must be one of {', '.join(ORT_DTYPES.values())}")
         names = [s["name"] for s in m[key]]
+        expected = names_for(min(n_layer, len(names)))  # built no longer than the list: n_layer is untrusted
         if names != expected:
-            raise ManifestError(f"{where}: '{key}' ({len(names)} names: {_names_summary(names)}) do not match "
-                                f"'config.n_layer' {cfg['n_layer']}, which needs {len(expected)} "
-                                f"({_names_summary(expected)})")
+            needs = len(names_for(0)) + 2 * n_layer
+            raise ManifestError(f"{where}: '{key}' ({len(names)} names: {_names_summary(names, len(names))}) do not "
+                                f"match 'config.n_layer' {n_layer}, which needs {needs} "
+                                f"({_names_summary(expected, needs)})")
     if m.get("kv_cache", {}).get("present", NEW_TOKENS) not in KV_CONTRACTS:
         raise ManifestError(f"{where}: 'kv_cache.present' must be one of {', '.join(KV_CONTRACTS)}")
-    n_head, head_dim = cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
     for spec in (*m["inputs"][3 + selects:], *m["outputs"][1:]):
         if len(spec["shape"]) != 4 or spec["shape"][1] != n_head or spec["shape"][3] != head_dim:
             raise ManifestError(f"{where}: {spec['name']} has shape {spec['shape']}, but 'config' gives n_head "
                                 f"{n_head} and head_dim {head_dim}")
     # logits [batch, logits_count, vocab] with LOGITS_INDEX; [batch, vocab] (last position) in older exports
-    logits_shape = m["outputs"][0]["shape"]
-    if len(logits_shape) != 2 + selects or logits_shape[-1] != cfg["vocab_size"]:
-        raise ManifestError(f"{where}: logits have shape {logits_shape}, but 'config.vocab_size' is "
-                            f"{cfg['vocab_size']}")
+    shape, vocab = m["outputs"][0]["shape"], cfg["vocab_size"]
+    if len(shape) != 2 + selects or shape[-1] != vocab:
+        raise ManifestError(f"{where}: logits have shape {shape}, but 'config.vocab_size' is {vocab}")
     tok = m["tokenizer"]
-    if not 1 <= tok["vocab_size"] <= cfg["vocab_size"]:
+    if not 1 <= tok["vocab_size"] <= vocab:
         raise ManifestError(f"{where}: 'tokenizer.vocab_size' must be in [1, config.vocab_size]")
     if not 0 <= tok["eot_token"] < tok["vocab_size"]:
         raise ManifestError(f"{where}: 'tokenizer.eot_token' must be in [0, tokenizer.vocab_size)")
 
 
 def check_paths(m: dict, directory: Path, where: str) -> None:
-    """Every path the manifest names stays inside the export directory (symlinks followed); the ones gptx needs
-    exist."""
+    """Every path the manifest names stays inside the export directory; the ones gptx needs exist."""
     named = {"model_file": m["model_file"], "tokenizer.file": m["tokenizer"]["file"],
              "weights_file": m.get("weights_file"),
              **{f"engines[{i}].file": e["file"] for i, e in enumerate(m.get("engines", []))},
@@ -215,10 +213,8 @@ def _identity(directory: Path):
 def load_manifest(directory: str | Path, verify_hashes: bool = False) -> dict:
     """Read and check DIR/manifest.json; sizes of recorded files always, their sha256 with `verify_hashes`.
 
-    If the directory is replaced while it is read (`gptx export --force` swapping in a new export), the
-    checks may see the old manifest and the new files: that is detected (the directory's inode changed)
-    and the read is retried, so callers see one complete export or the other.
-    """
+    A directory swapped while it is read (`gptx export --force`) can show the old manifest with the new files:
+    its inode changed, so the read is retried and callers see one complete export or the other."""
     directory = Path(directory)
     for _ in range(2):
         before = _identity(directory)

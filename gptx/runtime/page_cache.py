@@ -48,8 +48,6 @@ def advise_random_access(path: Path) -> int:
                     ranges.append((lo, hi - lo))
     except OSError:
         return 0
-    if not ranges:
-        return 0
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return sum(libc.madvise(start, length, MADV_RANDOM) == 0 for start, length in ranges)

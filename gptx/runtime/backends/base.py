@@ -27,14 +27,11 @@ Array = Union[np.ndarray, "torch.Tensor"]
 
 @dataclass(frozen=True)
 class Capabilities:
-    max_batch: int | None      # rows one call may take; None = bounded by memory only (ONNX Runtime, torch)
-    max_seq: int               # positions: the model's block_size, or a TensorRT engine's --max-seq
-    min_past: int = 0          # smallest past a call may take: TensorRT profiles cannot express 0, so prefill
-                               # gets `min_past` masked dummy slots (added by kv_cache.py, nowhere else)
-    writes_cache: bool = False # the graph writes the new keys/values into the past buffers itself (the
-                               # manifest's `in_place` contract): `run` returns no presents, rows are prefixes
-    any_logits: bool = False   # `run` takes logits_index: logits of any positions (echo, prompt logprobs);
-                               # exports that predate it give the last position's only
+    max_batch: int | None       # rows one call may take; None = bounded by memory only (ONNX Runtime, torch)
+    max_seq: int                # positions: the model's block_size, or a TensorRT engine's --max-seq
+    min_past: int = 0           # smallest past a call takes (TensorRT: 1); kv_cache.py adds masked dummy slots
+    writes_cache: bool = False  # the graph writes `past` itself (`in_place`): no presents, rows are prefixes
+    any_logits: bool = False    # `run` takes logits_index (echo, prompt logprobs); older exports: last position only
 
 
 def last_positions(attention_mask: np.ndarray, new_len: int, writes_cache: bool) -> np.ndarray:
@@ -53,9 +50,7 @@ class Backend(ABC):
     capabilities: Capabilities
 
     def __init__(self, manifest: dict, directory: Path | None, device: str = "cpu"):
-        self.manifest = manifest
-        self.directory = directory
-        self.device = device
+        self.manifest, self.directory, self.device = manifest, directory, device
         cfg = manifest["config"]
         self.n_layer, self.n_head, self.head_dim = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
         self.block_size = cfg["block_size"]
@@ -74,9 +69,8 @@ class Backend(ABC):
             past: Sequence[Array], logits_index: np.ndarray | None = None) -> tuple[np.ndarray, list[Array]]:
         """One graph call, nothing else: float32 numpy logits and the presents (the new tokens' keys/values,
         [B, n_head, T, head_dim], native arrays). Logits are (B, V) for each row's last real position when
-        `logits_index` is None, else (B, K, V) for the positions it names ([B, K] indices into the T new
-        positions; needs `capabilities.any_logits`). Never writes the cache, except where
-        `capabilities.writes_cache`: then the graph itself writes into `past` and presents is []."""
+        `logits_index` is None, else (B, K, V) for the positions its [B, K] indices name (needs `any_logits`).
+        Never writes the cache, except with `capabilities.writes_cache` (then presents is [])."""
 
     def graph_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                      logits_index: np.ndarray | None) -> dict[str, np.ndarray]:

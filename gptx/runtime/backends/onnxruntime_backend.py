@@ -18,7 +18,6 @@ from ..manifest import check_graph, selects_logits, writes_cache_in_place
 from ..page_cache import advise_random_access, drop_cached_pages
 from .base import Backend, Capabilities
 
-DTYPES = {"float32": np.float32, "float16": np.float16}
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -31,10 +30,8 @@ def ort_load_errors() -> tuple[type[Exception], ...]:
 
 
 def mapped_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A zeroed array in its own anonymous memory mapping: its pages become resident only as they are written,
-    and go back to the OS when the array dies. Not np.zeros: once ORT's large frees have raised glibc's mmap
-    threshold, cache-sized arrays come from the heap, where memory freed in its middle stays resident (GPT-2 int4:
-    9 MiB more peak RSS at 160 tokens)."""
+    """A zeroed array in its own anonymous memory mapping: its pages become resident only as they are written, and
+    go back to the OS when it dies (np.zeros may come from a heap that keeps them: docs/experiments.md)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: no flags, np.zeros as before
         return np.zeros(shape, dtype)
@@ -47,8 +44,7 @@ def session_options(threads: int | None = None):
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or 0  # 0: onnxruntime's default
     opts.log_severity_level = 3
     return opts
 
@@ -85,7 +81,7 @@ class OnnxRuntimeBackend(Backend):
             advise_random_access(Path(directory) / mapped)
         self.capabilities = Capabilities(max_batch=None, max_seq=self.block_size, writes_cache=in_place,
                                          any_logits=selects_logits(manifest))
-        self.kv_dtype = DTYPES[next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0])]
+        self.kv_dtype = np.dtype(next(i["dtype"] for i in manifest["inputs"] if i["name"] == self.past_names[0]))
         self.output_names, self.vocab = [LOGITS, *self.present_names], manifest["config"]["vocab_size"]
         self.cuda = CudaBinding(self) if device == "cuda" else None
         self.in_place = InPlaceBinding(self) if in_place else None
@@ -115,11 +111,8 @@ class OnnxRuntimeBackend(Backend):
 class InPlaceBinding:
     """I/O binding for in-place attention graphs on CPU: each layer's past and present name one numpy buffer,
     so GroupQueryAttention writes the new keys/values straight into the cache (no copy back in kv_cache.py).
-
-    Binding 49 names costs about 0.1 ms, so the cache buffers and the logits buffer stay bound while the same
-    `past` list comes back (KVCache hands the same list of views to every decode step of a window); only the
-    three small inputs are bound anew each step.
-    """
+    Binding 49 names costs about 0.1 ms, so the cache and logits buffers stay bound while the same `past` list
+    comes back (KVCache hands one list of views to every decode step of a window)."""
 
     def __init__(self, backend: OnnxRuntimeBackend):
         self.backend = backend
@@ -154,10 +147,9 @@ class InPlaceBinding:
 class CudaBinding:
     """CUDA execution provider with I/O binding: the cache lives on the GPU and never crosses to the host.
 
-    Buffers are PyTorch CUDA tensors (onnxruntime-gpu has no public slice-copy for OrtValues); the small
-    inputs go up each step, the new keys/values land in device tensors that kv_cache.py copies into the cache
-    slots on the device; only the logits come back. Needs onnxruntime-gpu and a CUDA build of torch.
-    Not yet run on real hardware (no GPU where this was written): see docs/tensorrt.md.
+    Buffers are PyTorch CUDA tensors (onnxruntime-gpu has no public slice-copy for OrtValues); the new keys/values
+    land in device tensors that kv_cache.py copies into the cache slots; only the logits come back. Needs
+    onnxruntime-gpu and a CUDA build of torch. Not yet run on real hardware: see docs/tensorrt.md.
     """
 
     def __init__(self, backend: OnnxRuntimeBackend):

@@ -1,13 +1,10 @@
 """TensorRT backend: runs the `engine.plan` that `gptx build` wrote, with the KV cache resident on the GPU.
 
-The ONNX Runtime backend's contract (the graph is the same ONNX file) with device memory: cache buffers are
-PyTorch CUDA tensors that kv_cache.py slices and writes; present.* land in fresh device tensors (TensorRT outputs
-must be contiguous, a row's slot is not); only the logits come back to the host.
-
-Two execution contexts, one per optimization profile (see gptx/export/tensorrt_build.py): prefill (T >= 1 onto
-a 1-slot past: profiles cannot express a 0-length past, so `min_past = 1` and kv_cache.py passes one masked
-dummy slot) and decode (T = 1 onto the active rows' window). Several tokens onto a non-empty cache is not
-something gptx does, so it is refused. All work is queued on torch's current CUDA stream, after the previous
+The ONNX Runtime backend's contract (the same ONNX graph) with device memory: cache buffers are PyTorch CUDA
+tensors, present.* land in fresh device tensors (TensorRT outputs must be contiguous, a row's slot is not), only
+the logits come back. One execution context per optimization profile (gptx/export/tensorrt_build.py): prefill
+(T >= 1 onto a 1-slot masked dummy past, as profiles cannot express a 0-length one: `min_past = 1`) and decode
+(T = 1 onto the active rows' window). All work is queued on torch's current CUDA stream, after the previous
 step's cache writes. torch and tensorrt are imported in __init__: this module imports on machines without them.
 """
 
@@ -35,11 +32,8 @@ def normalize_cc(cc) -> str:
 
 def check_engine_compat(entry: dict, trt_version: str, gpu_name: str, cc,
                         directory: str | Path | None = None) -> str | None:
-    """None when the engine can run here; otherwise one plain line saying what differs and what to rebuild.
-
-    TensorRT engines are tied to the TensorRT version that built them and to the GPU (compute capability
-    and, for tuned kernels, the exact model); we do not build version- or hardware-compatible engines.
-    """
+    """None when the engine can run here, else one line saying what differs and how to rebuild: an engine is tied to
+    the TensorRT that built it and to the GPU (we do not build version- or hardware-compatible engines)."""
     diffs = []
     if str(entry.get("tensorrt_version")) != str(trt_version):
         diffs.append(f"TensorRT {entry.get('tensorrt_version')} (this machine has {trt_version})")
@@ -62,12 +56,11 @@ def select_engine(manifest: dict, directory, engine: str | None = None) -> dict:
     entries = manifest.get("engines") or []
     if not entries:
         raise GptxError(f"{directory} has no TensorRT engine: run `gptx build {directory}` first")
-    if engine is None:
-        return entries[-1]
-    for entry in entries:
-        if entry.get("file") == engine:
-            return entry
-    raise GptxError(f"{directory} has no engine {engine!r} (it has {', '.join(e.get('file', '?') for e in entries)})")
+    entry = entries[-1] if engine is None else next((e for e in entries if e.get("file") == engine), None)
+    if entry is None:
+        raise GptxError(f"{directory} has no engine {engine!r} (it has "
+                        f"{', '.join(e.get('file', '?') for e in entries)})")
+    return entry
 
 
 class TensorRTBackend(Backend):
@@ -94,9 +87,8 @@ class TensorRTBackend(Backend):
             raise GptxError(f"the tensorrt backend needs a CUDA GPU, and PyTorch sees none: {INSTALL_HINT}")
         self.torch = torch
         self.gpu_name = torch.cuda.get_device_name(0)
-        problem = check_engine_compat(entry, trt.__version__, self.gpu_name, torch.cuda.get_device_capability(0),
-                                      directory)
-        if problem:
+        if problem := check_engine_compat(entry, trt.__version__, self.gpu_name, torch.cuda.get_device_capability(0),
+                                          directory):
             raise GptxError(problem)
 
         path, rebuild = directory / entry["file"], f"run `gptx build {directory}` again"
