@@ -260,16 +260,11 @@ def library_versions() -> dict:
 
 def machine_info() -> dict:
     ram_kib = proc_kib("/proc/meminfo", "MemTotal:")
-    info = {
-        "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
-        "cores": usable_cores(),
-        "logical_cpus": os.cpu_count(),
-        "ram_gib": None if ram_kib is None else ram_kib / 2**20,
-        "loadavg": list(os.getloadavg()),
-        "platform": platform.platform(),
-        "versions": library_versions(),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages for the weights: gptx/launcher.py
-    }
+    info = {"cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+            "cores": usable_cores(), "logical_cpus": os.cpu_count(),
+            "ram_gib": None if ram_kib is None else ram_kib / 2**20, "loadavg": list(os.getloadavg()),
+            "platform": platform.platform(), "versions": library_versions(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}  # huge pages for the weights: gptx/launcher.py
     if "torch" in sys.modules:
         info["torch_threads"] = sys.modules["torch"].get_num_threads()
     if (torch := _cuda_torch("cuda")) is not None:
@@ -348,17 +343,13 @@ def run_bench_command(directory, backend: str = "auto", device: str = "cpu", bat
         gc.collect()
 
     add_ratios(results)
-    report = {
-        "directory": str(directory),
-        "machine": machine_info(),
-        "manifest": {key: manifest.get(key) for key in ("source", "config", "dtype", "quantization")}
-        | {"optimizations": manifest.get("optimizations", [])},
-        "settings": {"backend": primary, "compare": compare_name, "device": device, "batch_sizes": batch_sizes,
-                     "prompt_lens": prompt_lens, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
-                     "prompt_seed": PROMPT_SEED, "sampling": sampling_summary(sampling)},
-        "results": results,
-        "notes": notes,
-    }
+    summary = {key: manifest.get(key) for key in ("source", "config", "dtype", "quantization")}
+    report = {"directory": str(directory), "machine": machine_info(),
+              "manifest": summary | {"optimizations": manifest.get("optimizations", [])},
+              "settings": {"backend": primary, "compare": compare_name, "device": device, "batch_sizes": batch_sizes,
+                           "prompt_lens": prompt_lens, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
+                           "prompt_seed": PROMPT_SEED, "sampling": sampling_summary(sampling)},
+              "results": results, "notes": notes}
     console.print(results_table(results, report))
     for note in notes[shown:]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
