@@ -290,12 +290,15 @@ def test_machine_probes_measure_what_they_say(monkeypatch):
     assert set(bw["by_method"]) == {"numpy max", "BLAS matrix-vector"} and bw["method"] in bw["by_method"]
     assert (bw["threads"], bw["array_mib"], bw["repeats"]) == (2, 64, 2)
     # a worker's CPU time counts as ours when its pid is given, so it never shows up as "other processes"
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
-                              "while time.process_time() - t < 0.3: pass\ntime.sleep(5)"])
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\ninput()\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\nprint(flush=True)\ntime.sleep(30)"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         with_child, alone = harness.CpuMeter([child.pid]), harness.CpuMeter()
         before = with_child._ours(), alone._ours()
-        time.sleep(1.0)  # the child burns 0.3 s of CPU, then sleeps
+        child.stdin.write("\n")
+        child.stdin.flush()
+        child.stdout.readline()  # the child has burnt 0.3 s of CPU (however long a busy machine took), then sleeps
         gained = with_child._ours() - before[0], alone._ours() - before[1]
     finally:
         child.kill()
