@@ -171,7 +171,7 @@ def load_engines(a, files: dict, res: dict) -> list[H.Engine]:
 # ---------------------------------------------------------------------------------------------- stages
 def quality(files: dict, res: dict) -> None:
     """Top-1 agreement and perplexity ratio of each mode against the same engine's full precision."""
-    from gptx.export.validate import sample_windows, text_agreement
+    from gptx.export.validate import text_agreement
     from gptx.runtime.backends import create_backend
     from gptx.runtime.manifest import load_manifest
     from gptx.runtime.tokenizer import Tokenizer
@@ -179,7 +179,7 @@ def quality(files: dict, res: dict) -> None:
     res["quality"] = {}
     for model, exports, gguf in (("shakespeare", files["sh_exports"], files["sh_gguf"]),
                                  ("random", files["exports"], files["gguf"])):
-        windows = sample_windows(Tokenizer(), *QUALITY_WINDOWS[model])
+        windows = H.sample_windows(Tokenizer(), *QUALITY_WINDOWS[model])
         rows = res["quality"][model] = {}
         backend = {k: create_backend("onnxruntime", load_manifest(d), d) for k, d in exports.items()}
         for label in exports:

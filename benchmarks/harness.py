@@ -37,6 +37,20 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {msg}", flush=True)
 
 
+def sample_windows(tokenizer, windows: int, length: int, held_out: bool = True) -> np.ndarray:
+    """(windows, length) consecutive token windows of the bundled Shakespeare text: from its last 10% (the part
+    `gptx train`'s default val_fraction holds out) by default, from the start with held_out=False (calibration)."""
+    from gptx.export.validate import SAMPLE_TEXT
+    from gptx.runtime.errors import InvalidInput
+
+    tokens = tokenizer.encode(SAMPLE_TEXT.read_text(encoding="utf-8"))
+    start = len(tokens) - len(tokens) // 10 if held_out else 0
+    need = windows * length
+    if start + need > len(tokens):
+        raise InvalidInput(f"the sample text holds {len(tokens) - start} tokens there, {need} asked for")
+    return np.asarray(tokens[start:start + need], dtype=np.int64).reshape(windows, length)
+
+
 # ---------------------------------------------------------------------------------------------- weights
 def hf_directory(gpt, hf_dir: Path) -> dict:
     """A gptx GPT saved as a Hugging Face GPT2LMHeadModel directory (with the GPT-2 tokenizer files and the

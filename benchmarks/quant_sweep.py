@@ -99,14 +99,13 @@ class Calibration:
     """GPTQ's calibration inputs: prefill calls (empty past) on windows of the bundled text's training part."""
 
     def __init__(self, manifest: dict, graph_inputs: list[str]):
-        from gptx.export.validate import sample_windows
         from gptx.runtime import io_names as io
         from gptx.runtime.tokenizer import Tokenizer
 
         windows, length = GPTQ_CALIBRATION
         cfg = manifest["config"]
         length = min(length, cfg["block_size"])
-        ids = sample_windows(Tokenizer(), windows, length, held_out=False)
+        ids = H.sample_windows(Tokenizer(), windows, length, held_out=False)
         empty = np.zeros((1, cfg["n_head"], 0, cfg["n_embd"] // cfg["n_head"]), np.float32)
         feeds = [{io.INPUT_IDS: row[None], io.ATTENTION_MASK: np.ones((1, length), np.int64),
                   io.POSITION_IDS: np.arange(length, dtype=np.int64)[None],
@@ -183,7 +182,7 @@ def make_export(fp32_dir: Path, out: Path, recipe, source: str) -> dict:
 
 def quality(work: Path, names, llama: H.LlamaCpp | None) -> tuple[dict, int]:
     """(name -> agreement with the fp32 export, the sample model's n_embd)."""
-    from gptx.export.validate import sample_windows, text_agreement
+    from gptx.export.validate import text_agreement
     from gptx.runtime.backends import create_backend
     from gptx.runtime.manifest import load_manifest
     from gptx.runtime.tokenizer import Tokenizer
@@ -192,7 +191,7 @@ def quality(work: Path, names, llama: H.LlamaCpp | None) -> tuple[dict, int]:
     H.export_variant("shakespeare", fp32)
     manifest = load_manifest(fp32)
     ref = create_backend("onnxruntime", manifest, fp32)
-    windows = sample_windows(Tokenizer(), *QUALITY_WINDOWS)
+    windows = H.sample_windows(Tokenizer(), *QUALITY_WINDOWS)
     out = {}
     for name in names:
         d = work / f"shakespeare-{slug(name)}"

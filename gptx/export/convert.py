@@ -1,14 +1,16 @@
 """`gptx export`: GPT -> ONNX directory (model + external weights + tokenizer + manifest).
 
-Split as in Optimum's exporter: describe the I/O (`io_spec`), convert (`convert`), then check (`validate`
-in `gptx.export.validate`). Everything is written to a temporary directory beside the target and renamed
-into place only when complete, so an interrupted export never leaves a model that looks valid.
+Split as in Optimum's exporter: describe the I/O (`io_spec`), convert (`convert`), then check (gptx.export.validate).
+Everything is written to a temporary directory beside the target and renamed into place only when complete, so an
+interrupted export never leaves a model that looks valid.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import shutil
@@ -109,8 +111,6 @@ def convert(model: GPT, onnx_path: Path, dtype: str = "fp32", opset: int = DEFAU
     import onnx
 
     if dtype == "fp16":  # KVStep converts in place: never touch the caller's fp32 model
-        import copy
-
         model = copy.deepcopy(model)
     step = KVStep(model, half=dtype == "fp16").eval()
     n_layer = model.config.n_layer
@@ -149,9 +149,7 @@ def versions() -> dict:
 
     out = {"torch": torch.__version__, "onnx": onnx.__version__}
     with contextlib.suppress(Exception):
-        from importlib.metadata import version
-
-        out["gptx"] = version("gptx")
+        out["gptx"] = importlib.metadata.version("gptx")
     with contextlib.suppress(ImportError):
         import onnxruntime
 
@@ -161,7 +159,6 @@ def versions() -> dict:
 
 def build_manifest(model: GPT, source: str, dtype: str, opset: int, tokenizer: Tokenizer, seed: int = 0) -> dict:
     inputs, outputs = io_spec(model, dtype)
-    cfg = model.config
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -169,7 +166,7 @@ def build_manifest(model: GPT, source: str, dtype: str, opset: int, tokenizer: T
         "weights_file": WEIGHTS_FILE,
         "source": source,
         "seed": seed,  # what `random:<size>` weights were drawn with, so the torch reference can redraw them
-        "config": cfg.to_dict(),
+        "config": model.config.to_dict(),
         "dtype": EXPORT_DTYPES[dtype],
         "opset": opset,
         "inputs": inputs,
@@ -181,10 +178,8 @@ def build_manifest(model: GPT, source: str, dtype: str, opset: int, tokenizer: T
                     "preallocated cache in place, and attention_mask[:, :past] marks filled cache slots",
         },
         "logits": "positions_in_logits_index",
-        "tokenizer": {
-            "file": TOKENIZER_FILE, "type": "tiktoken-bpe", "vocab_size": tokenizer.vocab_size,
-            "eot_token": tokenizer.eot_token,
-        },
+        "tokenizer": {"file": TOKENIZER_FILE, "type": "tiktoken-bpe", "vocab_size": tokenizer.vocab_size,
+                      "eot_token": tokenizer.eot_token},
         "versions": versions(),
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "optimizations": [],
@@ -234,15 +229,6 @@ def prepare_target(out_dir: Path, force: bool) -> None:
                           "move them out or choose another directory")
     if not force:
         raise ExportError(f"{out_dir} already holds a gptx export; pass --force to replace it")
-
-
-def save_outputs(tmp_dir: Path, out_dir: Path) -> None:
-    """Swap the finished temporary directory into place; modes follow the umask (onnx writes its data file 0600),
-    except that a replaced directory keeps its own permissions."""
-    follow_umask(tmp_dir)
-    if out_dir.is_dir():
-        os.chmod(tmp_dir, stat.S_IMODE(out_dir.stat().st_mode))
-    replace_dir(tmp_dir, out_dir)
 
 
 def write_export(gpt: GPT, tmp_dir: Path, steps, source: str, dtype: str, opset: int, seed: int, optimize: bool,
@@ -311,7 +297,10 @@ def export(model: str | GPT, out_dir: str | Path, dtype: str = "fp32", opset: in
     try:
         manifest = write_export(gpt, tmp_dir, steps, source or source_name(model), dtype, opset, seed, optimize,
                                 quantize, validate, tokenizer)
-        save_outputs(tmp_dir, out_dir)
+        follow_umask(tmp_dir)  # onnx writes its data file 0600; a replaced directory keeps its own permissions
+        if out_dir.is_dir():
+            os.chmod(tmp_dir, stat.S_IMODE(out_dir.stat().st_mode))
+        replace_dir(tmp_dir, out_dir)
     except BaseException as e:  # Ctrl-C included: never leave a partial export behind
         remove_tree(tmp_dir)
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:

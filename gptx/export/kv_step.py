@@ -52,23 +52,20 @@ def attention_bias(allowed: torch.Tensor) -> torch.Tensor:
 
 
 class KVStep(nn.Module):
-    """Wraps a GPT (sharing its weights) with the cache contract above.
-
-    With `half=True` the matrices run in fp16 while the residual stream, LayerNorms, softmax and the
-    logits stay fp32: GPT-2 overflows fp16 in its residual stream without that care. (Converts the GPT
-    in place, and gives its attention modules `reshape_tail`; export passes a copy.)
-    """
+    """Wraps a GPT (sharing its weights) with the cache contract above. With `half=True` the matrices run in fp16
+    while the residual stream, LayerNorms, softmax and the logits stay fp32 (GPT-2's residual stream overflows fp16).
+    Converts the GPT in place and gives its attention modules `reshape_tail`: export passes a copy."""
 
     def __init__(self, gpt: GPT, half: bool = False):
         super().__init__()
         self.gpt = gpt
+        self.compute_dtype = torch.float16 if half else torch.float32
         for block in gpt.transformer.h:
             block.attn.reshape_tail = reshape_tail
-        self.compute_dtype = torch.float16 if half else torch.float32
-        if half:
-            for block in gpt.transformer.h:
+            if half:
                 block.attn.half()
                 block.mlp.half()
+        if half:
             gpt.lm_head.half()  # tied: wte becomes fp16 too
             gpt.transformer.wpe.float()
 

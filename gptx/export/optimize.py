@@ -32,23 +32,17 @@ class QuantPreset:
     """One quantization recipe, in onnxruntime's MatMulNBitsQuantizer terms (method "dynamic" takes only `bits`)."""
 
     bits: int
-    # "blockwise": weight-only MatMulNBits (ORT's default quantizer: per-block min/max, round to nearest);
-    # "dynamic": int8 weights and int8 activations quantized per call (dynamic_int8)
-    method: str = "blockwise"
+    method: str = "blockwise"  # weight-only MatMulNBits (round to nearest), or "dynamic" (dynamic_int8)
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (MLAS's fast path), 1 = fp32
-    # the token lookup: "copy" = GatherBlockQuantized over its own copy of the LM head's quantized blocks
-    # (quantized_embedding), "fp32" = keep the fp32 table
-    embedding: str = "copy"
+    embedding: str = "copy"  # the token lookup: "copy" (quantized_embedding) or "fp32" (keep the fp32 table)
     head_bits: int | None = None  # the tied embedding / LM head at other bits (blockwise, symmetric); None = bits
     wide_layers: int = 0  # the first N transformer layers' matrices at head_bits too (the most sensitive ones)
-    # how the head_bits matrices are quantized: "blockwise" (MatMulNBits) or "dynamic" (8 bits only: MatMulInteger,
-    # faster than MatMulNBits's 8-bit kernel; the lookup then keeps the fp32 table)
+    # how the head_bits matrices are quantized: "blockwise" or "dynamic" (8 bits only, dynamic_int8: faster than
+    # MatMulNBits's 8-bit kernel; the lookup then keeps the fp32 table)
     wide_method: str = "blockwise"
-    # K > 0: the LM head at `bits` like the layers, its K best logits recomputed exactly from the fp32 token table
-    # (rescore_head); the lookup then keeps the fp32 table
-    head_rescore: int = 0
+    head_rescore: int = 0  # K > 0: the LM head at `bits`, its K best logits recomputed in fp32 (rescore_head)
 
 
 # `--quantize` uses the measured winners of benchmarks/quant_sweep.py (docs/quantization.md). int4 keeps layer 0,
@@ -123,8 +117,7 @@ def fewer_ops(proto, n_embd: int) -> list[str]:
         return []  # not the graph this pass knows: leave it alone
     scale = scales.pop()
     for m in muls:  # the scores feed the mask directly
-        for c in consumers[m.output[0]]:
-            c.input[list(c.input).index(m.output[0])] = m.input[0]
+        graph.replace_input_of_all_nodes(m.output[0], m.input[0])
         g.node.remove(m)
     for matmul, (add,) in zip(qkv, adds):
         w = numpy_helper.to_array(inits[matmul.input[1]]).copy()
@@ -142,13 +135,10 @@ def fewer_ops(proto, n_embd: int) -> list[str]:
 
 def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
     """Each layer's attention (split, head reshapes, score and value matmuls, mask, softmax, merge) becomes one
-    com.microsoft GroupQueryAttention over the packed qkv, which reads the cache and writes the new keys/values
-    into it in place. Written here because no ORT fusion targets our cache contract.
-
-    The graph then follows the `in_place` cache contract (gptx/runtime/manifest.py, use_in_place_cache);
-    seqlens_k / total_sequence_length are derived once from the mask. On GPT-2 int4 238 of 350 nodes go, and
-    attention reads only each row's filled slots (docs/benchmarks.md). `scale` is the score scale (1.0 when
-    fewer_ops folded it into the query). Returns what was done; [] (graph untouched) for a graph it does not know.
+    com.microsoft GroupQueryAttention over the packed qkv, which reads the cache and writes the new keys/values into
+    it in place (the `in_place` contract, gptx/runtime/manifest.py): no ORT fusion targets our cache contract. On
+    GPT-2 int4 238 of 350 nodes go, and attention reads only each row's filled slots (docs/benchmarks.md). `scale`:
+    the score scale (1.0 when fewer_ops folded it). Returns what was done; [] (graph untouched) for unknown graphs.
     """
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -198,20 +188,6 @@ def fuse_attention(proto, n_layer: int, n_head: int, scale: float) -> list[str]:
             dims[2].Clear()
             dims[2].dim_param = "past_sequence"
     return [f"GroupQueryAttention (in-place cache) x{n_layer}, {count - len(g.node)} nodes removed"]
-
-
-def use_in_place_cache(manifest: dict) -> None:
-    """Record the in-place cache contract of fuse_attention's graph: presents are the whole past buffers."""
-    for spec in manifest["outputs"]:
-        if spec["name"] != "logits":
-            spec["shape"][2] = "past_sequence"
-    manifest["kv_cache"] = {
-        "layout": "batch, n_head, past_sequence, head_dim",
-        "present": IN_PLACE,
-        "note": "present.i.* are the past buffers, written in place by the graph at each row's length (bind "
-                "both names to one array); each row's tokens are a prefix of its slots, marked by "
-                "attention_mask; prompts are right-padded",
-    }
 
 
 def resolve_preset(quantize: str | None, preset: str | QuantPreset | None) -> tuple[str, QuantPreset] | None:
@@ -277,12 +253,10 @@ def matmul_nbits(model, settings: QuantPreset, exclude: list[str] = (), algo_con
     MatMulNBitsQuantizer (`algo_config` None: its default blockwise round-to-nearest with `settings`)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as q
 
-    config = algo_config or q.DefaultWeightOnlyQuantConfig(
-        block_size=settings.block_size, is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
-        bits=settings.bits, op_types_to_quantize=("MatMul",))
     quantizer = q.MatMulNBitsQuantizer(model, bits=settings.bits, block_size=settings.block_size,
                                        is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
-                                       nodes_to_exclude=list(exclude), algo_config=config)
+                                       nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",),
+                                       algo_config=algo_config)
     with _quiet():
         quantizer.process()
     return quantizer.model.model
@@ -376,22 +350,19 @@ def rescore_head(model, logits: str, k: int) -> int:
     if head is None or WTE not in inits or k < 1:
         return 0
     k = min(k, inits[WTE].dims[0])  # TopK fails on fewer candidates than K
-    hidden = head.input[0]
-    approx, prefix = logits + "/approx", logits + "/rescore"
+    approx, p = logits + "/approx", logits + "/rescore"
     head.output[0] = approx
-    axis, top_k = f"{prefix}/axis", f"{prefix}/k"
-    model.graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), axis),
-                                    numpy_helper.from_array(np.array([k], np.int64), top_k)])
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), f"{p}/axis"),
+                                    numpy_helper.from_array(np.array([k], np.int64), f"{p}/k")])
     nodes = [
-        helper.make_node("TopK", [approx, top_k], [f"{prefix}/values", f"{prefix}/ids"], axis=-1,
-                         name=f"{prefix}/TopK"),
-        helper.make_node("Gather", [WTE, f"{prefix}/ids"], [f"{prefix}/rows"], axis=0, name=f"{prefix}/Gather"),
-        helper.make_node("Unsqueeze", [hidden, axis], [f"{prefix}/column"], name=f"{prefix}/Unsqueeze"),
-        helper.make_node("MatMul", [f"{prefix}/rows", f"{prefix}/column"], [f"{prefix}/exact_column"],
-                         name=f"{prefix}/MatMul"),  # [B, K, n_embd] x [B, n_embd, 1]
-        helper.make_node("Squeeze", [f"{prefix}/exact_column", axis], [f"{prefix}/exact"], name=f"{prefix}/Squeeze"),
-        helper.make_node("ScatterElements", [approx, f"{prefix}/ids", f"{prefix}/exact"], [logits], axis=-1,
-                         name=f"{prefix}/ScatterElements"),
+        helper.make_node("TopK", [approx, f"{p}/k"], [f"{p}/values", f"{p}/ids"], axis=-1, name=f"{p}/TopK"),
+        helper.make_node("Gather", [WTE, f"{p}/ids"], [f"{p}/rows"], axis=0, name=f"{p}/Gather"),
+        helper.make_node("Unsqueeze", [head.input[0], f"{p}/axis"], [f"{p}/column"], name=f"{p}/Unsqueeze"),
+        # [B, K, n_embd] x [B, n_embd, 1]
+        helper.make_node("MatMul", [f"{p}/rows", f"{p}/column"], [f"{p}/exact_column"], name=f"{p}/MatMul"),
+        helper.make_node("Squeeze", [f"{p}/exact_column", f"{p}/axis"], [f"{p}/exact"], name=f"{p}/Squeeze"),
+        helper.make_node("ScatterElements", [approx, f"{p}/ids", f"{p}/exact"], [logits], axis=-1,
+                         name=f"{p}/ScatterElements"),
     ]
     position = list(model.graph.node).index(head) + 1
     for offset, node in enumerate(nodes):
@@ -414,9 +385,7 @@ def fold_bias(model) -> int:
         n = next(a.i for a in node.attribute if a.name == "N")
         if add.op_type != "Add" or bias not in inits or list(inits[bias].dims) != [n]:
             continue
-        inputs = list(node.input) + [""] * (5 - len(node.input)) + [bias]
-        del node.input[:]
-        node.input.extend(inputs)
+        node.input.extend([""] * (5 - len(node.input)) + [bias])
         node.output[0] = add.output[0]
         model.graph.node.remove(add)
         folded += 1
@@ -438,10 +407,9 @@ def quantized_embedding(model, lm_head: str, bits: int) -> str:
     gather = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == WTE), None)
     if head is None or gather is None:
         return "fp32 Gather"
-    zero_points = len(head.input) > 3 and head.input[3]
     inits = {t.name: t for t in model.graph.initializer}
     scales = numpy_helper.to_array(inits[head.input[2]])
-    if zero_points or scales.dtype != np.float32:
+    if (len(head.input) > 3 and head.input[3]) or scales.dtype != np.float32:  # zero points
         return "fp32 Gather (the LM head's blocks have zero points or non-fp32 scales)"
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     vocab, k_blocks = attrs["N"], -(-attrs["K"] // attrs["block_size"])
@@ -517,8 +485,17 @@ def optimize_export(directory: str | Path, fuse_graph: bool = True, quantize: st
         fewer = fewer_ops(proto, cfg["n_embd"])
         scale = 1.0 if fewer else (cfg["n_embd"] // cfg["n_head"]) ** -0.5
         attention = fuse_attention(proto, cfg["n_layer"], cfg["n_head"], scale)
-        if attention:
-            use_in_place_cache(manifest)
+        if attention:  # the in-place cache contract of fuse_attention's graph: presents are the whole past buffers
+            for spec in manifest["outputs"]:
+                if spec["name"] != "logits":
+                    spec["shape"][2] = "past_sequence"
+            manifest["kv_cache"] = {
+                "layout": "batch, n_head, past_sequence, head_dim",
+                "present": IN_PLACE,
+                "note": "present.i.* are the past buffers, written in place by the graph at each row's length (bind "
+                        "both names to one array); each row's tokens are a prefix of its slots, marked by "
+                        "attention_mask; prompts are right-padded",
+            }
         manifest["optimizations"] = [*manifest.get("optimizations", []), *fused, *fewer, *attention]
     if chosen:
         name, settings = chosen

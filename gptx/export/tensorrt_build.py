@@ -24,9 +24,7 @@ from gptx.runtime.files import atomic_write
 from gptx.runtime.manifest import ENGINE_PRECISIONS, load_manifest, record_files, save_manifest
 
 ENGINE_FILE = "engine.plan"
-PRECISIONS = ENGINE_PRECISIONS
 PREFILL, DECODE = "prefill", "decode"
-PROFILE_ORDER = (PREFILL, DECODE)  # optimization profile index = position here
 
 
 def _positive_int(value, name: str) -> int:
@@ -37,9 +35,8 @@ def _positive_int(value, name: str) -> int:
 
 def check_build_args(manifest: dict, max_batch: int, max_seq: int, opt_batch: int, opt_seq: int | None = None) -> int:
     """Validate the profile arguments against the model; returns the opt sequence length to tune for."""
-    _positive_int(max_batch, "--max-batch")
-    _positive_int(max_seq, "--max-seq")
-    _positive_int(opt_batch, "--opt-batch")
+    for value, name in ((max_batch, "--max-batch"), (max_seq, "--max-seq"), (opt_batch, "--opt-batch")):
+        _positive_int(value, name)
     block = manifest["config"]["block_size"]
     if max_seq > block:
         raise InvalidInput(f"--max-seq {max_seq} exceeds the model's context of {block} tokens (block_size)")
@@ -77,7 +74,7 @@ def profiles_from_manifest(manifest: dict, max_batch: int, max_seq: int, opt_bat
     logits_index asks for: one at decode, up to every prompt token at prefill (a scored prompt)."""
     opt_seq = check_build_args(manifest, max_batch, max_seq, opt_batch, opt_seq)
     batch = {"min": 1, "opt": opt_batch, "max": max_batch}
-    ranges = {
+    ranges = {  # optimization profile index = position here
         # T new tokens, P past slots (1: the masked dummy slot; TensorRT has no 0-length profile dims)
         PREFILL: {"sequence": {"min": 1, "opt": opt_seq, "max": max_seq},
                   "past_sequence": {"min": 1, "opt": 1, "max": 1},
@@ -88,11 +85,11 @@ def profiles_from_manifest(manifest: dict, max_batch: int, max_seq: int, opt_bat
                  "logits_count": {"min": 1, "opt": 1, "max": 1}},
     }
     profiles = []
-    for index, name in enumerate(PROFILE_ORDER):
-        sizes = {level: {"batch": batch[level], **{k: v[level] for k, v in ranges[name].items()}}
+    for index, (name, dims) in enumerate(ranges.items()):
+        sizes = {level: {"batch": batch[level], **{k: v[level] for k, v in dims.items()}}
                  for level in ("min", "opt", "max")}
-        shapes = {spec["name"]: {level: [_resolve_dim(d, dims, spec["name"]) for d in spec["shape"]]
-                                 for level, dims in sizes.items()} for spec in manifest["inputs"]}
+        shapes = {spec["name"]: {level: [_resolve_dim(d, known, spec["name"]) for d in spec["shape"]]
+                                 for level, known in sizes.items()} for spec in manifest["inputs"]}
         profiles.append({"name": name, "index": index, "shapes": shapes})
     return profiles
 
@@ -116,10 +113,8 @@ def engine_entry(file: str, tensorrt_version: str, gpu_name: str, compute_capabi
 
 def save_engine(directory: Path, plan, entry: dict) -> dict:
     """Write the engine file and record it in the manifest (its entry, and its checksum when the export has them).
-
-    A rebuilt engine replaces the old one: the old checksum is dropped from the manifest first, so a crash
-    in between leaves an engine without a record (loads, unverified), never one that fails its own check.
-    """
+    The old engine's checksum is dropped first: a crash in between leaves an engine without a record (loads,
+    unverified), never one that fails its own check."""
     directory = Path(directory)
     manifest = load_manifest(directory)  # re-read: keep whatever else changed meanwhile
     checksums = manifest.get("files")
@@ -164,7 +159,6 @@ def detect_gpu() -> tuple[str, str] | None:
 def require_tensorrt(what: str = "gptx build"):
     """Import tensorrt and find the GPU, or raise one GptxError line saying what is missing."""
     missing = []
-    trt = None
     try:
         import tensorrt as trt
     except ImportError:
@@ -180,16 +174,16 @@ def require_tensorrt(what: str = "gptx build"):
 
 
 def check_precision(manifest: dict, precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise InvalidInput(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in ENGINE_PRECISIONS:
+        raise InvalidInput(f"--precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
     export_dtype = manifest["dtype"]
     if precision == "bf16":
         raise BuildError("--precision bf16 needs a bfloat16 export, and gptx exports only fp32 and fp16; TensorRT "
                          "networks are strongly typed (the engine runs in the ONNX graph's types), so build an fp16 "
                          "export with --precision fp16 instead")
-    if PRECISIONS[precision] != export_dtype:
+    if ENGINE_PRECISIONS[precision] != export_dtype:
         redo = "re-export with `gptx export MODEL --dtype fp16`" if precision == "fp16" else "use an fp32 export"
-        have = {v: k for k, v in PRECISIONS.items()}.get(export_dtype, export_dtype)
+        have = {v: k for k, v in ENGINE_PRECISIONS.items()}.get(export_dtype, export_dtype)
         raise BuildError(f"--precision {precision} does not match this {export_dtype} export: TensorRT networks are "
                          f"strongly typed, so the engine's precision is the ONNX graph's; {redo}, or build with "
                          f"--precision {have}")

@@ -1,8 +1,5 @@
-"""The PyTorch reference backend: the very module that was exported (KVStep), run eagerly.
-
-Weights come from the export's `source` (a path, hub name, `shakespeare` or `random:<size>` + seed),
-or from a GPT passed in directly. Needs torch; the rest of the runtime does not.
-"""
+"""The PyTorch reference backend: the very module that was exported (KVStep), run eagerly. Weights come from the
+export's `source` (a path, hub name, `shakespeare` or `random:<size>` + seed) or a GPT passed in. Needs torch."""
 
 from __future__ import annotations
 

@@ -3,12 +3,11 @@
 `gptx build` runs `check_graph` first, so an unsupported graph fails in a second with a readable list instead of
 minutes into a build; the tests run it on real exports where TensorRT cannot be installed.
 
-SUPPORTED_OPS is every operator marked "Y" in onnx/onnx-tensorrt `docs/operators.md`, the TensorRT 10.15 revision
-(opset 9 to 24; it matches the 10.15 GA changelog that added RotaryEmbedding, RMSNormalization, TensorScatter).
-The "N" ones (Sequence*, String*, Optional*, MatMulInteger, QLinear*, DynamicQuantizeLinear, ...) are not.
-Our export is a straight-line graph, so If/Loop/Scan (parsed, but restricted) mean something else wrote the file.
-Types (same document): INT64 is native since TensorRT 10; DOUBLE is cast down to FLOAT and clamped, silently
-changing numerics, so float64 is reported; strings, complex and unsigned 16/32/64-bit ints are not TensorRT types.
+SUPPORTED_OPS: every operator marked "Y" in onnx/onnx-tensorrt `docs/operators.md` for TensorRT 10.15 (opset 9-24;
+the 10.15 GA changelog added RotaryEmbedding, RMSNormalization, TensorScatter); not the "N" ones (Sequence*,
+MatMulInteger, QLinear*, DynamicQuantizeLinear, ...). If/Loop/Scan parse but are restricted, and gptx exports are
+straight-line graphs. Types (same document): INT64 is native since TensorRT 10; DOUBLE is cast to FLOAT and clamped
+(silently changing numerics: reported); strings, complex and unsigned 16/32/64-bit ints are not TensorRT types.
 """
 
 from __future__ import annotations
@@ -48,18 +47,6 @@ UNSUPPORTED_DTYPES = {4: "uint16", 5: "int16", 8: "string", 12: "uint32", 13: "u
                       15: "complex128"}
 
 
-def _load(onnx_path_or_model):
-    import onnx
-
-    if isinstance(onnx_path_or_model, (str, Path)):
-        path = Path(onnx_path_or_model)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        # types and op names only: the weights (external data) are not needed
-        return onnx.load(str(path), load_external_data=False)
-    return onnx_path_or_model
-
-
 def _walk(graph):
     """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
     yield graph
@@ -84,7 +71,13 @@ def _tensor_dtypes(graph):
 def check_graph(onnx_path_or_model) -> list[str]:
     """Problems that would stop (or silently change) a TensorRT build of this ONNX graph; [] when none.
     Takes a path (external weights are not read) or an onnx.ModelProto."""
-    model = _load(onnx_path_or_model)
+    model = onnx_path_or_model
+    if isinstance(model, (str, Path)):
+        import onnx
+
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"{model} does not exist")
+        model = onnx.load(str(model), load_external_data=False)  # types and op names only: no weights
     problems: list[str] = []
 
     for opset in model.opset_import:

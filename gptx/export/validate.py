@@ -1,9 +1,8 @@
 """`gptx verify`: run the PyTorch reference and a backend on the same inputs and compare, step by step.
 
-Both sides are driven through the runtime's Backend interface with the same token sequences
-(teacher-forced on the reference's greedy continuation), so any difference is the engine's.
-Tolerances scale with the export's precision (llm.c / ORT habit): fp32 is held tight, fp16 loose,
-weight-only quantization is judged by top-1 agreement and perplexity instead of raw logits.
+Both sides run through the runtime's Backend interface on the same tokens (teacher-forced on the reference's greedy
+continuation), so any difference is the engine's. Tolerances follow the precision (llm.c / ORT habit): fp32 tight,
+fp16 loose, quantized exports judged by top-1 agreement and perplexity instead of raw logits.
 """
 
 from __future__ import annotations
@@ -90,17 +89,6 @@ def merge_agreement(parts: list[dict]) -> dict:
     return out
 
 
-def sample_windows(tokenizer: Tokenizer, windows: int, length: int, held_out: bool = True) -> np.ndarray:
-    """(windows, length) consecutive token windows of the bundled Shakespeare text: from its last 10% (the part
-    `gptx train`'s default val_fraction holds out) by default, from the start with held_out=False (calibration)."""
-    tokens = tokenizer.encode(SAMPLE_TEXT.read_text(encoding="utf-8"))
-    start = len(tokens) - len(tokens) // 10 if held_out else 0
-    need = windows * length
-    if start + need > len(tokens):
-        raise InvalidInput(f"the sample text holds {len(tokens) - start} tokens there, {need} asked for")
-    return np.asarray(tokens[start:start + need], dtype=np.int64).reshape(windows, length)
-
-
 def text_agreement(ref: Backend, cand: Backend, windows: np.ndarray, vocab: int) -> dict:
     """Teacher-force every window (one batch) through both backends in lockstep; `merge_agreement` of all positions.
 
@@ -151,26 +139,15 @@ def compare(directory: str | Path, backend: str = "onnxruntime", device: str = "
         parts = [logit_agreement(r[:, :vocab], c[:, :vocab]) for r, c in steps]
         merged = merge_agreement(parts)
         got = greedy(cand, prompts, decode_steps, pad)
-        cases.append({
-            "batch": b,
-            "prompt_lengths": [len(p) for p in prompts],
-            "decode_steps": decode_steps,
-            "max_abs_diff": merged["max_abs_diff"],
-            "prefill_max_abs_diff": parts[0]["max_abs_diff"],
-            "top1_agreement": merged["top1_agreement"],
-            "greedy_identical": bool(np.array_equal(expected, got)),
-        })
-    report = {
-        "directory": str(directory),
-        "backend": cand.describe(),
-        "dtype": manifest["dtype"],
-        "quantization": manifest.get("quantization"),
-        "cases": cases,
-        "max_abs_diff": max(c["max_abs_diff"] for c in cases),
-        "top1_agreement": float(np.mean([c["top1_agreement"] for c in cases])),
-        "greedy_identical": all(c["greedy_identical"] for c in cases),
-        "thresholds": limits.__dict__,
-    }
+        cases.append({"batch": b, "prompt_lengths": [len(p) for p in prompts], "decode_steps": decode_steps,
+                      "max_abs_diff": merged["max_abs_diff"], "prefill_max_abs_diff": parts[0]["max_abs_diff"],
+                      "top1_agreement": merged["top1_agreement"],
+                      "greedy_identical": bool(np.array_equal(expected, got))})
+    report = {"directory": str(directory), "backend": cand.describe(), "dtype": manifest["dtype"],
+              "quantization": manifest.get("quantization"), "cases": cases,
+              "max_abs_diff": max(c["max_abs_diff"] for c in cases),
+              "top1_agreement": float(np.mean([c["top1_agreement"] for c in cases])),
+              "greedy_identical": all(c["greedy_identical"] for c in cases), "thresholds": limits.__dict__}
     if ppl_tokens:
         text = SAMPLE_TEXT.read_text(encoding="utf-8")[:20000]
         sample = tokenizer.encode(text)[: min(ppl_tokens, block)]
