@@ -43,6 +43,7 @@ class OneLineErrors(TyperGroup):
     """Parser errors as one line (exit 1) instead of a usage panel; unexpected exceptions keep their traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
+        rv = 1  # what each failure below exits with
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except NoArgsIsHelpError:  # typer already printed the help
@@ -51,14 +52,11 @@ class OneLineErrors(TyperGroup):
             command = getattr(getattr(e, "ctx", None), "command_path", "gptx")
             err.print(f"[bold red]error:[/bold red] {escape(e.format_message())} (see `{escape(command)} --help`)",
                       highlight=False, soft_wrap=True)
-            rv = 1
         except typer.Abort:
             err.print("[bold red]aborted[/bold red]")
-            rv = 1
         except Exception:  # noqa: BLE001 - the last resort: a bug, shown in full and reported
             traceback.print_exc()
             err.print(f"[bold red]error:[/bold red] {REPORT_BUG}", highlight=False, soft_wrap=True)
-            rv = 1
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -221,10 +219,8 @@ def export(
         "Quantize every matrix, LM head included. int8: 8-bit weights (MatMulNBits, closest to fp32); int8-dynamic: "
         "int8 weights and activations (MatMulInteger, fastest 8-bit); int4: 4-bit weights, the first layer as "
         "dynamic int8, the LM head's 64 best logits recomputed in fp32."))] = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Replace OUT if it holds an earlier gptx export (and nothing else).")] = False,
-    validate: Annotated[bool, typer.Option(
-        "--validate/--no-validate", help="Check the ONNX graph against PyTorch before finishing.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds only an earlier export.")] = False,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Check the graph against PyTorch.")] = True,
 ):
     """Export a GPT-2 model to ONNX with KV-cache inputs (one graph for prefill and decode)."""
     from gptx.export.convert import export as run_export
@@ -303,10 +299,8 @@ def verify(
     backend: Annotated[Backend, typer.Option(help="Engine to check against PyTorch.")] = Backend.onnxruntime,
     device: DeviceOpt = Device.cpu,
     decode_steps: Annotated[int, typer.Option(min=1, help="Decode steps after each prefill.")] = 8,
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes (prompts of different lengths).")]
-    = "1,2,3",
-    ppl_tokens: Annotated[int, typer.Option(
-        min=0, help="Tokens of sample text for the perplexity comparison (0 = skip).")] = 128,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes (mixed prompt lengths).")] = "1,2,3",
+    ppl_tokens: Annotated[int, typer.Option(min=0, help="Tokens of sample text for perplexity (0 = skip).")] = 128,
     json_path: JsonOut = None,
 ):
     """Compare a backend with the PyTorch reference: logits, top-1 agreement, greedy tokens, perplexity."""
@@ -361,10 +355,8 @@ def bench(
     batch_size: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     prompt_len: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "32",
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 128,
-    runs: Annotated[int, typer.Option(help="Timed runs per configuration (median reported), after one warm-up.")]
-    = 3,
-    temperature: Annotated[float, typer.Option(
-        min=0, help="0 = greedy; above 0, sample (seed 0) and time the sampler too.")] = 0.0,
+    runs: Annotated[int, typer.Option(help="Timed runs per configuration (median reported), after one warm-up.")] = 3,
+    temperature: Annotated[float, typer.Option(min=0, help="0 = greedy; above 0, time sampling (seed 0) too.")] = 0.0,
     top_k: Annotated[int, typer.Option(min=0, help="Sample from the k most likely tokens (0 = off).")] = 0,
     top_p: TopP = None,
     compare: Annotated[Compare | None, typer.Option(
@@ -464,9 +456,8 @@ def serve(
     device: DeviceOpt = Device.cpu,
     threads: Annotated[int | None, typer.Option(
         min=0, help="ONNX Runtime intra-op threads (default: onnxruntime's choice; per replica with --ray).")] = None,
-    api_key: Annotated[str | None, typer.Option(
-        envvar="GPTX_API_KEY", show_envvar=True,
-        help="Require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="GPTX_API_KEY", show_envvar=True, help=(
+        "Require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open)."))] = None,
     model_name: Annotated[str | None, typer.Option(
         help="The model id clients send and /v1/models lists (default: the directory's name).")] = None,
     chat_template: Annotated[Path | None, typer.Option(help=(
@@ -480,21 +471,17 @@ def serve(
         min=1, help="Open connections at most; past it a new connection gets 503 and is closed.")] = 512,
     header_timeout: Annotated[float, typer.Option(min=0.1, help=(
         "Seconds a request's headers may take to arrive (from the connection or its first byte)."))] = 10.0,
-    body_timeout: Annotated[float, typer.Option(
-        min=0.1, help="Seconds a request's body may take to arrive after its headers.")] = 30.0,
-    keep_alive_timeout: Annotated[float, typer.Option(
-        min=0.1, help="Seconds an idle kept-alive connection stays open between requests.")] = 5.0,
+    body_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a body may take after its headers.")] = 30.0,
+    keep_alive_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds an idle connection stays open.")] = 5.0,
     ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve: a local Ray, or --ray-address. "
                                                     "Needs gptx\\[ray].")] = False,
     replicas: Annotated[int, typer.Option(min=1, help="Ray: replicas, each with its own engine and pool.")] = 1,
-    autoscale: Annotated[str | None, typer.Option(
-        metavar="MIN:MAX", help="Ray: autoscale between MIN and MAX replicas (instead of --replicas), aiming at "
-                                "max-batch requests per replica.")] = None,
+    autoscale: Annotated[str | None, typer.Option(metavar="MIN:MAX", help=(
+        "Ray: autoscale between MIN and MAX replicas (not --replicas), aiming at max-batch requests each."))] = None,
     ray_address: Annotated[str | None, typer.Option(help=(
         "Ray: join an existing cluster ('auto': the one running here, or ray://HOST:10001)."))] = None,
-    replica_cpus: Annotated[float | None, typer.Option(
-        min=0.01, help="Ray: CPUs reserved per replica (default: this machine's cores / replicas on a local Ray, "
-                       "1 on a cluster).")] = None,
+    replica_cpus: Annotated[float | None, typer.Option(min=0.01, help=(
+        "Ray: CPUs per replica (default: this machine's cores / replicas on a local Ray, 1 on a cluster)."))] = None,
 ):
     """Serve an export over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
     options = {**locals(), "backend": backend.value, "device": device.value}

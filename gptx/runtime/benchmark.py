@@ -145,13 +145,9 @@ def one_run(backend, prompts, new_tokens: int, vocab: int, sampling=None) -> dic
     from .sampler import SamplingParams
 
     prefill = []
-
-    def on_step(kind: str, seconds: float, batch: int) -> None:
-        if kind == "prefill":
-            prefill.append(seconds)
-
     gen = Generation(backend, None, prompts, new_tokens, sampling or SamplingParams(temperature=0.0),
-                     eos_token_id=vocab - 1, vocab_size=vocab, stop_at_eos=False, on_step=on_step)
+                     eos_token_id=vocab - 1, vocab_size=vocab, stop_at_eos=False,
+                     on_step=lambda kind, seconds, batch: prefill.append(seconds) if kind == "prefill" else None)
     clock = time.perf_counter
     t0 = clock()
     gen.generate_next()
