@@ -100,12 +100,9 @@ class KVCache:
     # ------------------------------------------------------------------------------------------ steps
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], every_position: bool = False):
         """Run the prompts of (claimed, empty) `rows` in one graph call; (k, V) last-position logits, or with
-        `every_position` a list of (len_i, V) logits, one per prompt position (scoring a prompt).
-
-        Left-padded, over an empty past (or `min_past` masked dummy slots where the backend cannot take an empty
-        one: TensorRT), each row's real keys/values then copied into its slots [0, len). In-place graphs run
-        right-padded over the rows' own buffers, which must be one contiguous block of rows (claimed one after
-        another, as the scheduler does); any other set of rows is prefilled one row at a time."""
+        `every_position` a list of (len_i, V) logits (scoring a prompt). Left-padded over an empty past (TensorRT:
+        `min_past` masked dummy slots), real keys/values then copied into slots [0, len); in-place graphs run
+        right-padded over the rows' own buffers when they are one contiguous block, else one row at a time."""
         start = time.perf_counter()
         lens = np.array([len(p) for p in prompts], dtype=np.int64)
         if lens.min(initial=1) < 1:
@@ -181,8 +178,7 @@ class KVCache:
         self._mask[target] = self._mask[source]
 
     def reserve(self, slots: int) -> None:
-        """Grow the window to hold `slots` now: a prompt about to arrive in chunks then costs one reallocation of
-        the cache, not one per bucket it crosses (each copies every active row)."""
+        """Grow the window to hold `slots` now: a prompt in chunks then costs one reallocation, not one per bucket."""
         self._grow_to(min(slots, self.max_seq))
 
     def read(self, row: int, start: int, end: int) -> np.ndarray:

@@ -15,6 +15,7 @@ closes or cancels its iterator frees its row at the next step; leaving the `asyn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 from dataclasses import dataclass, field
@@ -221,10 +222,8 @@ class Pool:
             self._to_loop(self._exited.set_result, None)
 
     def _to_loop(self, fn, *args) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is left to tell
             self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the event loop is already closed: nobody is left to tell
-            pass
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         """Event loop thread: hand each output to its request's inbox."""

@@ -182,11 +182,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def save_hf_vocab(tokenizer: "Tokenizer", directory: str | Path) -> Path:
-    """Write vocab.json + merges.txt (the Hugging Face GPT-2 format) for the same vocabulary.
-
-    Each merge is recovered by running BPE on a token's bytes with only the older (lower-rank) merges:
-    what is left is the pair that this token merges.
-    """
+    """Write vocab.json + merges.txt (the Hugging Face GPT-2 format) for the same vocabulary. Each merge is what
+    BPE leaves of a token's bytes with only the older (lower-rank) merges: the pair that this token merges."""
     ranks = tokenizer.ranks()
     to_text = bytes_to_unicode()
     enc = lambda b: "".join(to_text[x] for x in b)  # noqa: E731
