@@ -46,15 +46,6 @@ def proc_kib(path: str, key: str) -> int | None:
     return int(value.split()[0]) if value else None
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's VmHWM (peak RSS) to the current RSS; False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_rss_mib(reset_ok: bool) -> tuple[float, str]:
     """(peak resident set size in MiB, how it was measured)."""
     hwm = proc_kib("/proc/self/status", "VmHWM:") if reset_ok else None
@@ -173,7 +164,10 @@ def bench_config(target, batch: int, prompt_len: int, new_tokens: int, runs: int
     prompts = synthetic_prompts(batch, prompt_len, vocab)
     cuda = _cuda_torch(backend.device)
     gc.collect()
-    reset_ok = reset_peak_rss()
+    try:  # the kernel's VmHWM (peak RSS) back to the current RSS, so the peak is this config's
+        reset_ok = Path("/proc/self/clear_refs").write_text("5") > 0
+    except OSError:
+        reset_ok = False
     if cuda is not None:
         cuda.cuda.reset_peak_memory_stats()
     load_before = os.getloadavg()
