@@ -22,7 +22,8 @@ class Steps:
     def step(self, title: str):
         start = time.perf_counter()
         shown = escape(title)  # titles may name user input (a path, a scheme): never markup
-        status = self.console.status(f"{shown}…") if self.enabled and sys.stderr.isatty() else contextlib.nullcontext()
+        live = self.enabled and sys.stderr.isatty()
+        status = self.console.status(f"{shown}…") if live else contextlib.nullcontext()
         try:
             with status:
                 yield
