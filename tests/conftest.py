@@ -9,7 +9,20 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def share_cores_between_workers() -> int:
+    """Under pytest-xdist, give each worker its own slice of this process's cores (its subprocesses inherit it), so
+    workers' thread pools (torch, onnxruntime) don't spin against each other; the cores this process may use."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and len(cpus) >= workers:
+        cpus = cpus[int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % workers::workers]
+        os.sched_setaffinity(0, cpus)
+    return len(cpus) or os.cpu_count() or 1
+
+
+torch.set_num_threads(min(2, share_cores_between_workers()))
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
 

@@ -299,7 +299,8 @@ def test_sigterm_mid_stream_finishes_in_flight_work_and_exits_0(long_dir, tmp_pa
     proc = ServerProcess([long_dir, "--shutdown-timeout", "20"], tmp_path / "serve.log")
     try:
         api = client(proc, key="unused")
-        stream = api.completions.create(model="long", prompt="Once", max_tokens=400, temperature=0, stream=True,
+        # the whole context (seconds of decoding): the stream must outlive the checks below on a busy machine too
+        stream = api.completions.create(model="long", prompt="Once", max_tokens=1000, temperature=0, stream=True,
                                         extra_body={"ignore_eos": True})
         chunks = [next(stream), next(stream)]
         proc.proc.send_signal(signal.SIGTERM)
