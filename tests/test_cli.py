@@ -232,9 +232,10 @@ def runtime_venv():
     if not (python.is_file() and stamp.is_file() and stamp.read_text() == key):
         shutil.rmtree(venv, ignore_errors=True)
         constraints = venv.parent / ".gptx-runtime-constraints.txt"
-        steps = [[sys.executable, "-m", "venv", str(venv)],
-                 [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c",
-                  str(constraints), "-e", str(REPO)]]
+        # no pip of its own (ensurepip takes seconds): this environment's pip installs into it
+        steps = [[sys.executable, "-m", "venv", "--without-pip", str(venv)],
+                 [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+                  "--disable-pip-version-check", "-c", str(constraints), "-e", str(REPO)]]
         try:
             constraints.write_text(pins + "\n")
             for step in steps:
